@@ -1,0 +1,179 @@
+"""Read the reasoning rows (local file or hub data set), map columns, check every row, split.
+
+Output is plain Python: a list of `Row` (question, cot, response, and the row's number in the
+source so every later message can point at it). Rendering and tokenizing live elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import DataSection
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class Row:
+    question: str
+    cot: str
+    response: str
+    number: int
+    """1-based row number in the source (the line number for .jsonl)."""
+
+
+@dataclass
+class RowSet:
+    rows: list[Row]
+    source: str
+    total: int
+    dropped: dict[str, list[int]] = field(default_factory=dict)
+    """Reason -> row numbers of rows left out (empty question, empty response, not text)."""
+
+
+def load_rows(data: DataSection) -> RowSet:
+    records, origin = _read_records(data)
+    if not records:
+        raise UserError(f"{origin}: the data set has no rows.", hint="Point data.source at a file with rows.")
+    _check_columns(records, data, origin)
+    rows, dropped = [], {}
+    for number, record in enumerate(records, start=1):
+        problem = _row_problem(record, data)
+        if problem:
+            dropped.setdefault(problem, []).append(number)
+            continue
+        cot = record.get(data.cot_column, "") if data.cot_column else ""
+        rows.append(Row(record[data.question_column].strip(), (cot or "").strip(),
+                        record[data.response_column].strip(), number))
+    if not rows:
+        raise UserError(f"{origin}: none of the {len(records)} rows is usable.",
+                        [f"{reason}: rows {row_list(numbers)}" for reason, numbers in dropped.items()],
+                        hint="Check the column mapping (data.question_column, ...) and the file's content.")
+    return RowSet(rows, origin, len(records), dropped)
+
+
+def split_rows(rows: list[Row], data: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
+    """Shuffle (seeded), apply `limit`, hold out `eval_rows`. Returns (train, eval)."""
+    rows = list(rows)
+    if data.shuffle:
+        random.Random(seed).shuffle(rows)
+    if data.limit:
+        rows = rows[: data.limit]
+    if data.eval_rows >= len(rows):
+        raise UserError(f"data.eval_rows = {data.eval_rows} leaves no rows to train on ({len(rows)} usable rows).",
+                        hint="Lower data.eval_rows or raise data.limit.")
+    return rows[data.eval_rows:], rows[: data.eval_rows]
+
+
+def _read_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:
+    path = Path(data.source).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise UserError(f"Data file not found: {path}",
+                            hint="Set data.source to an existing .jsonl/.json/.csv/.parquet file or a hub id.")
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        reader = readers.get(path.suffix.lower())
+        if reader is None:
+            raise UserError(f"{path}: unsupported file type `{path.suffix}`.",
+                            hint=f"Use one of {', '.join(LOCAL_SUFFIXES)}.")
+        try:
+            return reader(path), str(path)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte {e.start}).",
+                            hint="Re-save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8`).") from None
+    return _read_hub(data), f"{data.source} [{data.config}/{data.split}]"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}).",
+                                hint="Each line must be one JSON object; fix or delete that line.") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg}).") from None
+    if isinstance(content, dict) and len(content) == 1 and isinstance(next(iter(content.values())), list):
+        content = next(iter(content.values()))  # {"data": [...]} layouts
+    if not isinstance(content, list) or not all(isinstance(r, dict) for r in content):
+        raise UserError(f"{path}: expected a JSON list of objects (one per row).",
+                        hint="Or use .jsonl: one JSON object per line.")
+    return content
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _read_hub(data: DataSection) -> list[dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(data.source, data.config or None, split=data.split)
+    except Exception as e:  # the hub client raises many types; the user needs the message, not the stack
+        raise UserError(f"Could not load hub data set `{data.source}` (config `{data.config}`, split "
+                        f"`{data.split}`): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                        hint="Check the id, config and your connection, or download it and point data.source "
+                             "at the local .jsonl/.parquet file.") from None
+    return dataset.to_list()
+
+
+def _check_columns(records: list[dict], data: DataSection, origin: str) -> None:
+    present = set().union(*(r.keys() for r in records[:100]))
+    wanted = {"data.question_column": data.question_column, "data.response_column": data.response_column}
+    if data.cot_column:
+        wanted["data.cot_column"] = data.cot_column
+    missing = [f"column `{col}` ({key}) is not in the data" for key, col in wanted.items() if col not in present]
+    if missing:
+        raise UserError(f"{origin}: {len(missing)} column(s) missing.", missing,
+                        hint=f"The data has columns: {', '.join(sorted(present))}. "
+                             "Map yours with data.question_column / data.cot_column / data.response_column.")
+
+
+def _row_problem(record: dict, data: DataSection) -> str:
+    for column, required in ((data.question_column, True), (data.response_column, True),
+                             (data.cot_column, False)):
+        if not column:
+            continue
+        value = record.get(column)
+        if value is None:
+            if required:
+                return f"missing `{column}`"
+            continue
+        if not isinstance(value, str):
+            return f"`{column}` is not text"
+        if required and not value.strip():
+            return f"empty `{column}`"
+    return ""
+
+
+def row_list(numbers: list[int], n: int = 10) -> str:
+    shown = ", ".join(map(str, numbers[:n]))
+    return shown + (f" ... ({len(numbers)} in all)" if len(numbers) > n else "")
+

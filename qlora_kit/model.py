@@ -1,0 +1,223 @@
+"""The only module that knows about 4-bit: precision choice, loading model and tokenizer, LoRA.
+
+Safe by default: no remote code unless the recipe asks, safetensors only unless the recipe allows
+pickle, local files never sent anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import LoraSection, ModelSection, QuantSection, Recipe
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: str
+    """`cuda` or `cpu`."""
+    compute_dtype: torch.dtype
+    """dtype of the 4-bit matmuls and of the unquantized weights (embeddings, norms, head)."""
+
+    @property
+    def amp(self) -> str:
+        """Mixed-precision mode for the trainer: `bf16`, `fp16` or `` (plain float32 on CPU)."""
+        if self.device != "cuda":
+            return ""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "")
+
+    def describe(self) -> str:
+        name = str(self.compute_dtype).removeprefix("torch.")
+        if self.device == "cuda":
+            return f"{torch.cuda.get_device_name(0)}, compute {name}, adapter weights float32"
+        return f"CPU, compute {name}"
+
+
+def choose_precision(quant: QuantSection) -> Precision:
+    """bf16 where the GPU has it (Ampere+), fp16 on older GPUs (Turing/T4/GTX), fp32 on CPU."""
+    if not torch.cuda.is_available():
+        if quant.compute_dtype in ("bfloat16", "float16"):
+            # CPU matmuls in half precision are slow and gain nothing; say so instead of obeying silently.
+            raise UserError(f"quant.compute_dtype = '{quant.compute_dtype}' needs a CUDA GPU; none is visible.",
+                            hint="Use compute_dtype = 'auto' (float32 on CPU).")
+        return Precision("cpu", torch.float32)
+    if quant.compute_dtype == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = DTYPES[quant.compute_dtype]
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise UserError(f"{torch.cuda.get_device_name(0)} has no bfloat16 support.",
+                            hint="Set quant.compute_dtype = 'auto' or 'float16'.")
+    return Precision("cuda", dtype)
+
+
+def load_tokenizer(model: ModelSection):
+    from transformers import AutoTokenizer
+
+    location = model.tokenizer or model.name
+    with _friendly_load_errors(location, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss, so any token works; EOS is the conventional choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(recipe: Recipe, precision: Precision):
+    """The frozen base model: 4-bit NF4 (double quant) unless the recipe turns quantization off."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    m, q = recipe.model, recipe.quant
+    kwargs = dict(
+        dtype=precision.compute_dtype,
+        device_map={"": 0 if precision.device == "cuda" else "cpu"},
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
+        use_safetensors=None if m.allow_pickle_weights else True,
+    )
+    if q.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=precision.compute_dtype,
+        )
+    with base_weights(m, recipe.train.seed) as (location, revision), _friendly_load_errors(location, "model"):
+        model = AutoModelForCausalLM.from_pretrained(location, revision=revision, **kwargs)
+    # Record where the base really comes from (not a temporary folder): the adapter config keeps it.
+    model.config._name_or_path = m.name
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if precision.device == "cpu":
+        keep_cpu_weights_trainable(model)
+    return model
+
+
+def keep_cpu_weights_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight the first time it
+    runs in eval mode without gradients (our evaluation), and the repacked path cannot train:
+    the next training step fails with "a view of a leaf Variable ... in-place operation".
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+@contextlib.contextmanager
+def base_weights(model: ModelSection, seed: int) -> Iterator[tuple[str, str]]:
+    """Where the base weights are: the recipe's location, or (init = random) a temporary folder
+    holding seeded random weights for the same architecture, so quantization takes the normal path."""
+    if model.init != "random":
+        yield model.name, model.revision
+        return
+    with tempfile.TemporaryDirectory(prefix="qlora_kit-random-") as folder:
+        random_model(model, seed).save_pretrained(folder)
+        yield folder, "main"
+
+
+def random_model(model: ModelSection, seed: int, dtype: torch.dtype = torch.bfloat16):
+    """The architecture from config.json with seeded random weights: the same seed gives the same weights,
+    which is how merge rebuilds the base of a random-init run."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _friendly_load_errors(model.name, "model config"):
+        config = AutoConfig.from_pretrained(model.name, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model.trust_remote_code)
+
+
+def lora_config(lora: LoraSection):
+    from peft import LoraConfig
+
+    targets = lora.target_modules
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, lora: LoraSection):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(lora))
+    except ValueError as e:
+        if "target modules" in str(e).lower():
+            names = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                            if isinstance(mod, torch.nn.Linear) or "Linear" in type(mod).__name__})
+            raise UserError(f"lora.target_modules: {e}",
+                            hint=f"Linear layers in this model: {', '.join(names)} (or use 'all-linear').") from None
+        raise
+
+
+def keep_adapter_fp32(model) -> None:
+    """Trainable adapter weights in float32.
+
+    TRL casts adapters of quantized models to bfloat16; with fp16 mixed precision (GPUs without
+    bf16) that fails ("Attempting to unscale FP16 gradients") and on CPU it costs precision for
+    nothing. LoRA weights are tiny, so float32 master weights are the safe choice everywhere.
+    """
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their real parameter number."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if hasattr(param, "quant_state") or param.dtype == torch.uint8:
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+@contextlib.contextmanager
+def _friendly_load_errors(location: str, what: str):
+    """Turn the loader's deep exceptions into one message naming the location and the fix."""
+    local = Path(location).expanduser()
+    if (location.startswith((".", "/", "~")) or local.exists()) and not local.exists():
+        raise UserError(f"The {what} folder does not exist: {location}",
+                        hint="Set model.name to a local folder with config.json, or a hub id.")
+    if local.is_dir() and what != "tokenizer" and not (local / "config.json").is_file():
+        raise UserError(f"{location} has no config.json, so it is not a model folder.",
+                        hint="Point model.name at the folder that holds config.json and the weights.")
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        text = str(e)
+        if "trust_remote_code" in text:
+            hint = "This model ships its own Python code. Set model.trust_remote_code = true only if you trust it."
+        elif "safetensors" in text or ".bin" in text or "pytorch_model" in text:
+            hint = ("Only safetensors weights are loaded by default. Convert the weights, or set "
+                    "model.allow_pickle_weights = true if you trust the files.")
+        elif os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = "HF_HUB_OFFLINE=1 is set: download the model first or point model.name at a local folder."
+        else:
+            hint = "Check model.name / model.revision and your connection, or use a local folder."
+        first_line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise UserError(f"Could not load the {what} from {location}: {first_line}", hint=hint) from None

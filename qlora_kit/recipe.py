@@ -1,0 +1,395 @@
+"""The recipe: one typed, documented field per setting, loaded from TOML with `key=value` overrides.
+
+Loading reports *every* problem at once (unknown keys with a "did you mean", wrong types,
+impossible values), each naming its key, so a user fixes a recipe in one round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from qlora_kit.errors import UserError
+
+
+@dataclass
+class ModelSection:
+    name: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    """Base model: a hub id or a local directory (relative paths are read from the recipe's folder)."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) of the base model; ignored for local directories."""
+    tokenizer: str = ""
+    """Where the tokenizer lives, when not beside the model. Empty: the model's own."""
+    init: str = "pretrained"
+    """`pretrained` loads the weights; `random` builds the architecture from config.json with seeded
+    random weights (demo and benchmarks only: the status output says so)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model. Off: only architectures transformers knows are loaded."""
+    allow_pickle_weights: bool = False
+    """Load `.bin`/`.pt` weights (pickle can run arbitrary code). Off: safetensors only."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: `sdpa` (PyTorch, works everywhere), `eager`, or `flash_attention_2` if installed."""
+
+
+@dataclass
+class QuantSection:
+    load_in_4bit: bool = True
+    """Quantize the frozen base weights to 4 bits (QLoRA). Off: plain 16-bit LoRA."""
+    quant_type: str = "nf4"
+    """4-bit data type: `nf4` (normal float, the QLoRA default) or `fp4`."""
+    double_quant: bool = True
+    """Quantize the quantization constants too: saves about 0.4 bits a parameter."""
+    compute_dtype: str = "auto"
+    """dtype of the matmuls: `auto` = bfloat16 where the GPU supports it, else float16 (with float32
+    adapter weights), float32 on CPU; or `bfloat16`, `float16`, `float32`."""
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of
+    names such as ["q_proj", "v_proj"]."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA scaling (alpha / sqrt(r)): better for large ranks."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a little better quality, slower and more memory."""
+
+
+@dataclass
+class DataSection:
+    source: str = "FreedomIntelligence/medical-o1-reasoning-SFT"
+    """A local .jsonl/.json/.csv/.parquet file (relative paths are read from the recipe's folder) or a
+    hub data set id."""
+    config: str = "en"
+    """Hub data set configuration (medical-o1: `en`, `zh`, `en_mix`); ignored for local files."""
+    split: str = "train"
+    """Hub data set split to read; ignored for local files."""
+    question_column: str = "Question"
+    """Column holding the user's question."""
+    cot_column: str = "Complex_CoT"
+    """Column holding the reasoning (chain of thought); empty string if the data has none."""
+    response_column: str = "Response"
+    """Column holding the final answer."""
+    format: str = "chat"
+    """`chat`: the model's own chat template for the prompt, reasoning inside <think> ... </think>.
+    `plain`: a simple text layout for models without a chat template. Anything else is a template
+    with {question}, {cot}, {response} placeholders; loss is on everything from {cot} on."""
+    system_prompt: str = ""
+    """System message for the chat format (DeepSeek recommends none for R1 models)."""
+    max_length: int = 2048
+    """Longest training sequence in tokens (prompt + reasoning + answer)."""
+    over_length: str = "drop"
+    """What to do with rows longer than max_length: `drop` them (counted and reported), stop with an
+    `error`, or `truncate` them (cuts the end of the answer; reported)."""
+    limit: int = 0
+    """Use only the first N rows after shuffling (0 = all)."""
+    shuffle: bool = True
+    """Shuffle rows (with train.seed) before limit and the eval split."""
+    eval_rows: int = 0
+    """Rows held out for evaluation loss (0 = no evaluation)."""
+
+
+@dataclass
+class TrainSection:
+    epochs: float = 1.0
+    """Passes over the training rows (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = decided by epochs."""
+    batch_size: int = 1
+    """Sequences per forward pass (per GPU)."""
+    grad_accum: int = 8
+    """Forward passes per optimizer step: the effective batch is batch_size x grad_accum."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of the adapter."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule: `cosine`, `linear`, `constant`, `constant_with_warmup`."""
+    warmup: float = 0.03
+    """Warm-up: a fraction of all steps when below 1, else a number of steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    optim: str = "auto"
+    """Optimizer: `auto` = paged 8-bit AdamW on CUDA, AdamW on CPU; or any transformers name
+    (`adamw_torch`, `adamw_8bit`, `paged_adamw_8bit`, ...)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory for about 30% more time."""
+    group_by_length: bool = True
+    """Batch rows of similar length together so dynamic padding wastes little."""
+    logging_steps: int = 1
+    """Log loss, learning rate and memory every N optimizer steps."""
+    eval_steps: int = 0
+    """Evaluate every N steps (0 = only at the end; needs data.eval_rows > 0)."""
+    seed: int = 42
+    """Seed for shuffling, LoRA initialisation, dropout and random-init models."""
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/medical"
+    """Run directory for the adapter and reports (relative paths: from where you run the command)."""
+    overwrite: bool = False
+    """Allow writing into a directory that already holds a finished run."""
+    preview_rows: int = 3
+    """Examples written to preview.jsonl by --dry-run."""
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    sft: dict[str, Any] = field(default_factory=dict)
+    """Pass-through table for rare `trl.SFTConfig` arguments, e.g. `[sft] neftune_noise_alpha = 5`."""
+    source_path: str = ""
+    """The file this recipe was read from (not a TOML key)."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.init": ("pretrained", "random"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+    "quant.quant_type": ("nf4", "fp4"),
+    "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "data.over_length": ("drop", "error", "truncate"),
+    "train.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                           "polynomial", "inverse_sqrt"),
+}
+
+# Each value must satisfy the check; the message says what was expected.
+RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "lora.r": (lambda v: v >= 1, "at least 1"),
+    "lora.alpha": (lambda v: v >= 1, "at least 1"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "between 0 and 1"),
+    "data.max_length": (lambda v: v >= 16, "at least 16 tokens"),
+    "data.limit": (lambda v: v >= 0, "0 (all rows) or more"),
+    "data.eval_rows": (lambda v: v >= 0, "0 or more"),
+    "train.epochs": (lambda v: v > 0, "greater than 0"),
+    "train.max_steps": (lambda v: v >= 0, "0 (use epochs) or more"),
+    "train.batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.grad_accum": (lambda v: v >= 1, "at least 1"),
+    "train.learning_rate": (lambda v: 0 < v < 1, "between 0 and 1, e.g. 2e-4"),
+    "train.warmup": (lambda v: v >= 0, "0 or more"),
+    "train.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "train.max_grad_norm": (lambda v: v >= 0, "0 or more"),
+    "train.logging_steps": (lambda v: v >= 1, "at least 1"),
+    "train.eval_steps": (lambda v: v >= 0, "0 (end only) or more"),
+    "output.preview_rows": (lambda v: v >= 0, "0 or more"),
+}
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "source_path"}
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply `section.key=value` overrides, validate, and resolve local paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Recipe file not found: {path}",
+                        hint="Pass the path of a .toml recipe, e.g. recipes/demo.toml.")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}",
+                        hint="Strings need quotes; see recipes/medical.toml for the layout.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text.", hint="Save the recipe as UTF-8.") from None
+    recipe = recipe_from_dict(raw, overrides, where=str(path))
+    recipe.source_path = str(path.resolve())
+    _resolve_local_paths(recipe, path.resolve().parent)
+    return recipe
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides=(), where: str = "recipe") -> Recipe:
+    """Build a validated Recipe from parsed TOML plus overrides; raises one UserError listing every problem."""
+    problems: list[str] = []
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        _apply_override(raw, item, problems)
+
+    recipe = Recipe()
+    for section_name, values in raw.items():
+        if section_name not in SECTIONS:
+            problems.append(f"unknown section [{section_name}]{_did_you_mean(section_name, SECTIONS)}")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"`{section_name}` must be a table ([{section_name}]), got {values!r}")
+            continue
+        if section_name == "sft":
+            recipe.sft = dict(values)
+            continue
+        section = getattr(recipe, section_name)
+        hints = typing.get_type_hints(type(section))
+        for key, value in values.items():
+            full = f"{section_name}.{key}"
+            if key not in hints:
+                problems.append(f"unknown key `{full}`{_did_you_mean(key, hints, prefix=section_name + '.')}")
+                continue
+            coerced, error = _coerce(value, hints[key])
+            if error:
+                problems.append(f"`{full}` {error}, got {value!r}")
+                continue
+            setattr(section, key, coerced)
+    problems += _check_values(recipe)
+    if problems:
+        raise UserError(f"{where}: {len(problems)} problem(s) in the recipe:", problems,
+                        hint="Fix the keys above (the README's recipe reference lists every key).")
+    return recipe
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        problems.append(f"override `{item}` must look like section.key=value, e.g. train.max_steps=50")
+        return
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        # A bare word is the common case for strings (data.source=rows.jsonl): take it as text.
+        value = text
+    raw.setdefault(parts[0], {})
+    if isinstance(raw[parts[0]], dict):
+        raw[parts[0]][parts[1]] = value
+
+
+def _coerce(value: Any, annotation: Any) -> tuple[Any, str]:
+    """Return (value, "") if `value` fits the field type, else (None, "must be ...")."""
+    if annotation is bool:
+        return (value, "") if isinstance(value, bool) else (None, "must be true or false")
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return (value, "") if ok else (None, "must be a whole number")
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (float(value), "") if ok else (None, "must be a number")
+    if annotation is str:
+        return (value, "") if isinstance(value, str) else (None, "must be a string (in quotes)")
+    if typing.get_origin(annotation) is list:
+        # A single string is accepted for convenience: target_modules = "all-linear".
+        if isinstance(value, str):
+            return [value], ""
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) and value:
+            return list(value), ""
+        return None, "must be a string or a non-empty list of strings"
+    if isinstance(annotation, types.GenericAlias) or typing.get_origin(annotation) is dict:
+        return (value, "") if isinstance(value, dict) else (None, "must be a table")
+    raise TypeError(f"no coercion for {annotation}")  # our bug, not the user's
+
+
+def _check_values(recipe: Recipe) -> list[str]:
+    problems = []
+    for full, allowed in CHOICES.items():
+        value = _get(recipe, full)
+        if value not in allowed:
+            problems.append(f"`{full}` must be one of {', '.join(allowed)}, got {value!r}"
+                            f"{_did_you_mean(str(value), allowed)}")
+    for full, (check, expected) in RANGES.items():
+        value = _get(recipe, full)
+        if not check(value):
+            problems.append(f"`{full}` must be {expected}, got {value!r}")
+    data = recipe.data
+    if not data.source:
+        problems.append("`data.source` is empty: name a data file or a hub data set id")
+    if data.format not in ("chat", "plain"):
+        problems += [f"`data.format` {p}" for p in template_problems(data.format)]
+    if recipe.train.eval_steps and not data.eval_rows:
+        problems.append("`train.eval_steps` is set but `data.eval_rows` is 0: hold out rows to evaluate on")
+    if recipe.sft:
+        problems += _check_sft_keys(recipe.sft)
+    return problems
+
+
+def template_problems(template: str) -> list[str]:
+    """What is wrong with a custom format template (empty list when it is usable)."""
+    if "{question}" not in template:
+        return ["must be `chat`, `plain`, or a template containing {question}, {cot} and/or {response}"]
+    if "{cot}" not in template and "{response}" not in template:
+        return ["template needs {cot} or {response}: the part the model learns to write"]
+    try:
+        template.format(question="", cot="", response="")
+    except (KeyError, IndexError, ValueError) as e:
+        return [f"template has an unknown or broken placeholder ({e}); write literal braces as {{{{ and }}}}"]
+    positions = [template.find(p) for p in ("{question}", "{cot}", "{response}") if p in template]
+    if positions != sorted(positions):
+        return ["template must put {question} before {cot} before {response}"]
+    return []
+
+
+# Arguments the recipe owns: setting them through [sft] would silently fight the typed keys.
+_SFT_OWNED = {
+    "output_dir", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
+    "optim", "gradient_checkpointing", "seed", "logging_steps", "eval_steps", "bf16", "fp16",
+    "completion_only_loss", "use_cpu",
+}
+
+
+def _check_sft_keys(sft: dict[str, Any]) -> list[str]:
+    from trl import SFTConfig  # heavy import: only when the pass-through table is used
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    problems = []
+    for key in sft:
+        if key in _SFT_OWNED:
+            problems.append(f"`sft.{key}` is set by the recipe itself; use its typed key instead")
+        elif key not in known:
+            problems.append(f"unknown SFTConfig argument `sft.{key}`{_did_you_mean(key, known, 'sft.')}")
+    return problems
+
+
+def _did_you_mean(word: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+
+
+def _get(recipe: Recipe, full: str) -> Any:
+    section, key = full.split(".")
+    return getattr(getattr(recipe, section), key)
+
+
+def is_local_reference(value: str, base_dir: Path) -> bool:
+    """True if `value` names something on disk rather than a hub id."""
+    return value.startswith((".", "/", "~")) or (base_dir / value).exists()
+
+
+def _resolve_local_paths(recipe: Recipe, base_dir: Path) -> None:
+    # Saved next to the adapter, the recipe must still point at the same files from anywhere else.
+    for section, key in (("model", "name"), ("model", "tokenizer"), ("data", "source")):
+        value = getattr(getattr(recipe, section), key)
+        if value and is_local_reference(value, base_dir):
+            setattr(getattr(recipe, section), key, str((base_dir / Path(value).expanduser()).resolve()))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    data = dataclasses.asdict(recipe)
+    data.pop("source_path")
+    if not data["sft"]:
+        data.pop("sft")
+    return data
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    import tomli_w
+
+    header = "# Resolved recipe: every setting as used by this run (defaults included).\n"
+    return header + tomli_w.dumps(recipe_to_dict(recipe))

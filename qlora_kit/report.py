@@ -1,0 +1,56 @@
+"""What the run prints before and after training: the recipe, the data report, an example with its
+trained tokens highlighted, and the final summary. (The live view during training is status.py.)"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from qlora_kit.data import RowSet, row_list
+from qlora_kit.encode import Example, LengthReport
+
+
+def show_recipe(console: Console, toml_text: str, source: str) -> None:
+    console.rule(f"[bold]recipe[/] {source}")
+    console.print(Syntax(toml_text, "toml", theme="ansi_dark", background_color="default"))
+
+
+def show_data(console: Console, rowset: RowSet, layout: str, n_train: int, n_eval: int,
+              lengths: LengthReport, n_kept: int) -> None:
+    console.rule("[bold]data")
+    console.print(f"source: {rowset.source}  ({rowset.total} rows, {len(rowset.rows)} usable)")
+    for reason, numbers in rowset.dropped.items():
+        console.print(f"[yellow]left out {len(numbers)} row(s) with {reason}: rows {row_list(numbers)}")
+    console.print(f"format: {layout}")
+    console.print(f"split: {n_train} train rows, {n_eval} eval rows")
+    for line in lengths.lines():
+        console.print(line, style="yellow" if "longer" in line else None)
+    console.print(f"[bold]training on {n_kept} rows")
+
+
+def highlighted(example: Example, tokenizer) -> Text:
+    """The example's text, prompt dim, trained tokens bold green (token by token, as the loss sees it)."""
+    text = Text()
+    for token_id, trained in zip(example.input_ids, example.completion_mask, strict=True):
+        piece = tokenizer.decode([token_id])
+        text.append(piece, style="bold green" if trained else "dim")
+    return text
+
+
+def show_example(console: Console, example: Example, tokenizer) -> None:
+    trained = sum(example.completion_mask)
+    console.rule(f"[bold]first example[/] (row {example.row}: {len(example.input_ids)} tokens, {trained} trained)")
+    console.print(Text("dim = prompt (no loss), ", style="dim") + Text("green = trained", style="bold green"))
+    console.print(highlighted(example, tokenizer))
+
+
+def show_summary(console: Console, summary: dict, output_dir) -> None:
+    table = Table(title="run summary", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in summary.items():
+        table.add_row(key.replace("_", " "), f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"[bold green]done.[/] adapter, loss curve and metrics in {output_dir}")

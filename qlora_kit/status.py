@@ -1,0 +1,132 @@
+"""The live view of a training run: a rich panel on a terminal, one plain line per log otherwise.
+
+This is the only module that uses rich's live widgets. It is a `TrainerCallback`, so it sees what
+the trainer logs (loss, learning rate, gradient norm, tokens) and adds memory and ETA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+from transformers import TrainerCallback
+
+from qlora_kit.memory import snapshot
+
+
+class StatusCallback(TrainerCallback):
+    def __init__(self, title: str, console: Console | None = None, live: bool | None = None):
+        self.title = title
+        self.console = console or Console()
+        self.use_live = self.console.is_terminal if live is None else live
+        self.live: Live | None = None
+        self.values: dict[str, float] = {}
+        self.smoothed_loss: float | None = None
+        self.started = 0.0
+        self.last_tokens = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
+
+    # -- trainer events ---------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        self.last_tokens = (self.started, 0)
+        self.total = state.max_steps
+        if self.use_live:
+            self.live = Live(self.render(state), console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.live:
+            self.live.update(self.render(state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        now = time.monotonic()
+        if "loss" in logs and math.isfinite(logs["loss"]):
+            loss = float(logs["loss"])
+            self.values["loss"] = loss
+            # Exponential moving average: the raw per-step loss of small batches is too noisy to read.
+            self.smoothed_loss = loss if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * loss
+        for key in ("learning_rate", "grad_norm", "eval_loss"):
+            if key in logs:
+                self.values[key] = float(logs[key])
+        if "num_tokens" in logs:
+            then, tokens_then = self.last_tokens
+            tokens = int(logs["num_tokens"])
+            if now > then and tokens > tokens_then:
+                self.values["tokens_per_s"] = (tokens - tokens_then) / (now - then)
+            self.last_tokens = (now, tokens)
+        if self.live:
+            self.live.update(self.render(state))
+        elif "loss" in logs or "eval_loss" in logs:
+            self.console.print(self.plain_line(state), highlight=False, soft_wrap=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close(state)
+
+    def close(self, state=None):
+        if self.live:
+            if state is not None:
+                self.live.update(self.render(state))
+            self.live.stop()
+            self.live = None
+
+    # -- rendering --------------------------------------------------------------------------------
+    def eta(self, step: int) -> str:
+        if step <= 0 or not self.total:
+            return "--"
+        remaining = (time.monotonic() - self.started) / step * (self.total - step)
+        return _duration(remaining)
+
+    def plain_line(self, state) -> str:
+        v, mem = self.values, snapshot()
+        parts = [f"step {state.global_step}/{self.total}"]
+        if "loss" in v:
+            parts.append(f"loss {v['loss']:.4f} (avg {self.smoothed_loss:.4f})")
+        if "eval_loss" in v:
+            parts.append(f"eval {v['eval_loss']:.4f}")
+        if "learning_rate" in v:
+            parts.append(f"lr {v['learning_rate']:.2e}")
+        if "grad_norm" in v:
+            parts.append(f"gnorm {v['grad_norm']:.3f}")
+        if "tokens_per_s" in v:
+            parts.append(f"{v['tokens_per_s']:.0f} tok/s")
+        parts.append(f"{mem.kind} {mem.used_gib:.2f} GiB (peak {mem.peak_gib:.2f} of {mem.total_gib:.1f})")
+        parts.append(f"eta {self.eta(state.global_step)}")
+        return " | ".join(parts)
+
+    def render(self, state):
+        v, mem = self.values, snapshot()
+        step = state.global_step
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold cyan", justify="right")
+        grid.add_column()
+        grid.add_row("step", Group(ProgressBar(total=max(self.total, 1), completed=step, width=40),
+                                   Text(f"{step}/{self.total}   elapsed {_duration(time.monotonic() - self.started)}"
+                                        f"   eta {self.eta(step)}")))
+        loss = f"{v['loss']:.4f}  (smoothed {self.smoothed_loss:.4f})" if "loss" in v else "--"
+        grid.add_row("loss", loss)
+        if "eval_loss" in v:
+            grid.add_row("eval loss", f"{v['eval_loss']:.4f}")
+        grid.add_row("lr", f"{v['learning_rate']:.2e}" if "learning_rate" in v else "--")
+        grid.add_row("grad norm", f"{v['grad_norm']:.3f}" if "grad_norm" in v else "--")
+        grid.add_row("tokens/s", f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else "--")
+        bar_style = "red" if mem.peak_gib > 0.9 * mem.total_gib else "green"
+        grid.add_row(mem.kind, Group(
+            ProgressBar(total=mem.total_gib, completed=mem.used_gib, width=40, complete_style=bar_style),
+            Text(f"{mem.used_gib:.2f} GiB used, peak {mem.peak_gib:.2f} GiB, of {mem.total_gib:.1f} GiB")))
+        table = Table(title=self.title, show_header=False, expand=False, title_justify="left")
+        table.add_column()
+        table.add_row(grid)
+        return table
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

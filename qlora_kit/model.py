@@ -96,7 +96,7 @@ def load_model(recipe: Recipe, precision: Precision):
     with base_weights(m, recipe.train.seed) as (location, revision), _friendly_load_errors(location, "model"):
         model = AutoModelForCausalLM.from_pretrained(location, revision=revision, **kwargs)
     # Record where the base really comes from (not a temporary folder): the adapter config keeps it.
-    model.config._name_or_path = m.name
+    model.name_or_path = model.config._name_or_path = m.name
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if precision.device == "cpu":
         keep_cpu_weights_trainable(model)

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="load tokenizer and data, write preview.jsonl, show the first example; load no weights")
     parser.add_argument("--overwrite", action="store_true", help="allow replacing a finished run in output.dir")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may come before or after the overrides
 
 
 def main(argv: list[str] | None = None) -> int:

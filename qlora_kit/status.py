@@ -58,7 +58,10 @@ class StatusCallback(TrainerCallback):
             then, tokens_then = self.last_tokens
             tokens = int(logs["num_tokens"])
             if now > then and tokens > tokens_then:
-                self.values["tokens_per_s"] = (tokens - tokens_then) / (now - then)
+                rate = (tokens - tokens_then) / (now - then)
+                previous = self.values.get("tokens_per_s")
+                # Smoothed like the loss: an evaluation or a long batch between two logs makes one rate jump.
+                self.values["tokens_per_s"] = rate if previous is None else 0.8 * previous + 0.2 * rate
             self.last_tokens = (now, tokens)
         if self.live:
             self.live.update(self.render(state))

@@ -1,0 +1,83 @@
+"""Shared fixtures: real tokenizers (the shipped demo one, the real R1-Distill one when present),
+tiny real-architecture models, and recipe files written on the fly. Nothing here touches a network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = Path(os.environ.get("QLORA_KIT_FIXTURES", REPO.parent / "shared" / "fixtures"))
+R1_TOKENIZER = SHARED_FIXTURES / "r1-distill-qwen-tokenizer"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the network must fail, not hang
+
+
+@pytest.fixture(scope="session")
+def demo_rows():
+    from qlora_kit.demo_assets import make_rows
+
+    return make_rows()
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_rows):
+    """A byte-level BPE trained in the fixture, with R1's special tokens and an R1-like chat template."""
+    from qlora_kit.demo_assets import build_tokenizer
+
+    texts = [r["Question"] + "\n" + r["Complex_CoT"] + "\n" + r["Response"] for r in demo_rows]
+    return build_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def r1_tokenizer():
+    """The real DeepSeek-R1-Distill-Qwen tokenizer and chat template (skipped where the fixture is absent)."""
+    if not (R1_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"real R1 tokenizer fixture not found at {R1_TOKENIZER}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(R1_TOKENIZER)
+
+
+def medical_rows_path(lang: str) -> Path:
+    path = SHARED_FIXTURES / f"medical_o1_{lang}.jsonl"
+    if not path.is_file():
+        pytest.skip(f"real medical-o1 rows not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, demo_tokenizer):
+    """A config-only Qwen2 model folder (2 layers) with the demo tokenizer: init = "random" builds it."""
+    from qlora_kit.demo_assets import tiny_qwen2_config
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    config = tiny_qwen2_config(len(demo_tokenizer), bos_token_id=demo_tokenizer.bos_token_id,
+                               eos_token_id=demo_tokenizer.eos_token_id, pad_token_id=demo_tokenizer.pad_token_id)
+    config.save_pretrained(folder)
+    demo_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe file from TOML text and return its path."""
+
+    def write(text: str, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
+    """Run `python -m qlora_kit.run ...` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "qlora_kit.run", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,107 @@
+"""Reading rows: every supported file type, the column mapping, and errors that name the row."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from qlora_kit.data import load_rows, split_rows
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import DataSection
+
+ROWS = [{"Question": f"q{i}", "Complex_CoT": f"c{i}", "Response": f"r{i}"} for i in range(10)]
+
+
+def write(tmp_path, suffix, rows=ROWS):
+    path = tmp_path / f"rows{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    elif suffix == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_every_file_type_reads_the_same_rows(tmp_path, suffix):
+    rowset = load_rows(DataSection(source=str(write(tmp_path, suffix))))
+    assert [(r.question, r.cot, r.response, r.number) for r in rowset.rows] == \
+        [(f"q{i}", f"c{i}", f"r{i}", i + 1) for i in range(10)]
+
+
+def test_column_mapping(tmp_path):
+    rows = [{"input": "q", "reasoning": "c", "output": "r"}]
+    data = DataSection(source=str(write(tmp_path, ".jsonl", rows)), question_column="input",
+                       cot_column="reasoning", response_column="output")
+    row = load_rows(data).rows[0]
+    assert (row.question, row.cot, row.response) == ("q", "c", "r")
+
+
+def test_missing_column_lists_the_columns_present(tmp_path):
+    path = write(tmp_path, ".csv", [{"question": "q", "answer": "a"}])
+    with pytest.raises(UserError) as caught:
+        load_rows(DataSection(source=str(path)))
+    text = caught.value.render()
+    assert "column `Question` (data.question_column) is not in the data" in text
+    assert "The data has columns: answer, question" in text
+
+
+def test_broken_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"Question": "q", oops}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"rows.jsonl, line 2: not valid JSON"):
+        load_rows(DataSection(source=str(path)))
+
+
+def test_bad_rows_are_left_out_and_reported_by_number(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["Response"] = "  "
+    rows[5]["Question"] = 42
+    del rows[7]["Response"]
+    rowset = load_rows(DataSection(source=str(write(tmp_path, ".jsonl", rows))))
+    assert len(rowset.rows) == 7 and rowset.total == 10
+    assert rowset.dropped == {"empty `Response`": [3], "`Question` is not text": [6], "missing `Response`": [8]}
+
+
+def test_zero_usable_rows_is_an_error(tmp_path):
+    rows = [{"Question": "", "Complex_CoT": "c", "Response": "r"}] * 3
+    with pytest.raises(UserError, match="none of the 3 rows is usable"):
+        load_rows(DataSection(source=str(write(tmp_path, ".jsonl", rows))))
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(json.dumps({"Question": "发烧", "Complex_CoT": "", "Response": "r"},
+                                ensure_ascii=False).encode("gbk"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_rows(DataSection(source=str(path)))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="Data file not found"):
+        load_rows(DataSection(source=str(tmp_path / "nope.jsonl")))
+
+
+def test_split_is_seeded_limited_and_disjoint(tmp_path):
+    rows = load_rows(DataSection(source=str(write(tmp_path, ".jsonl")))).rows
+    data = DataSection(limit=8, eval_rows=2)
+    train, evaluation = split_rows(rows, data, seed=1)
+    again_train, again_eval = split_rows(rows, data, seed=1)
+    assert [r.number for r in train] == [r.number for r in again_train]
+    assert len(train) == 6 and len(evaluation) == 2
+    assert not {r.number for r in train} & {r.number for r in evaluation}
+    other_train, _ = split_rows(rows, data, seed=2)
+    assert [r.number for r in other_train] != [r.number for r in train]
+    with pytest.raises(UserError, match="leaves no rows to train on"):
+        split_rows(rows, DataSection(eval_rows=10), seed=1)

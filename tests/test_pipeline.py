@@ -1,0 +1,140 @@
+"""The whole pipeline for real: NF4 quantization (bitsandbytes on CPU), LoRA, TRL steps, artifacts."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from qlora_kit.data import load_rows, split_rows
+from qlora_kit.encode import IGNORE_INDEX, Encoder, apply_length_policy, encode_rows, to_dataset
+from qlora_kit.model import add_lora, choose_precision, load_model, load_tokenizer
+from qlora_kit.recipe import load_recipe
+from qlora_kit.render import make_renderer
+from qlora_kit.train import build_trainer
+
+DEMO = REPO / "recipes" / "demo.toml"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train the demo recipe in-process for 40 steps, keeping the model before and after."""
+    out = tmp_path_factory.mktemp("run")
+    recipe = load_recipe(DEMO, ["train.max_steps=40", "train.eval_steps=0", "data.eval_rows=0",
+                                "train.logging_steps=1", f"output.dir={out}"])
+    tokenizer = load_tokenizer(recipe.model)
+    train_rows, _ = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
+    renderer, _ = make_renderer(tokenizer, recipe.data)
+    examples, _ = apply_length_policy(encode_rows(Encoder(tokenizer, renderer), train_rows),
+                                      recipe.data.max_length, "drop")
+    precision = choose_precision(recipe.quant)
+    model = add_lora(load_model(recipe, precision), recipe.lora)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = build_trainer(recipe, model, tokenizer, to_dataset(examples), None, precision, out, [])
+    dataset_labels = {tuple(r["input_ids"]): r["labels"] for r in trainer.train_dataset}
+    trainer.train()
+    return {"model": trainer.model, "before": before, "examples": examples, "labels": dataset_labels,
+            "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]}
+
+
+def test_base_is_real_nf4_with_double_quant(trained):
+    import bitsandbytes as bnb
+
+    layers = [m for m in trained["model"].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # q k v o gate up down, in each of the 2 layers
+    state = layers[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # nested = double quantization
+    assert layers[0].weight.dtype == torch.uint8
+
+
+def test_lora_weights_changed_and_base_weights_did_not(trained):
+    model, before = trained["model"], trained["before"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trainable)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == trainable
+    assert any("lora_B" in n for n in changed)
+
+
+def test_loss_falls(trained):
+    losses = trained["losses"]
+    assert len(losses) == 40
+    # 6.5 -> 5.0 measured; a model that learns nothing stays near ln(vocab) = 6.4.
+    assert statistics.mean(losses[-5:]) < 0.85 * statistics.mean(losses[:5]), losses
+
+
+def test_trainer_sees_exactly_our_label_mask(trained):
+    """TRL builds labels from our completion_mask; they must equal what --dry-run previews."""
+    for example in trained["examples"]:
+        assert trained["labels"][tuple(example.input_ids)] == example.labels
+        assert example.labels[0] == IGNORE_INDEX and example.labels[-1] != IGNORE_INDEX
+
+
+def test_demo_run_from_the_command_line(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli(str(DEMO), "train.max_steps=6", "train.eval_steps=3", f"output.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "recipe.toml", "loss_curve.png", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    # Not a terminal: one plain status line per logging step, no live panel.
+    assert "step 6/6 | loss" in result.stdout and "RAM" in result.stdout
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 4, 6]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [3, 6]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_eval_loss"] is not None
+    assert summary["tokens_per_s"] > 0 and summary["model_weights"].startswith("RANDOM-INIT")
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The saved recipe alone rebuilds the run: same settings, paths absolute.
+    saved = load_recipe(out / "recipe.toml")
+    assert saved.train.max_steps == 6 and saved.model.name == load_recipe(DEMO).model.name
+
+    # The adapter loads back with plain peft onto the (seeded, rebuilt) base.
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from qlora_kit.model import random_model
+
+    adapter_config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == saved.model.name
+    model = PeftModel.from_pretrained(random_model(saved.model, saved.train.seed, torch.float32), out / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(saved.model.name).chat_template
+    logits = model(**tokenizer("Is 38.5 C a fever?", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+
+    # A finished run is never overwritten without being told.
+    before = (out / "summary.json").read_bytes()
+    again = run_cli(str(DEMO), "train.max_steps=2", f"output.dir={out}")
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert "Traceback" not in again.stderr and (out / "summary.json").read_bytes() == before
+
+
+def test_dry_run_previews_without_loading_weights(tmp_path):
+    out = tmp_path / "dry"
+    result = run_cli(str(DEMO), "--dry-run", f"output.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["preview.jsonl"]
+    preview = [json.loads(line) for line in (out / "preview.jsonl").read_text().splitlines()]
+    assert len(preview) == 3
+    for example in preview:
+        n_prompt = example["labels"].count(IGNORE_INDEX)
+        assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    assert "first example" in result.stdout and "training on" in result.stdout
+
+
+def test_bad_recipe_exits_2_without_traceback(tmp_path, write_recipe):
+    path = write_recipe("[train]\nmax_step = 5\nbatch_size = 0\n")
+    result = run_cli(str(path))
+    assert result.returncode == 2
+    assert "did you mean `train.max_steps`" in result.stderr
+    assert "`train.batch_size` must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,119 @@
+"""The recipe: every shipped recipe parses, overrides are typed, and every problem is reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_toml
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+
+
+def test_recipes_are_shipped():
+    assert {p.name for p in RECIPES} >= {"demo.toml", "medical.toml", "medical_zh.toml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(path):
+    recipe = load_recipe(path)
+    assert recipe.lora.r >= 1
+    first_comment = path.read_text(encoding="utf-8").splitlines()[:4]
+    assert any("python -m qlora_kit.run" in line for line in first_comment), "header must show the command"
+
+
+def test_demo_recipe_points_at_shipped_files():
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "demo.toml")
+    assert Path(recipe.model.name, "config.json").is_file()
+    assert Path(recipe.data.source).is_file()
+    assert recipe.model.init == "random"
+
+
+def test_overrides_are_typed_as_toml_literals():
+    recipe = recipe_from_dict({}, ["train.max_steps=50", "train.learning_rate=1e-4", "lora.use_dora=true",
+                                   "data.source=rows.jsonl", 'data.format="{question}|{response}"',
+                                   'lora.target_modules=["q_proj", "v_proj"]', "train.epochs=2"])
+    assert recipe.train.max_steps == 50
+    assert recipe.train.learning_rate == pytest.approx(1e-4)
+    assert recipe.lora.use_dora is True
+    assert recipe.data.source == "rows.jsonl"  # a bare word is taken as a string
+    assert recipe.data.format == "{question}|{response}"
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.train.epochs == 2.0 and isinstance(recipe.train.epochs, float)
+
+
+def test_all_problems_reported_at_once_with_did_you_mean():
+    raw = {"train": {"learning_rat": 1e-4, "batch_size": "4", "max_steps": -3},
+           "lora": {"r": 0}, "quant": {"quant_type": "nf5"}, "modle": {"name": "x"}}
+    with pytest.raises(UserError) as caught:
+        recipe_from_dict(raw, ["nonsense"])
+    text = caught.value.render()
+    assert "5 problem" not in text  # count is exact below
+    problems = caught.value.problems
+    assert len(problems) == 7, problems
+    assert "did you mean `train.learning_rate`" in text
+    assert "`train.batch_size` must be a whole number" in text
+    assert "`train.max_steps` must be 0 (use epochs) or more" in text
+    assert "`lora.r` must be at least 1" in text
+    assert "`quant.quant_type` must be one of nf4, fp4" in text
+    assert "unknown section [modle] (did you mean `model`?)" in text
+    assert "override `nonsense` must look like section.key=value" in text
+
+
+def test_invalid_toml_names_line_and_column(write_recipe):
+    path = write_recipe("[train]\nmax_steps = \n")
+    with pytest.raises(UserError) as caught:
+        load_recipe(path)
+    assert str(path) in caught.value.title and "line 2" in caught.value.title
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="Recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{response} only", "containing {question}"),
+    ("{question} and nothing", "needs {cot} or {response}"),
+    ("{question}{response}{cot}", "before {cot} before {response}"),
+    ("{question}{cot}{oops}", "unknown or broken placeholder"),
+])
+def test_bad_custom_formats(template, message):
+    with pytest.raises(UserError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        recipe_from_dict({"data": {"format": template}})
+
+
+def test_seed_tutorial_template_is_accepted():
+    seed = "诊断问题：{question}\n详细分析：{cot}\n### 答案：\n{response}"
+    assert recipe_from_dict({"data": {"format": seed}}).data.format == seed
+
+
+def test_sft_passthrough_is_checked_against_sftconfig():
+    assert recipe_from_dict({"sft": {"neftune_noise_alpha": 5}}).sft == {"neftune_noise_alpha": 5}
+    with pytest.raises(UserError) as caught:
+        recipe_from_dict({"sft": {"neftune_noise_alph": 5, "learning_rate": 1.0}})
+    text = caught.value.render()
+    assert "did you mean `sft.neftune_noise_alpha`" in text
+    assert "`sft.learning_rate` is set by the recipe itself" in text
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, write_recipe):
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    path = write_recipe('[data]\nsource = "rows.jsonl"\n[model]\nname = "org/some-model"\n')
+    recipe = load_recipe(path)
+    assert recipe.data.source == str(tmp_path / "rows.jsonl")
+    assert recipe.model.name == "org/some-model"  # a hub id stays a hub id
+
+
+def test_saved_recipe_round_trips(write_recipe):
+    recipe = recipe_from_dict({"train": {"max_steps": 7}, "sft": {"neftune_noise_alpha": 5.0}},
+                              ['data.format="Q: {question}\\nA: {response}"'])
+    again = load_recipe(write_recipe(recipe_to_toml(recipe)))
+    again.source_path = recipe.source_path
+    assert again == recipe
+
+
+def test_defaults_are_a_valid_recipe():
+    assert recipe_from_dict({}) == Recipe()

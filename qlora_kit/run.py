@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="load tokenizer and data, write preview.jsonl, show the first example; load no weights")
     parser.add_argument("--overwrite", action="store_true", help="allow replacing a finished run in output.dir")
+    parser.add_argument("--force", action="store_true",
+                        help="train even if the VRAM plan says the run will not fit the GPU")
     return parser.parse_intermixed_args(argv)  # options may come before or after the overrides
 
 
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"Every training row is longer than data.max_length = {recipe.data.max_length} tokens.",
                         hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
     report.show_example(console, train_examples[0], tokenizer)
+    check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,22 @@ def run(args: argparse.Namespace) -> int:
     summary = train(recipe, tokenizer, train_examples, eval_examples, out, console)
     report.show_summary(console, summary, out)
     return 0
+
+
+def check_memory_plan(recipe, console, force: bool) -> None:
+    """Show the VRAM plan; on a GPU, refuse a run that clearly does not fit (the OOM would come later)."""
+    import torch
+
+    from qlora_kit.plan import make_plan, print_plan, read_architecture
+
+    on_gpu = torch.cuda.is_available()
+    vram_gib = torch.cuda.mem_get_info()[1] / 1024**3 if on_gpu else 8.0
+    plan = make_plan(read_architecture(recipe.model), recipe, vram_gib)
+    console.rule("[bold]memory plan" + ("" if on_gpu else " (no GPU here: shown for an 8 GiB GPU)"))
+    print_plan(plan, console)
+    if on_gpu and not plan.fits and not force:
+        raise UserError(f"The plan says this run needs about {plan.peak_gib:.1f} GiB; this GPU has "
+                        f"{vram_gib:.1f} GiB.", hint=f"Try {plan.suggestion}, or pass --force to try anyway.")
 
 
 def train(recipe, tokenizer, train_examples, eval_examples, out: Path, console) -> dict:

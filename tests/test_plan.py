@@ -1,0 +1,86 @@
+"""The VRAM planner: exact weight and LoRA terms against a really loaded 4-bit model, and sane behaviour
+of the rest (monotone in length, the fit search, the CLI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO
+
+from qlora_kit.architectures import ARCHITECTURES
+from qlora_kit.plan import GIB, Architecture, estimate, lora_parameters, main, make_plan
+from qlora_kit.recipe import recipe_from_dict
+
+
+@pytest.fixture(scope="module")
+def mid_model_dir(tmp_path_factory):
+    """Config-only Qwen2 big enough that the weights, not bitsandbytes' constant tables, dominate."""
+    from transformers import Qwen2Config
+
+    folder = tmp_path_factory.mktemp("mid-qwen2")
+    Qwen2Config(hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=576, tie_word_embeddings=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_weight_and_lora_terms_match_a_loaded_model(mid_model_dir, double_quant):
+    from qlora_kit.model import add_lora, choose_precision, load_model
+
+    recipe = recipe_from_dict({"model": {"name": str(mid_model_dir), "init": "random"},
+                               "quant": {"double_quant": double_quant}, "lora": {"r": 8}})
+    model = add_lora(load_model(recipe, choose_precision(recipe.quant)), recipe.lora)
+    arch = Architecture.from_config(json.loads((mid_model_dir / "config.json").read_text()))
+    planned = estimate(arch, recipe, compute_bytes=4).terms  # fp32 on CPU
+
+    quantized = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            quantized += param.numel() * param.element_size() + state.absmax.numel() * state.absmax.element_size()
+            if state.nested:
+                quantized += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    assert planned["4-bit linear weights"] == pytest.approx(quantized, rel=0.01)
+
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert lora == lora_parameters(arch, recipe)
+    embeddings = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if "embed_tokens" in n or "lm_head" in n)
+    assert planned["embeddings + lm_head (16-bit)"] == embeddings
+
+
+def test_estimate_grows_with_length_and_the_fit_search_is_consistent():
+    arch = Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"], "1.5b")
+    recipe = recipe_from_dict({})
+    sizes = [estimate(arch, recipe, n, 1).total for n in (512, 1024, 2048, 4096)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    plan = make_plan(arch, recipe, 8.0)
+    assert plan.fits and plan.max_length_fit > recipe.data.max_length
+    assert estimate(arch, recipe, plan.max_length_fit, 1).total / GIB <= plan.budget_gib
+    assert estimate(arch, recipe, plan.max_length_fit + 16, 1).total / GIB > plan.budget_gib
+
+
+def test_a_plan_that_does_not_fit_names_the_knob():
+    arch = Architecture.from_config(ARCHITECTURES["r1-distill-qwen-7b"], "7b")
+    plan = make_plan(arch, recipe_from_dict({"data": {"max_length": 8192}}), 8.0)
+    assert not plan.fits and plan.suggestion.startswith("data.max_length=")
+    small_batches = make_plan(Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"]),
+                              recipe_from_dict({"train": {"batch_size": 64}}), 8.0)
+    assert "train.batch_size=" in small_batches.suggestion and "train.grad_accum=" in small_batches.suggestion
+
+
+def test_cli_json(capsys):
+    assert main([str(REPO / "recipes" / "demo.toml"), "--json", "--vram-gib", "8"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {"peak_gib", "fits", "max_length_fit", "terms_gib"} <= plan.keys()
+    assert plan["fits"] is True
+
+
+def test_cli_reports_a_missing_model_folder(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nname = "{tmp_path / "nowhere"}"\n')
+    assert main([str(recipe)]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+

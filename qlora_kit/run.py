@@ -167,6 +167,7 @@ def final_evaluation(trainer) -> dict:
 def quiet_libraries() -> None:
     """Our status view says what matters; the libraries' progress bars and advice would bury it."""
     import logging
+    import warnings
 
     # bitsandbytes advertises an optional CPU *inference* kernel on import; training never uses it.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -174,7 +175,11 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    # Deprecation notices about the libraries' own internals are for their authors, not for our users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
+    warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import time
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
+from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
-from rich.text import Text
 from transformers import TrainerCallback
 
 from qlora_kit.memory import snapshot
@@ -65,8 +65,11 @@ class StatusCallback(TrainerCallback):
             self.last_tokens = (now, tokens)
         if self.live:
             self.live.update(self.render(state))
-        elif "loss" in logs or "eval_loss" in logs:
+        elif "loss" in logs:
             self.console.print(self.plain_line(state), highlight=False, soft_wrap=True)
+        elif "eval_loss" in logs:
+            self.console.print(f"step {state.global_step}/{self.total} | eval loss {logs['eval_loss']:.4f}",
+                               highlight=False, soft_wrap=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close(state)
@@ -90,8 +93,6 @@ class StatusCallback(TrainerCallback):
         parts = [f"step {state.global_step}/{self.total}"]
         if "loss" in v:
             parts.append(f"loss {v['loss']:.4f} (avg {self.smoothed_loss:.4f})")
-        if "eval_loss" in v:
-            parts.append(f"eval {v['eval_loss']:.4f}")
         if "learning_rate" in v:
             parts.append(f"lr {v['learning_rate']:.2e}")
         if "grad_norm" in v:
@@ -107,25 +108,23 @@ class StatusCallback(TrainerCallback):
         step = state.global_step
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold cyan", justify="right")
+        grid.add_column(width=30)
         grid.add_column()
-        grid.add_row("step", Group(ProgressBar(total=max(self.total, 1), completed=step, width=40),
-                                   Text(f"{step}/{self.total}   elapsed {_duration(time.monotonic() - self.started)}"
-                                        f"   eta {self.eta(step)}")))
-        loss = f"{v['loss']:.4f}  (smoothed {self.smoothed_loss:.4f})" if "loss" in v else "--"
-        grid.add_row("loss", loss)
-        if "eval_loss" in v:
-            grid.add_row("eval loss", f"{v['eval_loss']:.4f}")
-        grid.add_row("lr", f"{v['learning_rate']:.2e}" if "learning_rate" in v else "--")
-        grid.add_row("grad norm", f"{v['grad_norm']:.3f}" if "grad_norm" in v else "--")
-        grid.add_row("tokens/s", f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else "--")
+        grid.add_row("step", ProgressBar(total=max(self.total, 1), completed=step, width=30),
+                     f"{step}/{self.total}  elapsed {_duration(time.monotonic() - self.started)}  "
+                     f"eta {self.eta(step)}")
         bar_style = "red" if mem.peak_gib > 0.9 * mem.total_gib else "green"
-        grid.add_row(mem.kind, Group(
-            ProgressBar(total=mem.total_gib, completed=mem.used_gib, width=40, complete_style=bar_style),
-            Text(f"{mem.used_gib:.2f} GiB used, peak {mem.peak_gib:.2f} GiB, of {mem.total_gib:.1f} GiB")))
-        table = Table(title=self.title, show_header=False, expand=False, title_justify="left")
-        table.add_column()
-        table.add_row(grid)
-        return table
+        grid.add_row(mem.kind, ProgressBar(total=mem.total_gib, completed=mem.used_gib, width=30,
+                                           complete_style=bar_style),
+                     f"{mem.used_gib:.2f} GiB used, peak {mem.peak_gib:.2f} of {mem.total_gib:.1f} GiB")
+        loss = f"{v['loss']:.4f}  (smoothed {self.smoothed_loss:.4f})" if "loss" in v else "--"
+        grid.add_row("loss", "", loss)
+        if "eval_loss" in v:
+            grid.add_row("eval loss", "", f"{v['eval_loss']:.4f}")
+        grid.add_row("lr", "", f"{v['learning_rate']:.2e}" if "learning_rate" in v else "--")
+        grid.add_row("grad norm", "", f"{v['grad_norm']:.3f}" if "grad_norm" in v else "--")
+        grid.add_row("tokens/s", "", f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else "--")
+        return Panel(grid, title=self.title, title_align="left", expand=False)
 
 
 def _duration(seconds: float) -> str:

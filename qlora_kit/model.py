@@ -81,7 +81,7 @@ def load_model(recipe: Recipe, precision: Precision):
     m, q = recipe.model, recipe.quant
     kwargs = dict(
         dtype=precision.compute_dtype,
-        device_map={"": 0 if precision.device == "cuda" else "cpu"},
+        device_map=device_map(recipe, precision),
         attn_implementation=m.attn_implementation,
         trust_remote_code=m.trust_remote_code,
         use_safetensors=None if m.allow_pickle_weights else True,
@@ -92,6 +92,8 @@ def load_model(recipe: Recipe, precision: Precision):
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=precision.compute_dtype,
+            # Lets non-quantized modules (the input embedding) live on the CPU when the recipe asks.
+            llm_int8_enable_fp32_cpu_offload=recipe.memory.embeddings_on_cpu,
         )
     with base_weights(m, recipe.train.seed) as (location, revision), _friendly_load_errors(location, "model"):
         model = AutoModelForCausalLM.from_pretrained(location, revision=revision, **kwargs)
@@ -113,6 +115,16 @@ def keep_cpu_weights_trainable(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def device_map(recipe: Recipe, precision: Precision) -> dict[str, int | str]:
+    """Everything on the GPU (or CPU), except the input embedding when memory.embeddings_on_cpu asks:
+    it is frozen and only looked up, so keeping it in RAM saves vocab x hidden x 2 bytes of VRAM."""
+    if precision.device != "cuda":
+        return {"": "cpu"}
+    if recipe.memory.embeddings_on_cpu:
+        return {"model.embed_tokens": "cpu", "": 0}
+    return {"": 0}
 
 
 @contextlib.contextmanager

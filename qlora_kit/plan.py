@@ -123,6 +123,12 @@ def lora_parameters(arch: Architecture, recipe: Recipe) -> int:
     return per_layer * arch.layers
 
 
+def embedding_matrices_on_gpu(arch: Architecture, recipe: Recipe) -> int:
+    if arch.tied:
+        return 1  # one matrix serves both; it must stay on the GPU for the head
+    return 1 if recipe.memory.embeddings_on_cpu else 2
+
+
 def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, batch: int | None = None,
              compute_bytes: int = 2) -> Estimate:
     """Peak memory of one training step at `seq_len` x `batch` (default: the recipe's max_length x batch_size)."""
@@ -148,6 +154,8 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         per_token_layer += 5 * h + q + i
     if recipe.train.gradient_checkpointing:
         kept = arch.layers * tokens * h * compute_bytes  # each layer's input, saved for the recompute
+        if recipe.memory.offload_activations:
+            kept = 2 * tokens * h * compute_bytes  # in CPU RAM; one layer's input in flight each way
         # The recomputed layer plus its gradients, and the residual-stream gradient (fp32 via autocast).
         working = 2 * tokens * per_token_layer * compute_bytes + 2 * tokens * h * 4
     else:
@@ -163,7 +171,7 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
 
     terms = {
         "4-bit linear weights" if recipe.quant.load_in_4bit else "16-bit linear weights": weight_bytes,
-        "embeddings + lm_head (16-bit)": arch.vocab * h * compute_bytes * (1 if arch.tied else 2),
+        "embeddings + lm_head (16-bit)": arch.vocab * h * compute_bytes * embedding_matrices_on_gpu(arch, recipe),
         "norms + biases": (2 * arch.layers + 1) * h * compute_bytes + (arch.layers * (q + 2 * kv) * compute_bytes
                                                                        if arch.qkv_bias else 0),
         "LoRA weights + grads (fp32)": lora * 8,

@@ -143,6 +143,16 @@ class TrainSection:
 
 
 @dataclass
+class MemorySection:
+    offload_activations: bool = False
+    """Keep the checkpointed layer inputs in CPU RAM instead of VRAM (TRL activation offloading): long
+    sequences fit in less VRAM, at some speed cost. Off until measured on GPUs (tools/bench.py)."""
+    embeddings_on_cpu: bool = False
+    """Keep the frozen input-embedding matrix in CPU RAM (about 1 GB for a 7B model): the lookup is cheap
+    and only the looked-up rows travel to the GPU."""
+
+
+@dataclass
 class OutputSection:
     dir: str = "runs/medical"
     """Run directory for the adapter and reports (relative paths: from where you run the command)."""
@@ -159,6 +169,7 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    memory: MemorySection = field(default_factory=MemorySection)
     output: OutputSection = field(default_factory=OutputSection)
     sft: dict[str, Any] = field(default_factory=dict)
     """Pass-through table for rare `trl.SFTConfig` arguments, e.g. `[sft] neftune_noise_alpha = 5`."""
@@ -340,7 +351,7 @@ _SFT_OWNED = {
     "output_dir", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
     "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
     "optim", "gradient_checkpointing", "seed", "logging_steps", "eval_steps", "bf16", "fp16",
-    "completion_only_loss", "use_cpu",
+    "completion_only_loss", "use_cpu", "activation_offloading",
 }
 
 

@@ -40,6 +40,7 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         optim=optimizer_name(t.optim, precision),
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_offloading=recipe.memory.offload_activations,
         # Dynamic padding happens in TRL's collator (pad to the longest in the batch); grouping by
         # length keeps that padding small.
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,25 +25,47 @@ ADAPTER_DIR, RECIPE_FILE, METRICS_FILE = "adapter", "recipe.toml", "metrics.json
 CURVE_FILE, SUMMARY_FILE, PREVIEW_FILE = "loss_curve.png", "summary.json", "preview.jsonl"
 
 
-def prepare_output_dir(directory: Path, overwrite: bool) -> None:
-    """Refuse to write over a finished run unless told to; create the directory otherwise."""
+def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool) -> tuple[Path | None, int]:
+    """Make the run directory ready. Returns the checkpoint to resume from (or None) and its step.
+
+    A finished run is never replaced without --overwrite. An unfinished one with a checkpoint is
+    resumed, unless the recipe changed in a way that matters (then we refuse and show how) or the
+    user asked to --restart. Only this directory's own checkpoints are ever deleted.
+    """
+    from qlora_kit.checkpoints import CHECKPOINT_DIR, latest_valid_checkpoint, recipe_differences
+    from qlora_kit.recipe import load_recipe
+
     finished = [name for name in (ADAPTER_DIR, SUMMARY_FILE) if (directory / name).exists()]
     if finished and not overwrite:
         raise UserError(f"{directory} already holds a finished run ({', '.join(finished)}).",
                         hint="Choose another output.dir (e.g. output.dir=runs/medical-2), or pass --overwrite "
                              "to replace it.")
-    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint, step = latest_valid_checkpoint(directory)
+    if finished or restart or not checkpoint:
+        shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        return None, 0
+    saved = directory / RECIPE_FILE
+    changes = recipe_differences(load_recipe(saved), recipe) if saved.is_file() else []
+    if changes:
+        raise UserError(f"{directory} holds an unfinished run (checkpoint at step {step}) trained with a "
+                        "different recipe:", changes,
+                        hint="Run it with the same settings to resume, pass --restart to start over in this "
+                             "directory, or choose another output.dir.")
+    return checkpoint, step
 
 
 class MetricsRecorder(TrainerCallback):
     """Appends every log (train and eval) to metrics.jsonl, with time and memory, as it happens:
     a run that dies still leaves its curve behind."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
         self.started = time.monotonic()
-        self.records: list[dict] = []
-        path.write_text("", encoding="utf-8")
+        # A resumed run keeps the records up to its checkpoint and continues the same file.
+        old = path.read_text(encoding="utf-8").splitlines() if resume_step and path.is_file() else []
+        self.records = [r for r in map(json.loads, old) if r["step"] <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         mem = snapshot()
@@ -94,3 +117,24 @@ def write_preview(examples: list[Example], path: Path, tokenizer) -> None:
 
 def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def summarize(records: list[dict], steps: int, wall_s: float, train_rows: int, mean_loss: float,
+              eval_loss: float | None, trainable: int, weights: str) -> dict:
+    # TRL logs the running count of tokens it trained on (padding excluded) as num_tokens.
+    tokens = max((r.get("num_tokens", 0) for r in records), default=0)
+    losses = [r["loss"] for r in records if "loss" in r]
+    mem = snapshot()
+    return {
+        "steps": steps,
+        "wall_time_s": round(wall_s, 1),
+        "train_rows": train_rows,
+        "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0,
+        f"peak_{mem.kind.lower()}_gib": round(mem.peak_gib, 3),
+        "first_train_loss": round(losses[0], 4) if losses else None,
+        "final_train_loss": round(losses[-1], 4) if losses else None,
+        "mean_train_loss": round(mean_loss, 4),
+        "final_eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+        "trainable_parameters": trainable,
+        "model_weights": weights,
+    }

@@ -11,13 +11,17 @@ import sys
 from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 class UserError(Exception):
     """A problem in the user's input, reported as one screen of text."""
 
-    def __init__(self, title: str, problems: Iterable[str] = (), hint: str = "") -> None:
+    def __init__(self, title: str, problems: Iterable[str] = (), hint: str = "",
+                 exit_code: int = EXIT_USER_ERROR) -> None:
         self.title = title
+        self.exit_code = exit_code
         self.problems = list(problems)
         self.hint = hint
         super().__init__(self.render())

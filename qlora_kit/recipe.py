@@ -140,6 +140,11 @@ class TrainSection:
     """Evaluate every N steps (0 = only at the end; needs data.eval_rows > 0)."""
     seed: int = 42
     """Seed for shuffling, LoRA initialisation, dropout and random-init models."""
+    save_steps: int = 50
+    """Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps; 0 = only when
+    interrupted. Re-running the same command resumes from the newest complete one."""
+    save_total_limit: int = 2
+    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
 
 
 @dataclass
@@ -205,6 +210,8 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.max_grad_norm": (lambda v: v >= 0, "0 or more"),
     "train.logging_steps": (lambda v: v >= 1, "at least 1"),
     "train.eval_steps": (lambda v: v >= 0, "0 (end only) or more"),
+    "train.save_steps": (lambda v: v >= 0, "0 (only on interrupt) or more"),
+    "train.save_total_limit": (lambda v: v >= 1, "at least 1"),
     "output.preview_rows": (lambda v: v >= 0, "0 or more"),
 }
 
@@ -350,7 +357,8 @@ def template_problems(template: str) -> list[str]:
 _SFT_OWNED = {
     "output_dir", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
     "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
-    "optim", "gradient_checkpointing", "seed", "logging_steps", "eval_steps", "bf16", "fp16",
+    "optim", "gradient_checkpointing", "seed", "logging_steps", "eval_steps", "bf16", "fp16", "save_steps",
+    "save_total_limit", "save_strategy",
     "completion_only_loss", "use_cpu", "activation_offloading",
 }
 

@@ -6,11 +6,11 @@ recipe -> tokenizer -> rows -> prompt/completion examples -> 4-bit model + LoRA 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
-import time
 from pathlib import Path
 
-from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
+from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="load tokenizer and data, write preview.jsonl, show the first example; load no weights")
     parser.add_argument("--overwrite", action="store_true", help="allow replacing a finished run in output.dir")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard this run's checkpoints and start over instead of resuming")
     parser.add_argument("--force", action="store_true",
                         help="train even if the VRAM plan says the run will not fit the GPU")
     return parser.parse_intermixed_args(argv)  # options may come before or after the overrides
@@ -31,11 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.command = shlex.join(["python", "-m", "qlora_kit.run", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
     except UserError as error:
         print_user_error(error)
-        return EXIT_USER_ERROR
+        return error.exit_code
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from qlora_kit import artifacts, report
     from qlora_kit.data import load_rows, split_rows
     from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
+    from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import load_recipe, recipe_to_toml
     from qlora_kit.render import make_renderer
 
@@ -54,10 +58,6 @@ def run(args: argparse.Namespace) -> int:
     recipe.output.overwrite |= args.overwrite
     out = Path(recipe.output.dir)
     report.show_recipe(console, recipe_to_toml(recipe), args.recipe)
-    if not args.dry_run:
-        artifacts.prepare_output_dir(out, recipe.output.overwrite)
-
-    from qlora_kit.model import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     rowset = load_rows(recipe.data)
@@ -81,9 +81,19 @@ def run(args: argparse.Namespace) -> int:
                       f"input_ids and labels of the first {recipe.output.preview_rows} examples.")
         return 0
 
+    resume_from, resume_step = artifacts.prepare_output_dir(out, recipe, recipe.output.overwrite, args.restart)
     (out / artifacts.RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
-    summary = train(recipe, tokenizer, train_examples, eval_examples, out, console)
-    report.show_summary(console, summary, out)
+    if resume_from:
+        console.print(f"[bold]resuming[/] from step {resume_step} ({resume_from})")
+
+    from qlora_kit.train import fit
+
+    outcome = fit(recipe, tokenizer, train_examples, eval_examples, out, console, resume_from, resume_step)
+    if outcome.interrupted:
+        console.print(f"[bold yellow]stopped by {outcome.interrupted}[/] at step {outcome.step}; checkpoint saved. "
+                      f"Resume with:\n  {args.command}")
+        return EXIT_INTERRUPTED
+    report.show_summary(console, outcome.summary, out)
     return 0
 
 
@@ -101,67 +111,6 @@ def check_memory_plan(recipe, console, force: bool) -> None:
     if on_gpu and not plan.fits and not force:
         raise UserError(f"The plan says this run needs about {plan.peak_gib:.1f} GiB; this GPU has "
                         f"{vram_gib:.1f} GiB.", hint=f"Try {plan.suggestion}, or pass --force to try anyway.")
-
-
-def train(recipe, tokenizer, train_examples, eval_examples, out: Path, console) -> dict:
-    from qlora_kit import artifacts
-    from qlora_kit.encode import to_dataset
-    from qlora_kit.memory import snapshot
-    from qlora_kit.model import add_lora, choose_precision, count_parameters, load_model
-    from qlora_kit.status import StatusCallback
-    from qlora_kit.train import build_trainer
-
-    precision = choose_precision(recipe.quant)
-    model = add_lora(load_model(recipe, precision), recipe.lora)
-    trainable, total = count_parameters(model)
-    label = "RANDOM-INIT weights (demo/benchmark, not a real model)" if recipe.model.init == "random" else "pretrained"
-    console.print(f"model: {recipe.model.name} ({label}), {precision.describe()}; "
-                  f"LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-
-    metrics = artifacts.MetricsRecorder(out / artifacts.METRICS_FILE)
-    status = StatusCallback(f"qlora_kit · {Path(recipe.model.name).name} · {label}", console)
-    trainer = build_trainer(recipe, model, tokenizer, to_dataset(train_examples),
-                            to_dataset(eval_examples) if eval_examples else None, precision, out,
-                            [metrics, status])
-    started = time.monotonic()
-    try:
-        result = trainer.train()
-        final_eval = final_evaluation(trainer) if eval_examples else {}
-    finally:
-        status.close()
-    wall = time.monotonic() - started
-
-    trainer.model.save_pretrained(out / artifacts.ADAPTER_DIR)
-    tokenizer.save_pretrained(out / artifacts.ADAPTER_DIR)
-    artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE,
-                               f"{Path(recipe.model.name).name} · {label}")
-    # TRL logs the running count of tokens it trained on (padding excluded) as num_tokens.
-    tokens = max((r.get("num_tokens", 0) for r in metrics.records), default=0)
-    losses = [r["loss"] for r in metrics.records if "loss" in r]
-    mem = snapshot()
-    summary = {
-        "steps": trainer.state.global_step,
-        "wall_time_s": round(wall, 1),
-        "train_rows": len(train_examples),
-        "tokens_per_s": round(tokens / wall, 1),
-        f"peak_{mem.kind.lower()}_gib": round(mem.peak_gib, 3),
-        "first_train_loss": round(losses[0], 4) if losses else None,
-        "final_train_loss": round(losses[-1], 4) if losses else None,
-        "mean_train_loss": round(result.training_loss, 4),
-        "final_eval_loss": round(final_eval["eval_loss"], 4) if "eval_loss" in final_eval else None,
-        "trainable_parameters": trainable,
-        "model_weights": label,
-    }
-    artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
-    return summary
-
-
-def final_evaluation(trainer) -> dict:
-    """Eval loss of the finished adapter; reuses the last periodic evaluation if it ran at the final step."""
-    last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
-    if last and last.get("step") == trainer.state.global_step:
-        return last
-    return trainer.evaluate()
 
 
 def quiet_libraries() -> None:

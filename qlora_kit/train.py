@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_kit.checkpoints import CHECKPOINT_DIR
 from qlora_kit.model import Precision, keep_adapter_fp32
 from qlora_kit.recipe import Recipe
 
@@ -22,7 +25,7 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
     t, d = recipe.train, recipe.data
     evaluate = d.eval_rows > 0 and t.eval_steps > 0
     return SFTConfig(
-        output_dir=str(output_dir / "checkpoints"),
+        output_dir=str(output_dir / CHECKPOINT_DIR),
         # Rows over max_length were already dropped (or truncated, when asked) and reported by
         # encode.py, so TRL's own truncation never cuts an answer silently.
         max_length=d.max_length,
@@ -40,7 +43,8 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         optim=optimizer_name(t.optim, precision),
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        activation_offloading=recipe.memory.offload_activations,
+        # Offloading moves activations from the GPU to RAM; on a CPU-only run there is nothing to move.
+        activation_offloading=recipe.memory.offload_activations and precision.device == "cuda",
         # Dynamic padding happens in TRL's collator (pad to the longest in the batch); grouping by
         # length keeps that padding small.
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -53,7 +57,9 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         bf16=precision.amp == "bf16",
         fp16=precision.amp == "fp16",
         use_cpu=precision.device == "cpu",
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps else "no",  # an interrupt saves either way
+        save_steps=t.save_steps or None,
+        save_total_limit=t.save_total_limit,
         report_to="none",
         disable_tqdm=True,  # the status view replaces the progress bar
         **recipe.sft,
@@ -77,3 +83,104 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset,
     keep_adapter_fp32(trainer.model)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; StatusCallback replaces it
     return trainer
+
+
+@dataclass
+class Outcome:
+    step: int
+    interrupted: str = ""
+    """Name of the signal that stopped the run early ("" when it finished)."""
+    summary: dict = field(default_factory=dict)
+
+
+def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, console,
+        resume_from: Path | None = None, resume_step: int = 0) -> Outcome:
+    """Load the model, train (resuming if asked), and write the artifacts. Survives Ctrl-C and OOM with a
+    checkpoint; a finished run leaves adapter/, loss_curve.png and summary.json."""
+    import torch
+
+    from qlora_kit import artifacts
+    from qlora_kit.encode import to_dataset
+    from qlora_kit.interrupts import GracefulStop, InjectOutOfMemory
+    from qlora_kit.model import add_lora, choose_precision, count_parameters, load_model
+    from qlora_kit.status import StatusCallback
+
+    precision = choose_precision(recipe.quant)
+    model = add_lora(load_model(recipe, precision), recipe.lora)
+    trainable, total = count_parameters(model)
+    label = "RANDOM-INIT weights (demo/benchmark, not a real model)" if recipe.model.init == "random" else "pretrained"
+    console.print(f"model: {recipe.model.name} ({label}), {precision.describe()}; "
+                  f"LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    if precision.device == "cpu" and (recipe.memory.offload_activations or recipe.memory.embeddings_on_cpu):
+        console.print("[dim]memory.* switches only matter on a GPU; this run is on the CPU.")
+    metrics = artifacts.MetricsRecorder(out / artifacts.METRICS_FILE, resume_step)
+    status = StatusCallback(f"qlora_kit · {Path(recipe.model.name).name} · {label}", console)
+    stop = GracefulStop(console.print)
+    callbacks = [metrics, status, stop] + [c for c in [InjectOutOfMemory.from_environment()] if c]
+    trainer = build_trainer(recipe, model, tokenizer, to_dataset(train_examples),
+                            to_dataset(eval_examples) if eval_examples else None, precision, out, callbacks)
+    stop.install()
+    started = time.monotonic()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if stop.signal_name:
+            return Outcome(trainer.state.global_step, interrupted=stop.signal_name)
+        final_eval = final_evaluation(trainer) if eval_examples else {}
+    except torch.OutOfMemoryError as error:
+        status.close()
+        raise out_of_memory(error, trainer, recipe, out) from None
+    finally:
+        stop.uninstall()
+        status.close()
+    wall = time.monotonic() - started
+
+    trainer.model.save_pretrained(out / artifacts.ADAPTER_DIR)
+    tokenizer.save_pretrained(out / artifacts.ADAPTER_DIR)
+    artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE, f"{Path(recipe.model.name).name} · {label}")
+    summary = artifacts.summarize(metrics.records, trainer.state.global_step, wall, len(train_examples),
+                                  result.training_loss, final_eval.get("eval_loss"), trainable, label)
+    artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
+    return Outcome(trainer.state.global_step, summary=summary)
+
+
+def final_evaluation(trainer) -> dict:
+    """Eval loss of the finished adapter; reuses the last periodic evaluation if it ran at the final step."""
+    last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+    if last and last.get("step") == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
+
+
+def out_of_memory(error, trainer, recipe: Recipe, out: Path):
+    """Save the last completed step, then explain what ran out and which knobs to turn (no traceback)."""
+    import torch
+
+    from qlora_kit.checkpoints import latest_valid_checkpoint
+    from qlora_kit.errors import EXIT_OUT_OF_MEMORY, UserError
+    from qlora_kit.memory import snapshot
+
+    mem = snapshot()
+    step = trainer.state.global_step
+    trainer.model.zero_grad(set_to_none=True)  # the half-done step's gradients are what we can free
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        # The weights, optimizer and scheduler are those of the last completed step: consistent to save.
+        trainer._save_checkpoint(trainer.model, trial=None)
+        saved = f"Saved a checkpoint at step {step}: re-run the same command to resume."
+    except Exception as e:  # saving may itself run out of memory; the periodic checkpoint still stands
+        checkpoint, at = latest_valid_checkpoint(out)
+        saved = (f"Could not save at step {step} ({type(e).__name__}); the newest checkpoint is step {at}."
+                 if checkpoint else f"Could not save at step {step}, and no earlier checkpoint exists.")
+    resumable = "memory.offload_activations=true, memory.embeddings_on_cpu=true"
+    fresh = [f"data.max_length={max(256, recipe.data.max_length // 2)} (longer rows are dropped, never cut)",
+             f"lora.r={max(4, recipe.lora.r // 2)}"]
+    if recipe.train.batch_size > 1:
+        fresh.insert(0, f"train.batch_size=1 train.grad_accum={recipe.train.batch_size * recipe.train.grad_accum}")
+    return UserError(f"Out of {mem.kind} at step {step + 1}: {str(error).splitlines()[0]}",
+                     [f"peak {mem.peak_gib:.2f} GiB of {mem.total_gib:.1f} GiB", saved],
+                     hint=f"To lower peak memory and resume from the checkpoint, add: {resumable}.\n"
+                          f"Or start over (--restart) with: {'; '.join(fresh)}.\n"
+                          "`python -m qlora_kit.plan RECIPE` shows where the memory goes.",
+                     exit_code=EXIT_OUT_OF_MEMORY)

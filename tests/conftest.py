@@ -74,10 +74,10 @@ def write_recipe(tmp_path):
     return write
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run `python -m qlora_kit.run ...` as a user would; returns the CompletedProcess."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120", **(env or {})}
     return subprocess.run([sys.executable, "-m", "qlora_kit.run", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

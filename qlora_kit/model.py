@@ -7,6 +7,7 @@ pickle, local files never sent anywhere.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -58,6 +59,47 @@ def choose_precision(quant: QuantSection) -> Precision:
             raise UserError(f"{torch.cuda.get_device_name(0)} has no bfloat16 support.",
                             hint="Set quant.compute_dtype = 'auto' or 'float16'.")
     return Precision("cuda", dtype)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_model_files(model: ModelSection) -> None:
+    """Refuse a local model folder that cannot load safely, before anything is written or loaded:
+    missing, no config.json, pickle-only weights, code that would have to run."""
+    from transformers import CONFIG_MAPPING
+
+    folder = Path(model.name).expanduser()
+    if not folder.is_absolute() and not folder.exists():
+        return  # a hub id: checked when it is fetched
+    if not folder.is_dir():
+        raise UserError(f"The model folder does not exist: {folder}",
+                        hint="Set model.name to a local folder with config.json, or a hub id.")
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no config.json, so it is not a model folder.",
+                        hint="Point model.name at the folder that holds config.json and the weights.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({e}).") from None
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING and not model.trust_remote_code:
+        raise UserError(f"{folder} needs its own Python code to load (config.json has auto_map, model_type "
+                        f"{config.get('model_type')!r} is not built into transformers).",
+                        hint="Read that code first; set model.trust_remote_code = true only if you trust it.")
+    if model.init == "random":
+        return
+    files = [p.name for p in folder.iterdir()]
+    if not any(name.endswith(".safetensors") for name in files):
+        pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+        if not pickled:
+            raise UserError(f"{folder} has no weight files.",
+                            hint="Download the weights, or set model.init = 'random' for a config-only folder.")
+        if not model.allow_pickle_weights:
+            raise UserError(f"{folder} has only pickle weights ({', '.join(sorted(pickled)[:3])}): loading them "
+                            "can run arbitrary code.",
+                            hint="Convert them to safetensors, or set model.allow_pickle_weights = true if you "
+                                 "trust their source.")
 
 
 def load_tokenizer(model: ModelSection):

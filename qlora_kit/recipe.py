@@ -228,7 +228,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML: {e}",
-                        hint="Strings need quotes; see recipes/medical.toml for the layout.") from None
+                        hint="Fix that line (strings need quotes, each [section] once); recipes/medical.toml "
+                             "shows the layout.") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text.", hint="Save the recipe as UTF-8.") from None
     recipe = recipe_from_dict(raw, overrides, where=str(path))

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from qlora_kit import artifacts, report
     from qlora_kit.data import load_rows, split_rows
     from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
-    from qlora_kit.model import load_tokenizer
+    from qlora_kit.model import check_model_files, load_tokenizer
     from qlora_kit.recipe import load_recipe, recipe_to_toml
     from qlora_kit.render import make_renderer
 
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(recipe.output.dir)
     report.show_recipe(console, recipe_to_toml(recipe), args.recipe)
 
+    check_model_files(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     rowset = load_rows(recipe.data)
     train_rows, eval_rows = split_rows(rowset.rows, recipe.data, recipe.train.seed)

@@ -25,12 +25,14 @@ ADAPTER_DIR, RECIPE_FILE, METRICS_FILE = "adapter", "recipe.toml", "metrics.json
 CURVE_FILE, SUMMARY_FILE, PREVIEW_FILE = "loss_curve.png", "summary.json", "preview.jsonl"
 
 
-def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool) -> tuple[Path | None, int]:
+def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool,
+                       change: bool = True) -> tuple[Path | None, int]:
     """Make the run directory ready. Returns the checkpoint to resume from (or None) and its step.
 
     A finished run is never replaced without --overwrite. An unfinished one with a checkpoint is
     resumed, unless the recipe changed in a way that matters (then we refuse and show how) or the
-    user asked to --restart. Only this directory's own checkpoints are ever deleted.
+    user asked to --restart. Only this directory's own checkpoints are ever deleted, and only when
+    `change` is set (rank 0 of a multi-process run; the other ranks only check).
     """
     from qlora_kit.checkpoints import CHECKPOINT_DIR, latest_valid_checkpoint, recipe_differences
     from qlora_kit.recipe import load_recipe
@@ -42,8 +44,9 @@ def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool) 
                              "to replace it.")
     checkpoint, step = latest_valid_checkpoint(directory)
     if finished or restart or not checkpoint:
-        shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
+        if change:
+            shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
+            directory.mkdir(parents=True, exist_ok=True)
         return None, 0
     saved = directory / RECIPE_FILE
     changes = recipe_differences(load_recipe(saved), recipe) if saved.is_file() else []

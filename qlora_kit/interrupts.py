@@ -10,12 +10,14 @@ import signal
 import torch
 from transformers import TrainerCallback
 
+from qlora_kit.distributed import on_any_rank
+
 FAULT_OOM_ENV = "QLORA_KIT_FAULT_OOM_AT_STEP"
 
 
 class GracefulStop(TrainerCallback):
     def __init__(self, on_request=print):
-        self.signal_name = ""
+        self.signal_name = ""  # set by the first Ctrl-C / SIGTERM this process receives
         self.on_request = on_request
         self._previous = {}
 
@@ -37,7 +39,8 @@ class GracefulStop(TrainerCallback):
                         "(press Ctrl-C again to quit at once, without saving)")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal_name:
+        if on_any_rank(bool(self.signal_name)):
+            self.signal_name = self.signal_name or "SIGINT"  # another rank was told (torchrun forwards to all)
             control.should_save = True
             control.should_training_stop = True
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_kit.distributed import current as current_processes
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import LoraSection, ModelSection, QuantSection, Recipe
 
@@ -39,7 +40,7 @@ class Precision:
     def describe(self) -> str:
         name = str(self.compute_dtype).removeprefix("torch.")
         if self.device == "cuda":
-            return f"{torch.cuda.get_device_name(0)}, compute {name}, adapter weights float32"
+            return f"{torch.cuda.get_device_name()}, compute {name}, adapter weights float32"
         return f"CPU, compute {name}"
 
 
@@ -164,9 +165,10 @@ def device_map(recipe: Recipe, precision: Precision) -> dict[str, int | str]:
     it is frozen and only looked up, so keeping it in RAM saves vocab x hidden x 2 bytes of VRAM."""
     if precision.device != "cuda":
         return {"": "cpu"}
+    gpu = current_processes().local_rank  # one process per GPU under torchrun / accelerate launch
     if recipe.memory.embeddings_on_cpu:
-        return {"model.embed_tokens": "cpu", "": 0}
-    return {"": 0}
+        return {"model.embed_tokens": "cpu", "": gpu}
+    return {"": gpu}
 
 
 @contextlib.contextmanager
@@ -177,7 +179,13 @@ def base_weights(model: ModelSection, seed: int) -> Iterator[tuple[str, str]]:
         yield model.name, model.revision
         return
     with tempfile.TemporaryDirectory(prefix="qlora_kit-random-") as folder:
-        random_model(model, seed).save_pretrained(folder)
+        # Written with safetensors directly: every rank of a multi-process run needs its own copy, and
+        # transformers' save_pretrained writes on rank 0 only.
+        from safetensors.torch import save_model
+
+        base = random_model(model, seed)
+        base.config.to_json_file(Path(folder) / "config.json")
+        save_model(base, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
         yield folder, "main"
 
 

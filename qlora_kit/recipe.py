@@ -102,7 +102,8 @@ class DataSection:
     limit: int = 0
     """Use only the first N rows after shuffling (0 = all)."""
     shuffle: bool = True
-    """Shuffle rows (with train.seed) before limit and the eval split."""
+    """Shuffle rows (with train.seed) before limit and the eval split, and the batches of every epoch.
+    Off: the file's order throughout (no length grouping either)."""
     eval_rows: int = 0
     """Rows held out for evaluation loss (0 = no evaluation)."""
 

@@ -37,23 +37,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as error:
-        print_user_error(error)
+        from qlora_kit.distributed import current
+
+        rank = current().rank
+        if rank == 0:
+            print_user_error(error)
+        else:  # the same message would come from every rank: rank 0 prints it, the others just say so
+            print(f"rank {rank}: {error.title}", file=sys.stderr)
         return error.exit_code
 
 
 def run(args: argparse.Namespace) -> int:
-    # Heavy imports here, not at the top: `--help` and recipe errors answer instantly.
+    quiet_libraries()
+    # Heavy imports here, not at the top: `--help` answers instantly.
     from rich.console import Console
 
-    from qlora_kit import artifacts, report
+    from qlora_kit import artifacts, distributed, report
     from qlora_kit.data import load_rows, split_rows
     from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
     from qlora_kit.model import check_model_files, load_tokenizer
     from qlora_kit.recipe import load_recipe, recipe_to_toml
     from qlora_kit.render import make_renderer
 
-    console = Console()
-    quiet_libraries()
+    processes = distributed.start()
+    console = Console(quiet=not processes.is_main)  # one voice: rank 0 speaks for all ranks
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.output.overwrite |= args.overwrite
     out = Path(recipe.output.dir)
@@ -76,20 +83,27 @@ def run(args: argparse.Namespace) -> int:
     check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
-        out.mkdir(parents=True, exist_ok=True)
-        artifacts.write_preview(train_examples[: recipe.output.preview_rows], out / artifacts.PREVIEW_FILE, tokenizer)
+        if processes.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            artifacts.write_preview(train_examples[: recipe.output.preview_rows], out / artifacts.PREVIEW_FILE,
+                                    tokenizer)
         console.print(f"[bold]dry run:[/] no weights loaded; {out / artifacts.PREVIEW_FILE} shows "
                       f"input_ids and labels of the first {recipe.output.preview_rows} examples.")
         return 0
 
-    resume_from, resume_step = artifacts.prepare_output_dir(out, recipe, recipe.output.overwrite, args.restart)
-    (out / artifacts.RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+    # Every rank checks (so all refuse alike); only rank 0 changes the directory, the others wait for it.
+    resume_from, resume_step = artifacts.prepare_output_dir(out, recipe, recipe.output.overwrite, args.restart,
+                                                            change=processes.is_main)
+    if processes.is_main:
+        (out / artifacts.RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+    distributed.wait_for_everyone()
     if resume_from:
         console.print(f"[bold]resuming[/] from step {resume_step} ({resume_from})")
 
     from qlora_kit.train import fit
 
-    outcome = fit(recipe, tokenizer, train_examples, eval_examples, out, console, resume_from, resume_step)
+    outcome = fit(recipe, tokenizer, train_examples, eval_examples, out, console, resume_from, resume_step,
+                  processes)
     if outcome.interrupted:
         console.print(f"[bold yellow]stopped by {outcome.interrupted}[/] at step {outcome.step}; checkpoint saved. "
                       f"Resume with:\n  {args.command}")

@@ -38,6 +38,8 @@ class StatusCallback(TrainerCallback):
         if self.use_live:
             self.live = Live(self.render(state), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
+        else:
+            self.console.print(f"training: {self.title}", highlight=False, soft_wrap=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.live:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_kit.checkpoints import CHECKPOINT_DIR
+from qlora_kit.distributed import Processes
 from qlora_kit.model import Precision, keep_adapter_fp32
 from qlora_kit.recipe import Recipe
 
@@ -17,6 +18,12 @@ def optimizer_name(choice: str, precision: Precision) -> str:
     if choice != "auto":
         return choice
     return "paged_adamw_8bit" if precision.device == "cuda" else "adamw_torch"
+
+
+def sampling_strategy(recipe: Recipe) -> str:
+    if not recipe.data.shuffle:
+        return "sequential"  # the file's order, as asked; also what makes runs comparable across launchers
+    return "group_by_length" if recipe.train.group_by_length else "random"
 
 
 def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
@@ -47,7 +54,7 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         activation_offloading=recipe.memory.offload_activations and precision.device == "cuda",
         # Dynamic padding happens in TRL's collator (pad to the longest in the batch); grouping by
         # length keeps that padding small.
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy=sampling_strategy(recipe),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -94,7 +101,7 @@ class Outcome:
 
 
 def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, console,
-        resume_from: Path | None = None, resume_step: int = 0) -> Outcome:
+        resume_from: Path | None = None, resume_step: int = 0, processes: Processes | None = None) -> Outcome:
     """Load the model, train (resuming if asked), and write the artifacts. Survives Ctrl-C and OOM with a
     checkpoint; a finished run leaves adapter/, loss_curve.png and summary.json."""
     import torch
@@ -114,10 +121,18 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
 
     if precision.device == "cpu" and (recipe.memory.offload_activations or recipe.memory.embeddings_on_cpu):
         console.print("[dim]memory.* switches only matter on a GPU; this run is on the CPU.")
-    metrics = artifacts.MetricsRecorder(out / artifacts.METRICS_FILE, resume_step)
-    status = StatusCallback(f"qlora_kit · {Path(recipe.model.name).name} · {label}", console)
+    processes = processes or Processes()
+    global_batch = recipe.train.batch_size * recipe.train.grad_accum * processes.world_size
+    title = f"qlora_kit · {Path(recipe.model.name).name} · {label}"
+    if processes.distributed:
+        title += f" · {processes.world_size} processes, global batch {global_batch}"
     stop = GracefulStop(console.print)
-    callbacks = [metrics, status, stop] + [c for c in [InjectOutOfMemory.from_environment()] if c]
+    callbacks = [stop] + [c for c in [InjectOutOfMemory.from_environment()] if c]
+    metrics = status = None
+    if processes.is_main:  # the other ranks train in silence and write nothing
+        metrics = artifacts.MetricsRecorder(out / artifacts.METRICS_FILE, resume_step)
+        status = StatusCallback(title, console)
+        callbacks += [metrics, status]
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(train_examples),
                             to_dataset(eval_examples) if eval_examples else None, precision, out, callbacks)
     stop.install()
@@ -128,18 +143,23 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
             return Outcome(trainer.state.global_step, interrupted=stop.signal_name)
         final_eval = final_evaluation(trainer) if eval_examples else {}
     except torch.OutOfMemoryError as error:
-        status.close()
+        if status:
+            status.close()
         raise out_of_memory(error, trainer, recipe, out) from None
     finally:
         stop.uninstall()
-        status.close()
+        if status:
+            status.close()
     wall = time.monotonic() - started
+    if not processes.is_main:
+        return Outcome(trainer.state.global_step)
 
     trainer.model.save_pretrained(out / artifacts.ADAPTER_DIR)
     tokenizer.save_pretrained(out / artifacts.ADAPTER_DIR)
     artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE, f"{Path(recipe.model.name).name} · {label}")
     summary = artifacts.summarize(metrics.records, trainer.state.global_step, wall, len(train_examples),
                                   result.training_loss, final_eval.get("eval_loss"), trainable, label)
+    summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
     return Outcome(trainer.state.global_step, summary=summary)
 

@@ -31,7 +31,8 @@ def test_plain_lines_when_not_a_terminal():
     out = io.StringIO()
     callback = StatusCallback("title", Console(file=out, width=200), live=False)
     drive(callback, LOGS)
-    lines = out.getvalue().splitlines()
+    title, *lines = out.getvalue().splitlines()
+    assert title == "training: title"
     assert len(lines) == 3  # one per log, no live panel
     assert lines[0].startswith("step 1/10 | loss 2.0000 (avg 2.0000) | lr 1.00e-04 | gnorm 0.500")
     assert "loss 1.0000 (avg 1.9000)" in lines[1]  # smoothed: 0.9 * 2.0 + 0.1 * 1.0

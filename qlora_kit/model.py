@@ -44,9 +44,12 @@ class Precision:
         return f"CPU, compute {name}"
 
 
-def choose_precision(quant: QuantSection) -> Precision:
+def choose_precision(quant: QuantSection, fsdp: bool = False) -> Precision:
     """bf16 where the GPU has it (Ampere+), fp16 on older GPUs (Turing/T4/GTX), fp32 on CPU."""
     if not torch.cuda.is_available():
+        if fsdp:
+            raise UserError("distributed.fsdp = true needs CUDA GPUs; none is visible.",
+                            hint="Set distributed.fsdp = false: on CPU (and on one GPU) training is not sharded.")
         if quant.compute_dtype in ("bfloat16", "float16"):
             # CPU matmuls in half precision are slow and gain nothing; say so instead of obeying silently.
             raise UserError(f"quant.compute_dtype = '{quant.compute_dtype}' needs a CUDA GPU; none is visible.",
@@ -137,6 +140,9 @@ def load_model(recipe: Recipe, precision: Precision):
             bnb_4bit_compute_dtype=precision.compute_dtype,
             # Lets non-quantized modules (the input embedding) live on the CPU when the recipe asks.
             llm_int8_enable_fp32_cpu_offload=recipe.memory.embeddings_on_cpu,
+            # FSDP shards parameters of one dtype: the packed 4-bit weights must be stored in the compute
+            # dtype instead of uint8 so they can be flattened and sharded with the rest.
+            bnb_4bit_quant_storage=precision.compute_dtype if recipe.distributed.fsdp else torch.uint8,
         )
     with base_weights(m, recipe.train.seed) as (location, revision), _friendly_load_errors(location, "model"):
         model = AutoModelForCausalLM.from_pretrained(location, revision=revision, **kwargs)
@@ -160,11 +166,13 @@ def keep_cpu_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def device_map(recipe: Recipe, precision: Precision) -> dict[str, int | str]:
+def device_map(recipe: Recipe, precision: Precision) -> dict[str, int | str] | None:
     """Everything on the GPU (or CPU), except the input embedding when memory.embeddings_on_cpu asks:
     it is frozen and only looked up, so keeping it in RAM saves vocab x hidden x 2 bytes of VRAM."""
     if precision.device != "cuda":
         return {"": "cpu"}
+    if recipe.distributed.fsdp:
+        return None  # FSDP places and shards the weights itself
     gpu = current_processes().local_rank  # one process per GPU under torchrun / accelerate launch
     if recipe.memory.embeddings_on_cpu:
         return {"model.embed_tokens": "cpu", "": gpu}

@@ -159,6 +159,14 @@ class MemorySection:
 
 
 @dataclass
+class DistributedSection:
+    fsdp: bool = False
+    """Shard the 4-bit model across the GPUs of one machine (FSDP-QLoRA), for models that do not fit
+    one GPU even in 4 bits. Launch with torchrun or accelerate launch; needs CUDA GPUs. Without it,
+    several GPUs train data-parallel, each holding a full 4-bit copy."""
+
+
+@dataclass
 class OutputSection:
     dir: str = "runs/medical"
     """Run directory for the adapter and reports (relative paths: from where you run the command)."""
@@ -176,6 +184,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     memory: MemorySection = field(default_factory=MemorySection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     output: OutputSection = field(default_factory=OutputSection)
     sft: dict[str, Any] = field(default_factory=dict)
     """Pass-through table for rare `trl.SFTConfig` arguments, e.g. `[sft] neftune_noise_alpha = 5`."""
@@ -361,7 +370,7 @@ _SFT_OWNED = {
     "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
     "optim", "gradient_checkpointing", "seed", "logging_steps", "eval_steps", "bf16", "fp16", "save_steps",
     "save_total_limit", "save_strategy",
-    "completion_only_loss", "use_cpu", "activation_offloading",
+    "completion_only_loss", "use_cpu", "activation_offloading", "fsdp", "fsdp_config",
 }
 
 

@@ -48,7 +48,8 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=optimizer_name(t.optim, precision),
-        gradient_checkpointing=t.gradient_checkpointing,
+        # Under FSDP the wrapper checkpoints activations itself (fsdp_config below); doing both re-gathers twice.
+        gradient_checkpointing=t.gradient_checkpointing and not recipe.distributed.fsdp,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # Offloading moves activations from the GPU to RAM; on a CPU-only run there is nothing to move.
         activation_offloading=recipe.memory.offload_activations and precision.device == "cuda",
@@ -69,8 +70,19 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         save_total_limit=t.save_total_limit,
         report_to="none",
         disable_tqdm=True,  # the status view replaces the progress bar
+        **fsdp_arguments(recipe),
         **recipe.sft,
     )
+
+
+def fsdp_arguments(recipe: Recipe) -> dict:
+    """FSDP2 for QLoRA: full sharding, the checkpoint loaded on rank 0 and broadcast (RAM), one
+    HF-compatible state dict for the adapter."""
+    if not recipe.distributed.fsdp:
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": True,
+        "activation_checkpointing": recipe.train.gradient_checkpointing, "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset, precision: Precision,
@@ -112,7 +124,7 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     from qlora_kit.model import add_lora, choose_precision, count_parameters, load_model
     from qlora_kit.status import StatusCallback
 
-    precision = choose_precision(recipe.quant)
+    precision = choose_precision(recipe.quant, recipe.distributed.fsdp)
     model = add_lora(load_model(recipe, precision), recipe.lora)
     trainable, total = count_parameters(model)
     label = "RANDOM-INIT weights (demo/benchmark, not a real model)" if recipe.model.init == "random" else "pretrained"

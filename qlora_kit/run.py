@@ -53,11 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_kit import artifacts, distributed, report
-    from qlora_kit.data import load_rows, split_rows
-    from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
     from qlora_kit.model import check_model_files, load_tokenizer
     from qlora_kit.recipe import load_recipe, recipe_to_toml
-    from qlora_kit.render import make_renderer
 
     processes = distributed.start()
     console = Console(quiet=not processes.is_main)  # one voice: rank 0 speaks for all ranks
@@ -68,17 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_files(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
-    rowset = load_rows(recipe.data)
-    train_rows, eval_rows = split_rows(rowset.rows, recipe.data, recipe.train.seed)
-    renderer, layout = make_renderer(tokenizer, recipe.data)
-    encoder = Encoder(tokenizer, renderer)
-    train_examples, lengths = apply_length_policy(encode_rows(encoder, train_rows), recipe.data.max_length,
-                                                  recipe.data.over_length)
-    eval_examples, _ = apply_length_policy(encode_rows(encoder, eval_rows), recipe.data.max_length, "drop")
-    report.show_data(console, rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples))
-    if not train_examples:
-        raise UserError(f"Every training row is longer than data.max_length = {recipe.data.max_length} tokens.",
-                        hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
+    train_examples, eval_examples = build_examples(recipe, tokenizer, console)
     report.show_example(console, train_examples[0], tokenizer)
     check_memory_plan(recipe, console, force=args.force)
 
@@ -110,6 +97,28 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     report.show_summary(console, outcome.summary, out)
     return 0
+
+
+def build_examples(recipe, tokenizer, console):
+    """Rows -> prompt/completion pairs -> token ids with the completion mask; reports lengths and drops.
+    Returns (train examples, eval examples)."""
+    from qlora_kit import report
+    from qlora_kit.data import load_rows, split_rows
+    from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
+    from qlora_kit.render import make_renderer
+
+    data = recipe.data
+    rowset = load_rows(data)
+    train_rows, eval_rows = split_rows(rowset.rows, data, recipe.train.seed)
+    renderer, layout = make_renderer(tokenizer, data)
+    encoder = Encoder(tokenizer, renderer)
+    train_examples, lengths = apply_length_policy(encode_rows(encoder, train_rows), data.max_length, data.over_length)
+    eval_examples, _ = apply_length_policy(encode_rows(encoder, eval_rows), data.max_length, "drop")
+    report.show_data(console, rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples))
+    if not train_examples:
+        raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",
+                        hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
+    return train_examples, eval_examples
 
 
 def check_memory_plan(recipe, console, force: bool) -> None:

@@ -1,0 +1,262 @@
+"""Generation and the chat command for real: a demo run trained in the fixture (4-bit NF4 base + LoRA on the
+CPU), loaded back as the run loaded it; a merged folder from `qlora_kit.merge`; prompts checked token for
+token against what training saw; the think/answer split and its streaming twin."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli
+
+from qlora_kit.chat import ReplyPrinter, load_run, main
+from qlora_kit.data import Row
+from qlora_kit.encode import Encoder
+from qlora_kit.generate import (
+    GenerationSettings,
+    ThinkRouter,
+    ask,
+    open_think_block,
+    prompt_format,
+    split_think,
+    template_separator,
+)
+from qlora_kit.recipe import DataSection
+from qlora_kit.render import PLAIN_TEMPLATE, make_renderer
+
+DEMO = REPO / "recipes" / "demo.toml"
+QUESTION = "Is 39.8 °C a fever?"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat") / "run"
+    result = run_cli(str(DEMO), "train.max_steps=30", f"output.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(demo_run):
+    return load_run(demo_run)
+
+
+def run_chat(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-m", "qlora_kit.chat", *args], cwd=REPO, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def test_one_shot_prompt_on_a_run(demo_run):
+    result = run_chat(str(demo_run), "--prompt", QUESTION, "--greedy", "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "thinking" in result.stdout and len(result.stdout.strip()) > 40
+    # What was loaded goes to stderr, so stdout is only the reply; library chatter stays quiet.
+    assert "(4-bit) + adapter" in result.stderr and "RANDOM-INIT" in result.stderr
+    assert "Traceback" not in result.stderr and "Loading weights" not in result.stderr
+
+
+def test_greedy_replies_are_identical_across_calls(demo_run, capsys):
+    outputs = []
+    for _ in range(2):
+        assert main([str(demo_run), "--prompt", QUESTION, "--greedy", "--max-new-tokens", "30"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_sampling_is_seeded(loaded):
+    def reply(seed: int) -> str:
+        settings = GenerationSettings(max_new_tokens=30, seed=seed)
+        return ask(loaded.model, loaded.tokenizer, QUESTION, loaded.fmt, settings).text
+
+    assert reply(1) == reply(1)
+    assert len({reply(seed) for seed in (1, 2, 3)}) > 1  # and the seed really reaches the sampler
+
+
+def test_hide_think_prints_no_reasoning(demo_run, loaded, capsys):
+    shown = ask(loaded.model, loaded.tokenizer, QUESTION, loaded.fmt, GenerationSettings(30, greedy=True))
+    assert shown.think and not shown.closed  # 30 steps of training: it does not finish thinking in 30 tokens
+    assert main([str(demo_run), "--prompt", QUESTION, "--greedy", "--max-new-tokens", "30", "--hide-think"]) == 0
+    out = capsys.readouterr().out
+    assert "thinking" not in out and shown.think[:20] not in out
+    assert "did not finish within --max-new-tokens 30" in out
+
+
+def test_interactive_loop_answers_until_exit(demo_run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n\n   \n/exit\nnever asked\n"))
+    assert main([str(demo_run), "--greedy", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("you ›") == 4  # the question, two blank lines, /exit; nothing after it
+    assert out.count("thinking") == 1
+
+
+def test_interactive_loop_ends_at_end_of_input(demo_run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main([str(demo_run), "--max-new-tokens", "8"]) == 0
+    assert "you ›" in capsys.readouterr().out
+
+
+def test_merged_folder(demo_run, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "qlora_kit.merge", str(demo_run), "--out", str(merged),
+                             "--no-verify"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (merged / "adapter").exists()
+    assert main([str(merged), "--prompt", QUESTION, "--greedy", "--max-new-tokens", "20"]) == 0
+    captured = capsys.readouterr()
+    assert "merged model" in captured.err and "compute float32" in captured.err
+    assert "thinking" in captured.out and len(captured.out.strip()) > 20
+
+
+def test_run_adapter_folder_is_taken_as_its_run(demo_run, capsys):
+    assert main([str(demo_run / "adapter"), "--prompt", QUESTION, "--greedy", "--max-new-tokens", "5"]) == 0
+    assert f"run {demo_run}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "Not found"),
+    ("empty", "neither a run directory nor a merged model folder"),
+    ("unfinished", "holds an unfinished run"),
+    ("bare adapter", "bare adapter without its run's recipe.toml"),
+    ("file", "is a file, not a folder"),
+])
+def test_folders_that_are_not_models_exit_2(tmp_path, capsys, layout, message):
+    target = tmp_path / "target"
+    if layout == "empty":
+        target.mkdir()
+        (target / "notes.txt").write_text("hello")
+    elif layout == "unfinished":
+        (target / "checkpoints").mkdir(parents=True)
+        (target / "recipe.toml").write_text("[train]\nmax_steps = 5\n")
+    elif layout == "bare adapter":
+        target.mkdir()
+        (target / "adapter_config.json").write_text("{}")
+    elif layout == "file":
+        target.write_text("not a folder")
+    assert main([str(target), "--prompt", QUESTION]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def training_prompt_ids(tokenizer, data: DataSection, question: str) -> list[int]:
+    """The prompt part of a training example, as encode.py builds it."""
+    renderer, _ = make_renderer(tokenizer, data)
+    example = Encoder(tokenizer, renderer).encode(Row(question, "some reasoning", "some answer", 1))
+    return example.input_ids[:example.prompt_length]
+
+
+def test_chat_prompt_is_the_training_prompt_ending_inside_the_think_block(demo_tokenizer):
+    fmt = prompt_format(demo_tokenizer, DataSection())
+    ids = fmt.prompt_ids(demo_tokenizer, QUESTION)
+    assert ids == training_prompt_ids(demo_tokenizer, DataSection(), QUESTION)
+    assert ids.count(demo_tokenizer.bos_token_id) == 1 and ids[0] == demo_tokenizer.bos_token_id
+    assert fmt.prompt(QUESTION).endswith("<｜Assistant｜><think>\n") and fmt.separator == "</think>"
+
+
+def test_older_r1_template_gets_the_think_opener():
+    """Older R1 templates end the generation prompt at the assistant tag; training opened the think block in
+    the completion, so generation must start after that same opener."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "qlora_kit" / "demo" / "tiny-qwen2")
+    tokenizer.chat_template = tokenizer.chat_template.replace("<think>\\n", "")
+    data = DataSection(system_prompt="Be brief.")
+    prompt = prompt_format(tokenizer, data).prompt(QUESTION)
+    assert prompt.endswith("<｜Assistant｜><think>\n") and prompt.count("<think>") == 1 and "Be brief." in prompt
+    renderer, _ = make_renderer(tokenizer, data)
+    pair = renderer(Row(QUESTION, "cot", "answer", 1))
+    assert prompt + "cot" == pair.prompt + pair.completion.split("\n</think>")[0]
+
+
+def test_plain_format_prompt_and_separator(demo_tokenizer):
+    data = DataSection(format="plain")
+    fmt = prompt_format(demo_tokenizer, data)
+    assert fmt.prompt(QUESTION).endswith("### Reasoning:\n") and fmt.separator == "### Answer:"
+    assert fmt.prompt_ids(demo_tokenizer, QUESTION) == training_prompt_ids(demo_tokenizer, data, QUESTION)
+    assert fmt.split("It is 39.8.\n\n### Answer:\nYes.") == ("It is 39.8.", "Yes.")
+    assert template_separator(PLAIN_TEMPLATE) == "### Answer:"
+    assert template_separator("Q: {question}\nA: {response}") is None
+
+
+def test_open_think_block_for_both_template_variants():
+    assert open_think_block("<｜Assistant｜><think>\n") == "<｜Assistant｜><think>\n"
+    assert open_think_block("<｜Assistant｜><think>") == "<｜Assistant｜><think>\n"
+    assert open_think_block("<｜Assistant｜>") == "<｜Assistant｜><think>\n"
+
+
+# ------------------------------------------------------------------------------------------------ think / answer
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The temperature is 39.8.\n</think>\n\nYes, a fever.", ("The temperature is 39.8.", "Yes, a fever.")),
+    ("Still thinking when the tokens ran out", ("Still thinking when the tokens ran out", "")),
+    ("<think>\nreasoning\n</think>\n\nanswer", ("reasoning", "answer")),
+    ("\n</think>\n\nanswer without reasoning", ("", "answer without reasoning")),
+    ("a</think>b</think>c", ("a", "b</think>c")),  # only the first closer ends the reasoning
+    ("", ("", "")),
+])
+def test_split_think(text, expected):
+    assert split_think(text) == expected
+
+
+def test_split_without_a_reasoning_part():
+    assert split_think("  just an answer\n", separator=None) == ("", "just an answer")
+
+
+def route(pieces: list[str], separator: str | None = "</think>") -> tuple[str, str, int]:
+    think, answer, switches = [], [], []
+    router = ThinkRouter(separator, think.append, answer.append, lambda: switches.append(1))
+    for piece in pieces:
+        router.feed(piece)
+    router.close()
+    return "".join(think), "".join(answer), len(switches)
+
+
+@pytest.mark.parametrize("text", [
+    "The temperature is 39.8.\n</think>\n\nYes, a fever.",
+    "no closer here, it ends with </thi",
+    "x < y <tag> </ </th </think>\n\n  answer with </think> inside",
+])
+def test_streamed_split_equals_split_think_however_the_text_is_cut(text):
+    expected_think, expected_answer = split_think(text)
+    for size in (1, 2, 3, 7, len(text)):
+        pieces = [text[i:i + size] for i in range(0, len(text), size)]
+        think, answer, switches = route(pieces)
+        assert (think.strip(), answer.strip()) == (expected_think, expected_answer), pieces
+        assert answer == answer.lstrip()  # the blank line after </think> is not passed on
+        assert switches == ("</think>" in text)
+
+
+def test_streamed_text_without_a_reasoning_part_is_all_answer():
+    assert route(["a </think> b"], separator=None) == ("", "a </think> b", 0)
+
+
+def test_reply_printer_layout():
+    from rich.console import Console
+
+    from qlora_kit.generate import Reply
+
+    def show(show_think: bool) -> str:
+        console = Console(file=io.StringIO(), width=60, soft_wrap=True)
+        printer = ReplyPrinter(console, show_think)
+        for piece in ("39.8 is at ", "least 38.0.\n"):
+            printer.think(piece)
+        printer.switch()
+        printer.answer("Yes, a fever.")
+        printer.finish(Reply("", "", "", 9, finished=True, closed=True), GenerationSettings())
+        return console.file.getvalue()
+
+    shown, hidden = show(True), show(False)
+    assert shown.index("thinking") < shown.index("39.8 is at least 38.0.\n") < shown.index("answer") \
+        < shown.index("Yes, a fever.\n")
+    assert hidden == "Yes, a fever.\n"

@@ -1,0 +1,189 @@
+"""Base vs fine-tuned answers at the end of a run: `samples.md` in the run directory and a side-by-side view.
+
+The base answers come from the very model that was just trained, with the LoRA adapter switched off
+(`model.disable_adapter()`): no second copy of the base is loaded, so this costs no memory, and the two
+replies differ only by the adapter (same prompt, same seed).
+
+Questions are the held-out eval rows (the model never trained on them), or the first training rows when
+the recipe holds none out; samples.md says which.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from qlora_kit.data import Row
+from qlora_kit.generate import GenerationSettings, Reply, ask, prompt_format
+from qlora_kit.recipe import DataSection, Recipe
+
+SAMPLES_FILE = "samples.md"
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+THINK_PREVIEW_CHARS = 240
+"""The terminal view shows this much of each reasoning (samples.md has all of it)."""
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    data: DataSection = field(default_factory=DataSection)
+    """The run's data section: prompts are rendered exactly as in training."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    rows_from: str = "held-out eval rows"
+    """Where the questions come from, as samples.md states it."""
+
+
+@dataclass
+class Sample:
+    row: Row
+    base: Reply
+    tuned: Reply
+
+
+def pick_rows(recipe: Recipe, count: int) -> tuple[list[Row], str]:
+    """The first `count` eval rows of the run's own split (same seed: the same rows it held out), else the
+    first training rows. Returns (rows, where they come from)."""
+    from qlora_kit.data import load_rows, split_rows
+
+    train_rows, eval_rows = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
+    if eval_rows:
+        return eval_rows[:count], "held-out eval rows (not trained on)"
+    return train_rows[:count], "training rows (data.eval_rows = 0, so the model has seen these)"
+
+
+def write_run_samples(model, tokenizer, recipe: Recipe, out_dir: Path, console: Console, count: int = 3,
+                      max_new_tokens: int = 512) -> Path | None:
+    """The end-of-run step: pick the questions from the recipe's data and write samples.md. Returns its path,
+    or None when no rows are asked for."""
+    if count <= 0:
+        return None
+    rows, rows_from = pick_rows(recipe, count)
+    generation = GenerationSettings(max_new_tokens=max_new_tokens, seed=recipe.train.seed)
+    return write_samples(model, tokenizer, rows, SampleSettings(recipe.data, generation, rows_from), out_dir,
+                         console)
+
+
+def write_samples(model, tokenizer, rows: list[Row], settings: SampleSettings, out_dir: Path,
+                  console: Console) -> Path:
+    """Answer each row's question with the adapter off and on; write samples.md and show them side by side.
+
+    The model is put in eval mode for generation and back in its previous mode afterwards; the adapter
+    is enabled again whatever happens. Ctrl-C or running out of memory stops the sampling, not the run:
+    the samples done so far are written.
+    """
+    fmt = prompt_format(tokenizer, settings.data)
+    path = Path(out_dir) / SAMPLES_FILE
+    samples: list[Sample] = []
+    console.rule(f"[bold]samples[/] base vs fine-tuned, {len(rows)} {settings.rows_from}")
+    console.print(f"[dim]{settings.generation.describe()}")
+    was_training = model.training
+    model.eval()
+    try:
+        for row in rows:
+            with model.disable_adapter():
+                base = ask(model, tokenizer, row.question, fmt, settings.generation)
+            tuned = ask(model, tokenizer, row.question, fmt, settings.generation)
+            samples.append(Sample(row, base, tuned))
+            show_sample(console, len(samples), samples[-1])
+    except (KeyboardInterrupt, torch.OutOfMemoryError) as stop:
+        reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else "out of memory"
+        console.print(f"[yellow]samples stopped ({reason}) after {len(samples)} of {len(rows)} questions; "
+                      "the adapter is saved either way.")
+    finally:
+        model.train(was_training)
+    path.write_text(samples_markdown(samples, settings), encoding="utf-8")
+    console.print(f"[dim]all of it, reasoning included: {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ samples.md
+
+
+def samples_markdown(samples: list[Sample], settings: SampleSettings) -> str:
+    lines = [
+        "# Samples: base vs fine-tuned",
+        "",
+        "The same 4-bit model answers each question twice: with the LoRA adapter disabled (**base**) and enabled "
+        "(**fine-tuned**), from the same prompt, rendered as in training, with the same seed.",
+        "",
+        f"- questions: {settings.rows_from}",
+        f"- decoding: {settings.generation.describe()}",
+        "",
+    ]
+    for number, sample in enumerate(samples, start=1):
+        lines += sample_markdown(number, sample, settings.generation.max_new_tokens)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def sample_markdown(number: int, sample: Sample, max_new_tokens: int) -> list[str]:
+    row = sample.row
+    lines = [f"## {number}. {one_line(row.question, 80)}", "", f"**Question** (row {row.number})", "",
+             quoted(row.question), "", "**Reference answer**", "", quoted(row.response), ""]
+    if row.cot:
+        lines += details("Reference reasoning", row.cot)
+    for title, reply in (("Base (adapter disabled)", sample.base), ("Fine-tuned (adapter enabled)", sample.tuned)):
+        lines += [f"### {title}", ""]
+        lines += details(f"Reasoning ({reply_length(reply)})", reply.think or "(empty)")
+        lines += ["**Answer**", "", fenced(reply.answer) if reply.answer else missing_answer(reply, max_new_tokens),
+                  ""]
+    return lines
+
+
+def reply_length(reply: Reply) -> str:
+    return f"reply of {reply.new_tokens} tokens" + ("" if reply.finished else ", cut at the limit")
+
+
+def missing_answer(reply: Reply, max_new_tokens: int) -> str:
+    if reply.closed:
+        return "_(no answer: the model stopped right after its reasoning)_"
+    if reply.finished:
+        return "_(no answer: the model stopped without closing its reasoning)_"
+    return f"_(no answer: the reasoning did not finish within {max_new_tokens} new tokens)_"
+
+
+def details(summary: str, text: str) -> list[str]:
+    # Blank lines around the body: Markdown renderers only format block content inside HTML when it stands alone.
+    return [f"<details><summary>{summary}</summary>", "", fenced(text), "", "</details>", ""]
+
+
+def fenced(text: str) -> str:
+    """A code block that shows `text` verbatim: model output can hold anything, even backticks. Control
+    characters (which an undertrained model does produce) are written as \\xNN escapes, so the file stays text."""
+    text = CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def quoted(text: str) -> str:
+    return "\n".join(f"> {line}" if line else ">" for line in text.splitlines())
+
+
+def one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------------------ terminal
+
+
+def show_sample(console: Console, number: int, sample: Sample) -> None:
+    """The two replies in two columns: reasoning (shortened, dim) above each answer."""
+    table = Table(title=f"{number}. {one_line(sample.row.question, 100)}", title_justify="left", expand=True,
+                  show_lines=False, caption=f"reference: {one_line(sample.row.response, 200)}",
+                  caption_justify="left")
+    table.add_column("base (adapter disabled)", ratio=1)
+    table.add_column("fine-tuned", ratio=1)
+    table.add_row(reply_view(sample.base), reply_view(sample.tuned))
+    console.print(table)
+
+
+def reply_view(reply: Reply) -> Group:
+    think = one_line(reply.think, THINK_PREVIEW_CHARS) or "(no reasoning)"
+    answer = Text(reply.answer, style="bold") if reply.answer else Text("(no answer)", style="yellow")
+    return Group(Text(think, style="dim"), answer)

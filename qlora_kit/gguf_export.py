@@ -1,0 +1,593 @@
+"""`python tools/export_gguf.py MERGED_DIR [--type f16|q8_0] [--out FILE.gguf] [--overwrite] [--no-modelfile]`
+
+Turns a merged model folder (what `tools/merge.py` writes: config.json, safetensors shards, the base's
+tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an Ollama `Modelfile` beside it.
+
+    MERGED_DIR ─► config.json ─► hyper-parameters      (Qwen2 and Llama decoders only)
+               ─► tokenizer.json, tokenizer_config.json, chat template ─► tokenizer metadata
+               ─► safetensors, one tensor at a time ─► llama.cpp names, Llama q/k permuted, f16 or q8_0
+               ─► FILE.gguf (written as FILE.gguf.partial, renamed when complete) + Modelfile
+
+What is written follows llama.cpp's own converter (convert_hf_to_gguf.py) so that llama.cpp reads the file
+exactly as it reads one converted there:
+  * tensors: `gguf.TensorNameMap` names; 1-D tensors (norms, biases, rope factors) in f32, 2-D weights in
+    f16 or q8_0 (`gguf.quants`), falling back to f16 for a row length that is not a multiple of 32.
+  * Llama's q_proj/k_proj rows are permuted (`permute_for_llama`): llama.cpp's rope pairs adjacent
+    dimensions, transformers' pairs the two halves of each head. Qwen2 is written as is.
+  * vocabulary: every id below config.vocab_size; regular tokens NORMAL, added tokens CONTROL when special
+    or shaped like `<|...|>` / `<｜...｜>`, else USER_DEFINED (`<think>`), unused padding rows `[PAD{id}]`.
+  * merges, bos/eos/pad ids, add_bos and the chat template: gguf's `SpecialVocab`, the converter's reader.
+  * `tokenizer.ggml.pre`: the name llama.cpp maps to the same split regex as tokenizer.json's.
+
+Tensors are read, converted and written one at a time: memory holds the largest tensor (the embedding) and its
+conversion temporaries, never the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
+
+if TYPE_CHECKING:  # gguf and numpy are imported where used: `--help` and the error paths stay instant
+    import gguf
+    import numpy as np
+
+QUANT_TYPES = ("f16", "q8_0")
+F16_MAX = 65504.0
+
+# The split regexes of tokenizer.json files, and the `tokenizer.ggml.pre` name under which llama.cpp
+# (src/llama-vocab.cpp) runs the same split. The name is what llama.cpp's converter derives for these
+# models from a hash of the tokenizer's output: "deepseek-r1-qwen" for DeepSeek-R1-Distill-Qwen, "qwen2"
+# for Qwen2/2.5, "llama-bpe" for Llama 3 (and the R1-Distill-Llama tokenizer, which is Llama 3's).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+R1_USER, R1_ASSISTANT, R1_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>"
+
+# DeepSeek's recommended sampling for the R1 family (model card: temperature 0.5-0.7, top-p 0.95).
+OLLAMA_PARAMETERS = {"temperature": 0.6, "top_p": 0.95}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    gguf_name: str        # gguf.MODEL_ARCH member name
+    permute_qk: bool      # llama.cpp's converter permutes q/k rows for the Llama family only
+
+
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": Architecture("QWEN2", permute_qk=False),
+    "LlamaForCausalLM": Architecture("LLAMA", permute_qk=True),
+}
+
+
+@dataclass(frozen=True)
+class HyperParameters:
+    context_length: int
+    embedding_length: int
+    block_count: int
+    feed_forward_length: int
+    head_count: int
+    head_count_kv: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    vocab_size: int
+    rope_scaling: dict  # rope_type and its settings; {"rope_type": "default"} when unscaled
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One GGUF tensor: where its data comes from and how it is stored."""
+
+    gguf_name: str
+    source: str | None        # safetensors key; None for a tensor computed here (Llama 3 rope factors)
+    shard: Path | None
+    shape: tuple[int, ...]    # numpy order (rows, columns)
+    qtype: str                # "F32", "F16" or "Q8_0" (gguf.GGMLQuantizationType member name)
+    permute_heads: int = 0    # Llama q/k: the head count to permute rows by; 0 = no permutation
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    pre_tokenizer: str              # tokenizer.ggml.pre
+    special_tokens: dict[str, str]  # "bos"/"eos"/"pad" -> token text
+    r1_markers: bool                # <｜User｜>, <｜Assistant｜> and <think> are in the vocabulary
+
+
+@dataclass
+class ExportResult:
+    gguf_path: Path
+    modelfile_path: Path | None
+    pre_tokenizer: str
+    tensor_count: int
+    size_bytes: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json
+
+
+def read_config(folder: Path) -> tuple[dict, Architecture]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a model folder: it has no config.json",
+                        hint="Pass the folder that tools/merge.py wrote (config.json, *.safetensors, tokenizer files).")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    names = config.get("architectures") or []
+    supported = [name for name in names if name in ARCHITECTURES]
+    if not supported:
+        raise UserError(f"cannot export architecture {names or config.get('model_type')!r} to GGUF",
+                        [f"supported: {', '.join(ARCHITECTURES)} (DeepSeek-R1-Distill-Qwen and -Llama)"])
+    if config.get("quantization_config"):
+        raise UserError("the model folder holds quantized weights (config.json has a quantization_config)",
+                        hint="Export the 16-bit folder tools/merge.py writes, not a 4-bit checkpoint.")
+    return config, ARCHITECTURES[supported[0]]
+
+
+def rope_settings(config: dict) -> tuple[float, dict]:
+    """(rope theta, scaling) from either spelling: transformers 5 nests both in `rope_parameters`, the
+    config.json files the R1 checkpoints ship (transformers 4) have `rope_theta` and `rope_scaling`."""
+    parameters = dict(config.get("rope_parameters") or {})
+    theta = parameters.pop("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = {**(config.get("rope_scaling") or {}), **parameters}
+    scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+    return float(theta), scaling
+
+
+def hyper_parameters(config: dict) -> HyperParameters:
+    heads = config["num_attention_heads"]
+    theta, scaling = rope_settings(config)
+    return HyperParameters(
+        context_length=config["max_position_embeddings"],
+        embedding_length=config["hidden_size"],
+        block_count=config["num_hidden_layers"],
+        feed_forward_length=config["intermediate_size"],
+        head_count=heads,
+        head_count_kv=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        rope_theta=theta,
+        rms_norm_eps=config["rms_norm_eps"],
+        vocab_size=config["vocab_size"],
+        rope_scaling=scaling,
+    )
+
+
+def write_hyper_parameters(writer: gguf.GGUFWriter, hp: HyperParameters) -> None:
+    import gguf
+
+    writer.add_context_length(hp.context_length)
+    writer.add_embedding_length(hp.embedding_length)
+    writer.add_block_count(hp.block_count)
+    writer.add_feed_forward_length(hp.feed_forward_length)
+    writer.add_head_count(hp.head_count)
+    writer.add_head_count_kv(hp.head_count_kv)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_norm_eps)
+    writer.add_vocab_size(hp.vocab_size)
+    writer.add_rope_dimension_count(hp.head_dim)
+    if hp.head_dim * hp.head_count != hp.embedding_length:  # llama.cpp assumes hidden / heads unless told
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+
+    rope_type = hp.rope_scaling["rope_type"]
+    if rope_type in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType[rope_type.upper()])
+        writer.add_rope_scaling_factor(hp.rope_scaling["factor"])
+        if rope_type == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(hp.rope_scaling["original_max_position_embeddings"])
+    elif rope_type not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor instead
+        raise UserError(f"rope scaling {rope_type!r} in config.json has no GGUF export here",
+                        ["supported: none, llama3, linear, yarn"])
+
+
+def llama3_rope_factors(hp: HyperParameters) -> np.ndarray:
+    """Per-frequency divisors for Llama 3.1's rope scaling, as llama.cpp's converter computes them (llama.cpp
+    divides each rope frequency by its factor: 1 for short wavelengths, `factor` for long ones, a blend between)."""
+    import numpy as np
+
+    scaling = hp.rope_scaling
+    factor = scaling.get("factor", 8.0)
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen, high_freq_wavelen = old_context / low_freq_factor, old_context / high_freq_factor
+    frequencies = 1.0 / (hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float32) / hp.head_dim))
+    factors = []
+    for frequency in frequencies:
+        wavelen = 2 * math.pi / frequency
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def looks_special(token: str) -> bool:
+    """llama.cpp's converter marks these CONTROL even where the tokenizer says not special (R1's role markers):
+    llama.cpp then never prints them as text and never splits them."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def vocabulary(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """(tokens, token types) for ids 0..vocab_size-1, as llama.cpp's converter lists them: regular tokens in
+    their byte-level spelling, added tokens as their text, and placeholders for the embedding's spare rows."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    by_id = {index: token for token, index in tokenizer.get_vocab(with_added_tokens=True).items()}
+    added = tokenizer.get_added_tokens_decoder()
+    if max(by_id) >= vocab_size:
+        raise UserError(f"the tokenizer has ids up to {max(by_id)} but config.json says vocab_size {vocab_size}",
+                        hint="The tokenizer files do not belong to these weights.")
+
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            token = added[index].content
+            tokens.append(token)
+            special = added[index].special or looks_special(token)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def split_regex(tokenizer_spec: dict) -> str | None:
+    """The regex of the tokenizer's Split pre-tokenizer (alone or in a Sequence), if it has one."""
+    pre = tokenizer_spec.get("pre_tokenizer") or {}
+    for step in pre.get("pretokenizers", [pre]):
+        if step.get("type") == "Split":
+            return step.get("pattern", {}).get("Regex")
+    return None
+
+
+def pre_tokenizer_name(tokenizer_spec: dict) -> str:
+    """llama.cpp's name for the tokenizer's text split. A wrong name makes llama.cpp split text differently from
+    the tokenizer the model was trained with (e.g. '2024' as one piece instead of four), so an unknown split
+    is refused rather than guessed."""
+    model = tokenizer_spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tokenizer_spec.get("pre_tokenizer")):
+        raise UserError("the tokenizer is not a byte-level BPE (Qwen2 / Llama 3 style)",
+                        ["only the tokenizers of DeepSeek-R1-Distill-Qwen and -Llama are exported"])
+    regex = split_regex(tokenizer_spec)
+    added = {token["content"] for token in tokenizer_spec.get("added_tokens", [])}
+    if regex == QWEN2_SPLIT:
+        return "deepseek-r1-qwen" if R1_BOS in added else "qwen2"
+    if regex == LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise UserError("the tokenizer's pre-tokenizer split is not one llama.cpp knows under a name this tool writes",
+                    [f"split regex: {regex!r}"],
+                    hint="Expected the Qwen2 split (R1-Distill-Qwen) or the Llama 3 split (R1-Distill-Llama).")
+
+
+def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> TokenizerInfo:
+    """Write the vocabulary, merges, special ids, add_bos and chat template; return what the Modelfile needs."""
+    import gguf
+
+    tokenizer_json = folder / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise UserError(f"{folder} has no tokenizer.json", hint="tools/merge.py copies the base's tokenizer files.")
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    tokens, types = vocabulary(tokenizer_json, vocab_size)
+
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    pre = pre_tokenizer_name(spec)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    if not special.merges:
+        raise UserError("tokenizer.json has no BPE merges", hint="Without them llama.cpp cannot tokenize.")
+    if special.chat_template is None:
+        raise UserError("the tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)",
+                        hint="llama.cpp and Ollama need it to format conversations; the R1 bases ship one.")
+    special.add_to_gguf(writer, quiet=True)
+    special_tokens = {kind: tokens[index] for kind, index in special.special_token_ids.items()}
+    return TokenizerInfo(pre, special_tokens, {R1_USER, R1_ASSISTANT, R1_THINK} <= set(tokens))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensors
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """safetensors key -> shard file, from the index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: folder / shard for name, shard in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{folder} has no safetensors weights (model.safetensors or an index)",
+                        hint="tools/merge.py writes safetensors shards with an index.")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers, without reading any data."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard in sorted(set(files.values())):
+        with safe_open(shard, framework="pt") as f:
+            names = list(f.keys())
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
+    missing = sorted(set(files) - set(shapes))
+    if missing:
+        raise UserError("the safetensors index lists tensors its shards do not hold", missing[:5])
+    return shapes
+
+
+def storage_type(shape: tuple[int, ...], quant: str) -> str:
+    """F32 for 1-D tensors (llama.cpp's kernels for norms and biases want f32), else the requested type;
+    q8_0 packs rows in blocks of 32, so a row length that is not a multiple of 32 stays f16 (as in llama.cpp)."""
+    if len(shape) == 1:
+        return "F32"
+    if quant == "q8_0" and shape[-1] % 32 == 0:
+        return "Q8_0"
+    return "F16"
+
+
+def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, quant: str) -> list[TensorPlan]:
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name], hp.block_count)
+    shapes = tensor_shapes(files)
+    plans, unknown = [], []
+    for source in sorted(files, key=natural_key):
+        if source.endswith("rotary_emb.inv_freq"):  # recomputed by every runtime; llama.cpp's converter drops it
+            continue
+        gguf_name = name_map.get_name(source, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            unknown.append(source)
+            continue
+        heads = 0
+        if arch.permute_qk and gguf_name.startswith("blk.") and ".attn_q." in gguf_name:
+            heads = hp.head_count
+        elif arch.permute_qk and gguf_name.startswith("blk.") and ".attn_k." in gguf_name:
+            heads = hp.head_count_kv
+        shape = shapes[source]
+        plans.append(TensorPlan(gguf_name, source, files[source], shape, storage_type(shape, quant), heads))
+    if unknown:
+        raise UserError(f"{len(unknown)} tensor(s) have no GGUF name for this architecture", unknown[:5],
+                        hint="The folder holds more than a plain decoder (an adapter, a value head?).")
+    if hp.rope_scaling["rope_type"] == "llama3":
+        plans.append(TensorPlan(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], None, None, (hp.head_dim // 2,),
+                                "F32"))
+    return plans
+
+
+def natural_key(name: str) -> list:
+    """layers.2 before layers.10: llama.cpp does not care, but people reading `gguf-dump` do."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def permute_for_llama(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's `LlamaModel.permute`: within each head, rows [first half | second half] become
+    interleaved pairs, because llama.cpp rotates adjacent dimensions where transformers rotates halves."""
+    head_rows = weights.shape[0] // heads
+    return (weights.reshape(heads, 2, head_rows // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def stored_bytes(plan: TensorPlan) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, numpy dtype, byte count) of the tensor as written: GGUFWriter needs them before any data."""
+    import gguf
+    import numpy as np
+
+    if plan.qtype == "Q8_0":
+        shape = gguf.quants.quant_shape_to_byte_shape(plan.shape, gguf.GGMLQuantizationType.Q8_0)
+        return shape, np.dtype(np.uint8), math.prod(shape)
+    dtype = np.dtype(np.float32 if plan.qtype == "F32" else np.float16)
+    return plan.shape, dtype, math.prod(plan.shape) * dtype.itemsize
+
+
+def load_tensor(plan: TensorPlan, hp: HyperParameters) -> np.ndarray:
+    """The tensor in float32 (bf16 has no numpy type), permuted where llama.cpp expects it."""
+    if plan.source is None:
+        return llama3_rope_factors(hp)
+    from safetensors import safe_open
+
+    with safe_open(plan.shard, framework="pt") as f:
+        data = f.get_tensor(plan.source).float().numpy()
+    return permute_for_llama(data, plan.permute_heads) if plan.permute_heads else data
+
+
+def encode_tensor(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
+    import gguf
+    import numpy as np
+
+    if plan.qtype == "F32":
+        return data.astype(np.float32)
+    if plan.qtype == "F16":
+        largest = float(np.abs(data).max()) if data.size else 0.0
+        if largest > F16_MAX:  # a cast would store inf: fail loudly rather than write a broken model
+            raise UserError(f"{plan.source} has values up to {largest:.3g}, beyond float16's range",
+                            hint="Export with --type q8_0 (its per-block scales cover this range).")
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ModuleNotFoundError:
+        raise UserError("GGUF export needs the `gguf` package (llama.cpp's own Python writer)",
+                        hint="pip install 'qlora_kit[export]'   (or: pip install gguf)") from None
+
+
+def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = False,
+                modelfile: bool = True, log: Callable[[str], object] = print) -> ExportResult:
+    """Write `out` (and a Modelfile beside it) from the merged model in `folder`."""
+    require_gguf()
+    import gguf
+
+    started = time.monotonic()
+    folder, out = Path(folder), Path(out)
+    if quant not in QUANT_TYPES:
+        raise UserError(f"unknown --type {quant!r}", [f"choose one of: {', '.join(QUANT_TYPES)}"])
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists", hint="Pass --overwrite to replace it, or choose another --out.")
+    config, arch = read_config(folder)
+    hp = hyper_parameters(config)
+    plans = plan_tensors(weight_files(folder), arch, hp, quant)
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
+    writer.add_name(folder.resolve().name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_hyper_parameters(writer, hp)
+    tokenizer = write_tokenizer(writer, folder, hp.vocab_size)
+    for plan in plans:
+        shape, dtype, nbytes = stored_bytes(plan)
+        writer.add_tensor_info(plan.gguf_name, shape, dtype, nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType[plan.qtype])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")  # a crash leaves no file that looks complete
+    try:
+        writer.write_header_to_file(partial)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for number, plan in enumerate(plans, 1):
+            writer.write_tensor_data(encode_tensor(plan, load_tensor(plan, hp)))
+            if number % 50 == 0 or number == len(plans):
+                log(f"  {number}/{len(plans)} tensors written")
+        writer.close()
+        os.replace(partial, out)
+    finally:
+        writer.close()
+        partial.unlink(missing_ok=True)
+
+    modelfile_path = write_modelfile(out, tokenizer, log) if modelfile else None
+    return ExportResult(out, modelfile_path, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
+                        time.monotonic() - started)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ollama Modelfile
+
+
+def ollama_template(eos: str) -> str:
+    """R1's chat format in Ollama's Go template language. As in R1's Jinja template: the system prompt as bare
+    text up front, no BOS (llama.cpp adds it, add_bos is set), earlier assistant turns closed by EOS, and the
+    generation prompt opening the think block (`<｜Assistant｜><think>` + newline)."""
+    return (
+        "{{- if .System }}{{ .System }}{{ end }}\n"
+        "{{- range $i, $_ := .Messages }}\n"
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
+        f'{{{{- if eq .Role "user" }}}}{R1_USER}{{{{ .Content }}}}\n'
+        f'{{{{- else if eq .Role "assistant" }}}}{R1_ASSISTANT}{{{{ .Content }}}}'
+        f"{{{{- if not $last }}}}{eos}{{{{- end }}}}\n"
+        "{{- end }}\n"
+        f'{{{{- if and $last (ne .Role "assistant") }}}}{R1_ASSISTANT}{R1_THINK}\n{{{{ end }}}}\n'
+        "{{- end }}"
+    )
+
+
+def modelfile_text(gguf_name: str, tokenizer: TokenizerInfo) -> str | None:
+    """The Modelfile for an R1-format tokenizer; None for another chat format (no R1 role markers, other BOS/EOS):
+    Ollama then falls back on the chat template stored in the GGUF."""
+    bos, eos = tokenizer.special_tokens.get("bos"), tokenizer.special_tokens.get("eos")
+    if not tokenizer.r1_markers or (bos, eos) != (R1_BOS, R1_EOS):
+        return None
+    stops = [bos, eos, R1_USER, R1_ASSISTANT]
+    lines = [f"# Ollama Modelfile written by qlora_kit for {gguf_name}: `ollama create NAME -f Modelfile`",
+             f"FROM ./{gguf_name}", "", f'TEMPLATE """{ollama_template(eos)}"""', ""]
+    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    lines += [f"PARAMETER {key} {value}" for key, value in OLLAMA_PARAMETERS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: Path, tokenizer: TokenizerInfo, log: Callable[[str], object] = print) -> Path | None:
+    text = modelfile_text(gguf_path.name, tokenizer)
+    if text is None:
+        log("no Modelfile written: the tokenizer is not in R1's chat format (<｜User｜>, <｜Assistant｜>, <think>)")
+        return None
+    path = gguf_path.parent / "Modelfile"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python tools/export_gguf.py",
+        description="Export a merged Qwen2/Llama model folder to GGUF (llama.cpp, Ollama) with an Ollama Modelfile.",
+        epilog="examples:\n  python tools/export_gguf.py runs/medical/merged\n"
+               "  python tools/export_gguf.py runs/medical/merged --type q8_0 --out medical-q8_0.gguf",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("merged_dir", help="folder written by tools/merge.py (config.json, safetensors, tokenizer)")
+    parser.add_argument("--type", choices=QUANT_TYPES, default="f16",
+                        help="weight storage: f16 (exact up to rounding) or q8_0 (half the size)")
+    parser.add_argument("--out", help="output .gguf file (default: beside MERGED_DIR, named <its name>-<type>.gguf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
+    return parser.parse_args(argv)
+
+
+def default_output(folder: Path, quant: str) -> Path:
+    """Beside the merged folder, not in it: that folder stays a plain transformers checkpoint."""
+    folder = folder.resolve()
+    return folder.parent / f"{folder.name}-{quant}.gguf"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # gguf's SpecialVocab warns about R1's pair template (BOS between sequences), harmless for llama.cpp
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    folder = Path(args.merged_dir)
+    out = Path(args.out) if args.out else default_output(folder, args.type)
+    try:
+        result = export_gguf(folder, out, args.type, args.overwrite, modelfile=not args.no_modelfile)
+    except UserError as error:
+        print_user_error(error)
+        return getattr(error, "exit_code", EXIT_USER_ERROR)
+    print(f"wrote {result.gguf_path} ({result.size_bytes / 1e6:.1f} MB, {result.tensor_count} tensors, "
+          f"{args.type}, pre-tokenizer {result.pre_tokenizer}) in {result.seconds:.1f} s")
+    if result.modelfile_path:
+        print(f"wrote {result.modelfile_path}: ollama create NAME -f {result.modelfile_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

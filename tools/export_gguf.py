@@ -1,0 +1,19 @@
+"""`python tools/export_gguf.py MERGED_DIR [--type f16|q8_0] [--out FILE.gguf] [--overwrite] [--no-modelfile]`
+
+Exports a merged model folder (what tools/merge.py writes) to one GGUF file for llama.cpp / Ollama, with an
+Ollama `Modelfile` beside it. `qlora_kit/gguf_export.py` (its docstring and `--help`) describes everything.
+Needs the `gguf` package: `pip install 'qlora_kit[export]'` or `pip install gguf`.
+
+    python tools/export_gguf.py runs/medical/merged          # f16: runs/medical/merged-f16.gguf + Modelfile
+    python tools/export_gguf.py runs/medical/merged --type q8_0 --out medical-q8_0.gguf
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qlora_kit.gguf_export import main  # noqa: E402 - needs the checkout on sys.path first
+
+if __name__ == "__main__":
+    sys.exit(main())

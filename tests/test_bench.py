@@ -1,0 +1,222 @@
+"""tools/bench.py: the real smoke run on CPU (both setups train), the search, and the GPU-only bookkeeping
+(OOM under the cap, uncapped re-runs, resuming) driven by a fake worker, so it is checked without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+BENCH = REPO / "tools" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the real thing, on CPU ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8")), done.stdout, time.monotonic() - started
+
+
+def test_smoke_writes_the_documented_schema(smoke_result):
+    doc, _, _ = smoke_result
+    for key in ("schema", "command", "timestamp", "settings", "device", "versions", "host", "runs", "models",
+                "trials", "longest", "tables_markdown"):
+        assert key in doc, key
+    assert "--smoke" in doc["command"]
+    assert doc["device"]["kind"] == "cpu"
+    for library in ("torch", "transformers", "trl", "peft", "bitsandbytes"):
+        assert doc["versions"][library], library
+    assert "cuda" in doc["versions"]
+    assert doc["settings"]["budget_gib"] == 7.0 and doc["settings"]["lora"] == {"r": 32, "alpha": 64, "dropout": 0.0}
+    assert doc["runs"][0]["stopped"] is None
+
+
+def test_smoke_trains_both_setups_on_both_architecture_families(smoke_result):
+    doc, _, _ = smoke_result
+    fixed = [r for r in doc["trials"] if r["kind"] == "fixed"]
+    assert {(r["model"], r["setup"]) for r in fixed} == {
+        (m, s) for m in ("r1-distill-qwen-1.5b", "r1-distill-llama-8b") for s in ("baseline", "qlora_kit")}
+    for r in fixed:
+        assert r["status"] == "ok", r
+        assert r["steps_done"] == r["warmup"] + r["steps"]
+        assert r["losses"] and all(math.isfinite(v) for v in r["losses"]), r
+        assert r["tokens_per_s"] > 0
+        assert r["peak_rss_gib"] > 0 and r["planner_reserved_gib"] > 0
+        assert r["planner_error"] is None  # the planner is about VRAM; no error figure against RAM
+    by_setup = {r["setup"]: r for r in fixed if r["model"] == "r1-distill-qwen-1.5b" and r["length"] == 64}
+    # The same LoRA in both setups; qlora_kit keeps the adapter in float32, TRL's default casts it to bfloat16.
+    assert by_setup["baseline"]["trainable_params"] == by_setup["qlora_kit"]["trainable_params"]
+    assert by_setup["qlora_kit"]["adapter_dtype"] == "float32"
+    assert by_setup["baseline"]["adapter_dtype"] == "bfloat16"
+
+
+def test_smoke_skips_the_search_on_cpu_and_prints_the_tables(smoke_result):
+    doc, stdout, seconds = smoke_result
+    assert doc["longest"] and all(e["status"] == "skipped" for e in doc["longest"])
+    assert all(e["planner_longest"] > 0 for e in doc["longest"])
+    assert "| r1-distill-qwen-1.5b | qlora_kit | 64 | ran |" in stdout
+    assert doc["tables_markdown"] in stdout
+    assert seconds < 120, f"smoke took {seconds:.0f} s"
+
+
+# -- the search ---------------------------------------------------------------------------------------------------
+
+
+# (true limit, planner's guess, most probes allowed): each probe is a GPU trial, so a good guess must pay off.
+@pytest.mark.parametrize("limit, guess, most", [(5000, 4000, 6), (3000, 2900, 3), (5000, 9000, 7), (300, 8192, 8),
+                                                 (20000, 256, 14), (4096, 4096, 3)])
+def test_search_finds_the_longest_multiple_of_the_step(bench, limit, guess, most):
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= limit
+
+    result = bench.search_longest(fits, guess, 256, 32768)
+    assert result.longest == limit // 256 * 256
+    assert result.status == "found"
+    assert len(tried) == len(set(tried)) and all(n % 256 == 0 for n in tried)
+    assert len(tried) <= most
+
+
+def test_search_reports_none_fit_upper_bound_and_incomplete(bench):
+    assert bench.search_longest(lambda n: False, 4096, 256, 32768).status == "none_fit"
+    top = bench.search_longest(lambda n: True, 4096, 256, 8192)
+    assert (top.longest, top.status) == (8192, "at_upper_bound")
+    cut = bench.search_longest(lambda n: None if n > 1024 else True, 1024, 256, 8192)
+    assert (cut.longest, cut.status) == (1024, "incomplete")
+
+
+def test_search_starts_from_known_bounds(bench):
+    tried = []
+    result = bench.search_longest(lambda n: tried.append(n) or n <= 3000, 0, 256, 32768, lo=2048, hi=4096)
+    assert result.longest == 2816 and all(2048 < n < 4096 for n in tried)
+
+
+# -- GPU bookkeeping with a fake worker ---------------------------------------------------------------------------
+
+
+class FakeGPUWorker:
+    """Trains iff the length is at most `limit` under the cap; always without it."""
+
+    alive, start_s = True, 0.0
+
+    def __init__(self, limit: int, broken: str = ""):
+        self.limit, self.broken, self.specs = limit, broken, []
+
+    def start(self, timeout):
+        return {"status": "ready", "device": {"kind": "cuda", "name": "Fake GPU", "total_gib": 79.2},
+                "versions": {"torch": "t", "transformers": "x", "trl": "y", "cuda": "12.8"}}
+
+    def run(self, spec, timeout):
+        self.specs.append(spec)
+        need = 4.0 + spec["length"] / 1024
+        if spec["setup"] == self.broken:
+            return {"status": "error", "error": "RuntimeError: You can't move a model ...", "wall_s": 1.0}
+        if spec["capped"] and spec["length"] > self.limit:
+            return {"status": "oom", "error": "OutOfMemoryError: ...", "peak_reserved_gib": 7.0, "wall_s": 1.0}
+        return {"status": "ok", "peak_reserved_gib": need, "tokens_per_s": 1000.0 + spec["length"],
+                "losses": [11.9, 11.8], "wall_s": 1.0, "build_s": 0.5}
+
+    def stop(self, kill=False):
+        pass
+
+
+def run_fake(bench, tmp_path, argv, limit, resume=None, broken=""):
+    args = bench.parse_args(["--models", "r1-distill-qwen-7b", "--out", str(tmp_path / "gpu.json"), *argv]
+                            + (["--resume", str(resume)] if resume else []))
+    doc = bench.open_document(args, "bench test")
+    runner = bench.Bench(args, doc, tmp_path / "gpu.json")
+    runner.worker = FakeGPUWorker(limit, broken)
+    runner.start()
+    runner.bench("r1-distill-qwen-7b")
+    runner.save()
+    return doc, runner.worker.specs
+
+
+def test_gpu_flow_oom_uncapped_rerun_search_and_table(bench, tmp_path):
+    doc, specs = run_fake(bench, tmp_path, ["--lengths", "1024,2048,4096"], limit=1500)
+    fixed = {(r["setup"], r["length"]): r for r in doc["trials"] if r["kind"] == "fixed"}
+    assert fixed[("qlora_kit", 1024)]["status"] == "ok"
+    assert fixed[("qlora_kit", 2048)]["status"] == "oom"
+    assert fixed[("qlora_kit", 4096)]["status"] == "skipped"  # longer than an OOM: not run under the cap
+    uncapped = {(r["setup"], r["length"]) for r in doc["trials"] if r["kind"] == "uncapped"}
+    assert uncapped == {(s, n) for s in ("baseline", "qlora_kit") for n in (2048, 4096)}
+    assert all(not s["capped"] for s in specs if s["kind"] == "uncapped")
+    longest = {e["setup"]: e for e in doc["longest"]}
+    assert longest["qlora_kit"]["longest"] == 1280 and longest["qlora_kit"]["status"] == "found"
+    # Every capped length is tried at most once per setup (the search reuses the fixed-length outcomes).
+    capped = [(s["setup"], s["length"]) for s in specs if s["capped"]]
+    assert len(capped) == len(set(capped))
+    ok = fixed[("qlora_kit", 1024)]
+    assert ok["planner_error"] == pytest.approx(ok["planner_reserved_gib"] / ok["peak_reserved_gib"] - 1, abs=1e-3)
+    table = json.loads((tmp_path / "gpu.json").read_text(encoding="utf-8"))["tables_markdown"]
+    assert "| r1-distill-qwen-7b | qlora_kit | 2,048 | OOM | 6.00 †" in table
+    assert "| r1-distill-qwen-7b | qlora_kit | 4,096 | OOM (shorter did) | 8.00 †" in table
+    assert "1,280 (planner" in table and "1.00x" in table
+
+
+def test_resume_reuses_finished_trials(bench, tmp_path):
+    first, _ = run_fake(bench, tmp_path, ["--lengths", "1024"], limit=1500)
+    previous = tmp_path / "first.json"
+    previous.write_text((tmp_path / "gpu.json").read_text(encoding="utf-8"), encoding="utf-8")
+    second, specs = run_fake(bench, tmp_path, ["--lengths", "1024"], limit=1500, resume=previous)
+    assert specs == []  # nothing ran again
+    assert len(second["runs"]) == 2 and len(second["trials"]) == len(first["trials"])
+    with pytest.raises(SystemExit):
+        run_fake(bench, tmp_path, ["--lengths", "1024", "--steps", "9"], limit=1500, resume=previous)
+
+
+def test_setups_and_memory_switches(bench):
+    assert bench.parse_setup("qlora_kit+embeddings_on_cpu+offload_activations").name == \
+        "qlora_kit+offload_activations+embeddings_on_cpu"
+    assert bench.parse_setup("qlora_kit", ["embeddings_on_cpu"]).switches == ("embeddings_on_cpu",)
+    for bad in ("baseline+offload_activations", "unsloth", "qlora_kit+fast"):
+        with pytest.raises(ValueError):
+            bench.parse_setup(bad)
+    recipe = bench.bench_recipe(bench.parse_setup("qlora_kit+offload_activations"), 2048, 6,
+                                bench.settings_of(bench.parse_args([])))
+    assert recipe.memory.offload_activations and not recipe.memory.embeddings_on_cpu
+    assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.train.grad_accum) == (32, 64, 0.0, 1)
+
+
+def test_a_setup_that_errors_is_not_retried_at_every_length(bench, tmp_path):
+    setups = "baseline,qlora_kit+embeddings_on_cpu"
+    doc, specs = run_fake(bench, tmp_path, ["--lengths", "1024,2048", "--setups", setups], limit=1500,
+                          broken="qlora_kit+embeddings_on_cpu")
+    tried = [(s["kind"], s["length"]) for s in specs if s["setup"] == "qlora_kit+embeddings_on_cpu"]
+    assert tried == [("fixed", 1024)]
+    longest = {e["setup"]: e for e in doc["longest"]}
+    assert longest["qlora_kit+embeddings_on_cpu"]["status"] == "skipped"
+    assert longest["baseline"]["status"] == "found"
+    assert "| r1-distill-qwen-7b | qlora_kit+embeddings_on_cpu | 1,024 | error |" in doc["tables_markdown"]
+
+
+def test_an_oom_inside_transformers_quantization_is_still_an_oom(bench):
+    wrapped = RuntimeError("We encountered some issues during automatic conversion of the weights. For details ...")
+    assert bench._looks_like_oom(wrapped, ["... torch.OutOfMemoryError: CUDA out of memory. Tried to allocate ..."])
+    assert not bench._looks_like_oom(wrapped, ["KeyError: 'weight'"])
+    assert bench._looks_like_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not bench._looks_like_oom(ValueError("out of memory"))

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = {
     "memory.offload_activations", "memory.embeddings_on_cpu", "model.attn_implementation",
     "train.gradient_checkpointing", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.save_total_limit", "train.max_steps", "train.epochs", "output.overwrite", "output.preview_rows",
+    "samples.count", "samples.max_new_tokens", "samples.greedy",  # used after training only
 }
 
 

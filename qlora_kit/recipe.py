@@ -177,6 +177,17 @@ class OutputSection:
 
 
 @dataclass
+class SamplesSection:
+    count: int = 3
+    """Questions answered at the end of the run by the base (adapter off) and the fine-tuned model
+    (adapter on), side by side and in samples.md; held-out eval rows when there are any. 0 = none."""
+    max_new_tokens: int = 1024
+    """Longest reply, reasoning included: R1 models think for hundreds of tokens before they answer."""
+    greedy: bool = False
+    """Greedy decoding (reproducible) instead of DeepSeek's R1 sampling (temperature 0.6, top_p 0.95, seeded)."""
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     quant: QuantSection = field(default_factory=QuantSection)
@@ -186,6 +197,7 @@ class Recipe:
     memory: MemorySection = field(default_factory=MemorySection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     output: OutputSection = field(default_factory=OutputSection)
+    samples: SamplesSection = field(default_factory=SamplesSection)
     sft: dict[str, Any] = field(default_factory=dict)
     """Pass-through table for rare `trl.SFTConfig` arguments, e.g. `[sft] neftune_noise_alpha = 5`."""
     source_path: str = ""
@@ -223,6 +235,8 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.save_steps": (lambda v: v >= 0, "0 (only on interrupt) or more"),
     "train.save_total_limit": (lambda v: v >= 1, "at least 1"),
     "output.preview_rows": (lambda v: v >= 0, "0 or more"),
+    "samples.count": (lambda v: v >= 0, "0 (none) or more"),
+    "samples.max_new_tokens": (lambda v: v >= 1, "at least 1"),
 }
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "source_path"}

@@ -17,17 +17,22 @@ def show_recipe(console: Console, toml_text: str, source: str) -> None:
     console.print(Syntax(toml_text, "toml", theme="ansi_dark", background_color="default"))
 
 
-def show_data(console: Console, rowset: RowSet, layout: str, n_train: int, n_eval: int,
-              lengths: LengthReport, n_kept: int) -> None:
+def data_lines(rowset: RowSet, layout: str, n_train: int, n_eval: int, lengths: LengthReport,
+               n_kept: int) -> list[str]:
+    """The data report as plain lines: shown before training and kept for report.md."""
+    lines = [f"source: {rowset.source}  ({rowset.total} rows, {len(rowset.rows)} usable)"]
+    lines += [f"left out {len(numbers)} row(s) with {reason}: rows {row_list(numbers)}"
+              for reason, numbers in rowset.dropped.items()]
+    lines += [f"format: {layout}", f"split: {n_train} train rows, {n_eval} eval rows", *lengths.lines(),
+              f"training on {n_kept} rows"]
+    return lines
+
+
+def show_data(console: Console, lines: list[str]) -> None:
     console.rule("[bold]data")
-    console.print(f"source: {rowset.source}  ({rowset.total} rows, {len(rowset.rows)} usable)")
-    for reason, numbers in rowset.dropped.items():
-        console.print(f"[yellow]left out {len(numbers)} row(s) with {reason}: rows {row_list(numbers)}")
-    console.print(f"format: {layout}")
-    console.print(f"split: {n_train} train rows, {n_eval} eval rows")
-    for line in lengths.lines():
-        console.print(line, style="yellow" if "longer" in line else None)
-    console.print(f"[bold]training on {n_kept} rows")
+    for line in lines:
+        warn = line.startswith("left out") or "longer" in line
+        console.print(Text(line, style="yellow" if warn else "bold" if line.startswith("training on") else ""))
 
 
 def highlighted(example: Example, tokenizer) -> Text:
@@ -53,4 +58,4 @@ def show_summary(console: Console, summary: dict, output_dir) -> None:
     for key, value in summary.items():
         table.add_row(key.replace("_", " "), f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
-    console.print(f"[bold green]done.[/] adapter, loss curve and metrics in {output_dir}")
+    console.print(f"[bold green]done.[/] adapter, report.md, loss curve and metrics in {output_dir}")

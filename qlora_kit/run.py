@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_files(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
-    train_examples, eval_examples = build_examples(recipe, tokenizer, console)
+    train_examples, eval_examples, data_report = build_examples(recipe, tokenizer, console)
     report.show_example(console, train_examples[0], tokenizer)
     check_memory_plan(recipe, console, force=args.force)
 
@@ -95,13 +95,20 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold yellow]stopped by {outcome.interrupted}[/] at step {outcome.step}; checkpoint saved. "
                       f"Resume with:\n  {args.command}")
         return EXIT_INTERRUPTED
+    if processes.is_main:
+        from qlora_kit.run_report import write_report
+
+        label = outcome.summary.get("model_weights", "")
+        write_report(out, title=f"{Path(recipe.model.name).name} · {label}", command=args.command,
+                     recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=outcome.summary,
+                     samples=outcome.samples)
     report.show_summary(console, outcome.summary, out)
     return 0
 
 
 def build_examples(recipe, tokenizer, console):
     """Rows -> prompt/completion pairs -> token ids with the completion mask; reports lengths and drops.
-    Returns (train examples, eval examples)."""
+    Returns (train examples, eval examples, the data report's lines)."""
     from qlora_kit import report
     from qlora_kit.data import load_rows, split_rows
     from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
@@ -114,11 +121,12 @@ def build_examples(recipe, tokenizer, console):
     encoder = Encoder(tokenizer, renderer)
     train_examples, lengths = apply_length_policy(encode_rows(encoder, train_rows), data.max_length, data.over_length)
     eval_examples, _ = apply_length_policy(encode_rows(encoder, eval_rows), data.max_length, "drop")
-    report.show_data(console, rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples))
+    data_report = report.data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples))
+    report.show_data(console, data_report)
     if not train_examples:
         raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",
                         hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
-    return train_examples, eval_examples
+    return train_examples, eval_examples, data_report
 
 
 def check_memory_plan(recipe, console, force: bool) -> None:

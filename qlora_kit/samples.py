@@ -56,25 +56,25 @@ def pick_rows(recipe: Recipe, count: int) -> tuple[list[Row], str]:
     return train_rows[:count], "training rows (data.eval_rows = 0, so the model has seen these)"
 
 
-def write_run_samples(model, tokenizer, recipe: Recipe, out_dir: Path, console: Console, count: int = 3,
-                      max_new_tokens: int = 512) -> Path | None:
-    """The end-of-run step: pick the questions from the recipe's data and write samples.md. Returns its path,
-    or None when no rows are asked for."""
-    if count <= 0:
-        return None
-    rows, rows_from = pick_rows(recipe, count)
-    generation = GenerationSettings(max_new_tokens=max_new_tokens, seed=recipe.train.seed)
+def write_run_samples(model, tokenizer, recipe: Recipe, out_dir: Path, console: Console) -> list[Sample]:
+    """The end-of-run step: `recipe.samples.count` questions from the recipe's data, answered base vs
+    fine-tuned, into samples.md. Returns the samples (none when the recipe asks for none)."""
+    asked = recipe.samples
+    if asked.count <= 0:
+        return []
+    rows, rows_from = pick_rows(recipe, asked.count)
+    generation = GenerationSettings(max_new_tokens=asked.max_new_tokens, greedy=asked.greedy, seed=recipe.train.seed)
     return write_samples(model, tokenizer, rows, SampleSettings(recipe.data, generation, rows_from), out_dir,
                          console)
 
 
 def write_samples(model, tokenizer, rows: list[Row], settings: SampleSettings, out_dir: Path,
-                  console: Console) -> Path:
+                  console: Console) -> list[Sample]:
     """Answer each row's question with the adapter off and on; write samples.md and show them side by side.
 
     The model is put in eval mode for generation and back in its previous mode afterwards; the adapter
     is enabled again whatever happens. Ctrl-C or running out of memory stops the sampling, not the run:
-    the samples done so far are written.
+    the samples done so far are written (and returned).
     """
     fmt = prompt_format(tokenizer, settings.data)
     path = Path(out_dir) / SAMPLES_FILE
@@ -98,7 +98,7 @@ def write_samples(model, tokenizer, rows: list[Row], settings: SampleSettings, o
         model.train(was_training)
     path.write_text(samples_markdown(samples, settings), encoding="utf-8")
     console.print(f"[dim]all of it, reasoning included: {path}")
-    return path
+    return samples
 
 
 # ------------------------------------------------------------------------------------------------ samples.md

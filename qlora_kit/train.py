@@ -110,6 +110,8 @@ class Outcome:
     interrupted: str = ""
     """Name of the signal that stopped the run early ("" when it finished)."""
     summary: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list)
+    """Base vs fine-tuned answers (qlora_kit.samples.Sample), when the recipe asks for them."""
 
 
 def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, console,
@@ -173,7 +175,18 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
                                   result.training_loss, final_eval.get("eval_loss"), trainable, label)
     summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
-    return Outcome(trainer.state.global_step, summary=summary)
+    return Outcome(trainer.state.global_step, summary=summary, samples=end_of_run_samples(trainer, tokenizer, recipe,
+                                                                                         out, console))
+
+
+def end_of_run_samples(trainer, tokenizer, recipe: Recipe, out: Path, console) -> list:
+    """Base vs fine-tuned answers from the model still in memory (the adapter switched off, then on)."""
+    if recipe.distributed.fsdp:  # sharded weights: generating would need every rank; merge and chat instead
+        console.print("[dim]samples skipped under FSDP: merge the adapter, then `python -m qlora_kit.chat`.")
+        return []
+    from qlora_kit.samples import write_run_samples
+
+    return write_run_samples(trainer.model, tokenizer, recipe, out, console)
 
 
 def final_evaluation(trainer) -> dict:

@@ -76,10 +76,12 @@ def test_trainer_sees_exactly_our_label_mask(trained):
 
 def test_demo_run_from_the_command_line(tmp_path):
     out = tmp_path / "demo"
-    result = run_cli(str(DEMO), "train.max_steps=6", "train.eval_steps=3", f"output.dir={out}")
+    result = run_cli(str(DEMO), "train.max_steps=6", "train.eval_steps=3", "samples.count=1",
+                     "samples.max_new_tokens=16", f"output.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-                 "recipe.toml", "loss_curve.png", "metrics.jsonl", "summary.json"):
+                 "recipe.toml", "loss_curve.png", "metrics.jsonl", "summary.json", "samples.md", "report.md",
+                 "memory_speed.png"):
         assert (out / name).is_file(), name
     # Not a terminal: one plain status line per logging step, no live panel.
     assert "step 6/6 | loss" in result.stdout and "RAM" in result.stdout
@@ -90,7 +92,18 @@ def test_demo_run_from_the_command_line(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_eval_loss"] is not None
     assert summary["tokens_per_s"] > 0 and summary["model_weights"].startswith("RANDOM-INIT")
-    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("loss_curve.png", "memory_speed.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # report.md: one page with every part, pictures beside it, the one sample's question.
+    report = (out / "report.md").read_text()
+    headings = [line for line in report.splitlines() if line.startswith("## ")]
+    assert headings == ["## Summary", "## Loss", "## Memory and throughput", "## Data", "## Base vs fine-tuned",
+                        "## Recipe"]
+    assert "![train and eval loss](loss_curve.png)" in report and "(memory_speed.png)" in report
+    assert "| steps | 6 |" in report and "eval loss on the held-out rows: " in report
+    assert "training on 224 rows" in report and report.count("| fine-tuned | ") == 1
+    assert "RAM: peak resident memory" in report and "tokens/s (min " in report
 
     # The saved recipe alone rebuilds the run: same settings, paths absolute.
     saved = load_recipe(out / "recipe.toml")

@@ -38,7 +38,8 @@ def model_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 def sampled(tmp_path_factory):
     """Train the demo recipe in-process, then write the samples from the trainer's model, still in train mode."""
     out = tmp_path_factory.mktemp("samples")
-    recipe = load_recipe(DEMO, ["train.max_steps=30", "train.eval_steps=0", f"output.dir={out}"])
+    recipe = load_recipe(DEMO, ["train.max_steps=30", "train.eval_steps=0", f"output.dir={out}",
+                                f"samples.count={COUNT}", "samples.max_new_tokens=48"])
     tokenizer = load_tokenizer(recipe.model)
     train_rows, _ = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
     renderer, _ = make_renderer(tokenizer, recipe.data)
@@ -53,9 +54,11 @@ def sampled(tmp_path_factory):
     probe = torch.tensor([Encoder(tokenizer, renderer).encode(train_rows[0]).input_ids])
     before = model_logits(model, probe)
     console = Console(file=io.StringIO(), width=120, soft_wrap=False)
-    path = write_run_samples(model, tokenizer, recipe, out, console, count=COUNT, max_new_tokens=48)
-    return {"recipe": recipe, "model": model, "path": path, "text": path.read_text(encoding="utf-8"),
-            "terminal": console.file.getvalue(), "probe": probe, "before": before}
+    samples = write_run_samples(model, tokenizer, recipe, out, console)
+    path = out / SAMPLES_FILE
+    return {"recipe": recipe, "model": model, "path": path, "samples": samples,
+            "text": path.read_text(encoding="utf-8"), "terminal": console.file.getvalue(),
+            "probe": probe, "before": before}
 
 
 def sections(markdown: str) -> list[str]:
@@ -69,7 +72,8 @@ def test_samples_md_has_every_part_of_every_question(sampled):
     assert "held-out eval rows" in text and "sampling (temperature 0.6, top_p 0.95, seed 42)" in text
     rows, _ = pick_rows(sampled["recipe"], COUNT)
     parts = sections(text)
-    assert len(parts) == COUNT
+    assert len(parts) == COUNT == len(sampled["samples"])
+    assert [sample.row for sample in sampled["samples"]] == rows
     for row, part in zip(rows, parts, strict=True):
         assert f"**Question** (row {row.number})" in part and f"> {row.question}" in part
         assert f"**Reference answer**\n\n> {row.response}" in part

@@ -1,0 +1,151 @@
+"""`report.md`: one page per finished run that says what was trained, on what, how it went and what came out.
+
+    report.md         recipe, data statistics, summary, the curves, throughput, base vs fine-tuned answers
+    memory_speed.png  memory (VRAM on a GPU, RAM on a CPU) and tokens/s over the steps
+
+It is written from the run directory's own files (metrics.jsonl is the record of every logged step, resumed
+runs included) plus what only the run knows (the data report, the samples), so it renders anywhere Markdown
+does: a code host, an editor, a notebook. (The terminal output is report.py's job.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qlora_kit.samples import CONTROL_CHARACTERS, SAMPLES_FILE, Sample, fenced, one_line, quoted
+
+REPORT_FILE, MEMORY_SPEED_FILE = "report.md", "memory_speed.png"
+CURVE_FILE = "loss_curve.png"  # artifacts.CURVE_FILE; not imported from there, which pulls in the Trainer
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def throughput(records: list[dict]) -> list[tuple[int, float]]:
+    """(step, tokens/s) between consecutive logged steps: TRL's running token count over the wall time."""
+    points = [(r["step"], r["time_s"], r["num_tokens"]) for r in records if "num_tokens" in r and "time_s" in r]
+    return [(step, (tokens - tokens0) / (time - time0))
+            for (_, time0, tokens0), (step, time, tokens) in zip(points, points[1:], strict=False)
+            if time > time0 and tokens >= tokens0]
+
+
+def memory_kind(records: list[dict]) -> str:
+    """`VRAM` or `RAM`, as the run's metrics recorded it."""
+    return "VRAM" if any("vram_used_gib" in r for r in records) else "RAM"
+
+
+def write_memory_speed(records: list[dict], path: Path, title: str) -> bool:
+    """Memory in use and its peak, and tokens/s, against the step. False when nothing was logged."""
+    kind = memory_kind(records).lower()
+    memory = [(r["step"], r[f"{kind}_used_gib"], r[f"{kind}_peak_gib"]) for r in records if f"{kind}_used_gib" in r]
+    speed = throughput(records)
+    if not memory:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed: CI, servers, nohup
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=110, sharex=True)
+    steps, used, peak = zip(*memory, strict=True)
+    peak_label = "peak reserved" if kind == "vram" else "peak RSS"
+    top.plot(steps, used, color="tab:green", linewidth=2, label=f"{kind.upper()} in use")
+    top.plot(steps, peak, color="tab:red", linestyle="--", linewidth=1.5, label=peak_label)
+    top.set_ylabel("GiB")
+    top.set_ylim(bottom=0)
+    top.legend(loc="lower right")
+    top.grid(alpha=0.3)
+    top.set_title(title, fontsize=10)
+    if speed:
+        bottom.plot(*zip(*speed, strict=True), color="tab:purple", linewidth=1.5)
+    bottom.set_ylabel("tokens/s (trained + prompt)")
+    bottom.set_xlabel("optimizer step")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, data_report: list[str],
+                 summary: dict, samples: list[Sample]) -> Path:
+    """Write report.md (and memory_speed.png) into the run directory; returns the report's path."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    has_memory_plot = write_memory_speed(records, run_dir / MEMORY_SPEED_FILE, title)
+    lines = [f"# Run report: {title}", "", f"Command: `{command}`", "", "## Summary", "",
+             "| | |", "| --- | --- |"]
+    lines += [f"| {key.replace('_', ' ')} | {format_value(value)} |" for key, value in summary.items()]
+    lines += ["", "## Loss", "", f"![train and eval loss]({CURVE_FILE})", ""]
+    lines += loss_lines(records)
+    lines += ["## Memory and throughput", ""]
+    if has_memory_plot:
+        lines += [f"![memory and tokens/s over the steps]({MEMORY_SPEED_FILE})", ""]
+    lines += resource_lines(records)
+    lines += ["## Data", "", fenced("\n".join(data_report)), ""]
+    lines += sample_lines(samples)
+    lines += ["## Recipe", "", "Everything this run used, defaults included (also in `recipe.toml`).", "",
+              "```toml", recipe_toml.rstrip(), "```", ""]
+    path = run_dir / REPORT_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def loss_lines(records: list[dict]) -> list[str]:
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    lines = []
+    if train:
+        lines.append(f"- train loss: {train[0]['loss']:.4f} at step {train[0]['step']} → "
+                     f"{train[-1]['loss']:.4f} at step {train[-1]['step']} ({len(train)} logged steps)")
+    if evals:
+        points = ", ".join(f"{r['eval_loss']:.4f} (step {r['step']})" for r in evals)
+        lines.append(f"- eval loss on the held-out rows: {points}")
+    return [*lines, ""] if lines else []
+
+
+def resource_lines(records: list[dict]) -> list[str]:
+    kind = memory_kind(records)
+    peaks = [r[f"{kind.lower()}_peak_gib"] for r in records if f"{kind.lower()}_peak_gib" in r]
+    speed = [tokens_per_s for _, tokens_per_s in throughput(records)]
+    lines = []
+    if peaks:
+        what = "peak reserved by the CUDA allocator" if kind == "VRAM" else "peak resident memory of the process"
+        lines.append(f"- {kind}: {what} {max(peaks):.2f} GiB")
+    if speed:
+        ordered = sorted(speed)
+        lines.append(f"- throughput between logged steps: median {ordered[len(ordered) // 2]:,.0f} tokens/s "
+                     f"(min {ordered[0]:,.0f}, max {ordered[-1]:,.0f})")
+    return [*lines, ""] if lines else []
+
+
+def sample_lines(samples: list[Sample]) -> list[str]:
+    if not samples:
+        return []
+    lines = ["## Base vs fine-tuned", "",
+             f"The answers only; [{SAMPLES_FILE}]({SAMPLES_FILE}) has the reasoning of each and how they were "
+             "decoded.", ""]
+    for number, sample in enumerate(samples, start=1):
+        lines += [f"### {number}. {one_line(sample.row.question, 80)}", "", quoted(sample.row.question), "",
+                  "| | answer |", "| --- | --- |",
+                  f"| reference | {table_cell(sample.row.response)} |",
+                  f"| base | {table_cell(sample.base.answer) or '_(no answer)_'} |",
+                  f"| fine-tuned | {table_cell(sample.tuned.answer) or '_(no answer)_'} |", ""]
+    return lines
+
+
+def table_cell(text: str, width: int = 400) -> str:
+    """One Markdown table cell: a single line, pipes and control characters escaped, long answers shortened."""
+    text = CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match[0]):02x}", one_line(text, width))
+    return text.replace("|", "\\|")
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)

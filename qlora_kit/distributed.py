@@ -61,3 +61,25 @@ def on_any_rank(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def allow_fsdp_on_cpu() -> None:
+    """accelerate (1.15, state.py AcceleratorState.__init__) turns a given fsdp_plugin into
+    DistributedType.FSDP only for MULTI_GPU/NPU/XPU/...; under MULTI_CPU (gloo) it drops the plugin
+    silently and the trainer wraps the model in DDP. Promote MULTI_CPU + plugin to FSDP."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(AcceleratorState.__init__, "_qlora_kit_cpu_fsdp", False):
+        return
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    __init__._qlora_kit_cpu_fsdp = True
+    AcceleratorState.__init__ = __init__

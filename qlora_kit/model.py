@@ -44,12 +44,9 @@ class Precision:
         return f"CPU, compute {name}"
 
 
-def choose_precision(quant: QuantSection, fsdp: bool = False) -> Precision:
+def choose_precision(quant: QuantSection) -> Precision:
     """bf16 where the GPU has it (Ampere+), fp16 on older GPUs (Turing/T4/GTX), fp32 on CPU."""
     if not torch.cuda.is_available():
-        if fsdp:
-            raise UserError("distributed.fsdp = true needs CUDA GPUs; none is visible.",
-                            hint="Set distributed.fsdp = false: on CPU (and on one GPU) training is not sharded.")
         if quant.compute_dtype in ("bfloat16", "float16"):
             # CPU matmuls in half precision are slow and gain nothing; say so instead of obeying silently.
             raise UserError(f"quant.compute_dtype = '{quant.compute_dtype}' needs a CUDA GPU; none is visible.",

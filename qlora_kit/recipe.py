@@ -162,8 +162,8 @@ class MemorySection:
 class DistributedSection:
     fsdp: bool = False
     """Shard the 4-bit model across the GPUs of one machine (FSDP-QLoRA), for models that do not fit
-    one GPU even in 4 bits. Launch with torchrun or accelerate launch; needs CUDA GPUs. Without it,
-    several GPUs train data-parallel, each holding a full 4-bit copy."""
+    one GPU even in 4 bits. Launch with torchrun or accelerate launch (it also runs on CPUs over gloo,
+    which is how it is tested). Without it, several GPUs train data-parallel, each holding a full 4-bit copy."""
 
 
 @dataclass

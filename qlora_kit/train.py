@@ -8,6 +8,8 @@ from pathlib import Path
 
 from qlora_kit.checkpoints import CHECKPOINT_DIR
 from qlora_kit.distributed import Processes
+from qlora_kit.distributed import current as current_processes
+from qlora_kit.errors import UserError
 from qlora_kit.model import Precision, keep_adapter_fp32
 from qlora_kit.recipe import Recipe
 
@@ -48,8 +50,9 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=optimizer_name(t.optim, precision),
-        # Under FSDP the wrapper checkpoints activations itself (fsdp_config below); doing both re-gathers twice.
-        gradient_checkpointing=t.gradient_checkpointing and not recipe.distributed.fsdp,
+        # Also under FSDP: FSDP's own activation_checkpointing wraps each layer in `_checkpoint_wrapped_module`,
+        # which PEFT (0.21) does not strip when it picks the adapter keys, so the saved adapter came out empty.
+        gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # Offloading moves activations from the GPU to RAM; on a CPU-only run there is nothing to move.
         activation_offloading=recipe.memory.offload_activations and precision.device == "cuda",
@@ -82,7 +85,7 @@ def fsdp_arguments(recipe: Recipe) -> dict:
         return {}
     return {"fsdp": True, "fsdp_config": {
         "version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": True,
-        "activation_checkpointing": recipe.train.gradient_checkpointing, "state_dict_type": "FULL_STATE_DICT"}}
+        "activation_checkpointing": False, "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset, precision: Precision,
@@ -90,6 +93,10 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset,
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
+    if recipe.distributed.fsdp and precision.device == "cpu":
+        from qlora_kit.distributed import allow_fsdp_on_cpu
+
+        allow_fsdp_on_cpu()
     trainer = SFTTrainer(
         model=model,
         args=sft_config(recipe, precision, output_dir),
@@ -98,6 +105,11 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if recipe.distributed.fsdp and current_processes().distributed and not trainer.is_fsdp_enabled:
+        # Otherwise the run would go on as plain data parallelism, a full copy per process, and say nothing.
+        raise UserError("distributed.fsdp = true, but accelerate did not set up FSDP for this launch.",
+                        hint="Launch with `torchrun --nproc_per_node N -m qlora_kit.run RECIPE`, or with accelerate "
+                             "launch and a config without its own distributed_type (recipes/accelerate_2gpu.yaml).")
     # After SFTTrainer's own bf16 cast of quantized-model adapters, before the optimizer exists.
     keep_adapter_fp32(trainer.model)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; StatusCallback replaces it
@@ -126,7 +138,7 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     from qlora_kit.model import add_lora, choose_precision, count_parameters, load_model
     from qlora_kit.status import StatusCallback
 
-    precision = choose_precision(recipe.quant, recipe.distributed.fsdp)
+    precision = choose_precision(recipe.quant)
     model = add_lora(load_model(recipe, precision), recipe.lora)
     trainable, total = count_parameters(model)
     label = "RANDOM-INIT weights (demo/benchmark, not a real model)" if recipe.model.init == "random" else "pretrained"
@@ -149,6 +161,9 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
         callbacks += [metrics, status]
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(train_examples),
                             to_dataset(eval_examples) if eval_examples else None, precision, out, callbacks)
+    if trainer.is_fsdp_enabled:
+        console.print(f"sharding: FSDP2 over {processes.world_size} processes, each holding 1/{processes.world_size} "
+                      "of the 4-bit weights and of the adapter")
     stop.install()
     started = time.monotonic()
     try:
@@ -165,10 +180,12 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
         if status:
             status.close()
     wall = time.monotonic() - started
+    # Under FSDP each rank holds a shard of the adapter: gather it on every rank (a collective), rank 0 saves it.
+    adapter_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if not processes.is_main:
         return Outcome(trainer.state.global_step)
 
-    trainer.model.save_pretrained(out / artifacts.ADAPTER_DIR)
+    trainer.model.save_pretrained(out / artifacts.ADAPTER_DIR, state_dict=adapter_state)
     tokenizer.save_pretrained(out / artifacts.ADAPTER_DIR)
     artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE, f"{Path(recipe.model.name).name} · {label}")
     summary = artifacts.summarize(metrics.records, trainer.state.global_step, wall, len(train_examples),
@@ -202,7 +219,7 @@ def out_of_memory(error, trainer, recipe: Recipe, out: Path):
     import torch
 
     from qlora_kit.checkpoints import latest_valid_checkpoint
-    from qlora_kit.errors import EXIT_OUT_OF_MEMORY, UserError
+    from qlora_kit.errors import EXIT_OUT_OF_MEMORY
     from qlora_kit.memory import snapshot
 
     mem = snapshot()

@@ -22,3 +22,9 @@ ARCHITECTURES: dict[str, dict] = {
     "r1-distill-llama-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
 }
+
+
+def published_config(model_id: str) -> dict | None:
+    """The built-in config.json of a target model named by its hub id (any owner, any case), else None."""
+    name = model_id.rstrip("/").rsplit("/", 1)[-1].lower().removeprefix("deepseek-")
+    return dict(ARCHITECTURES[name]) if name in ARCHITECTURES else None

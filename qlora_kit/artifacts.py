@@ -37,11 +37,7 @@ def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool,
     from qlora_kit.checkpoints import CHECKPOINT_DIR, latest_valid_checkpoint, recipe_differences
     from qlora_kit.recipe import load_recipe
 
-    finished = [name for name in (ADAPTER_DIR, SUMMARY_FILE) if (directory / name).exists()]
-    if finished and not overwrite:
-        raise UserError(f"{directory} already holds a finished run ({', '.join(finished)}).",
-                        hint="Choose another output.dir (e.g. output.dir=runs/medical-2), or pass --overwrite "
-                             "to replace it.")
+    finished = refuse_finished_run(directory, overwrite)
     checkpoint, step = latest_valid_checkpoint(directory)
     if finished or restart or not checkpoint:
         if change:
@@ -56,6 +52,16 @@ def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool,
                         hint="Run it with the same settings to resume, pass --restart to start over in this "
                              "directory, or choose another output.dir.")
     return checkpoint, step
+
+
+def refuse_finished_run(directory: Path, overwrite: bool) -> list[str]:
+    """Raise unless `directory` is free or replacing it was asked for; returns the finished run's files."""
+    finished = [name for name in (ADAPTER_DIR, SUMMARY_FILE) if (directory / name).exists()]
+    if finished and not overwrite:
+        raise UserError(f"{directory} already holds a finished run ({', '.join(finished)}).",
+                        hint=f"Choose another output.dir (e.g. output.dir={directory}-2), or pass --overwrite "
+                             "to replace it.")
+    return finished
 
 
 class MetricsRecorder(TrainerCallback):

@@ -1,4 +1,4 @@
-"""`python tools/export_gguf.py MERGED_DIR [--type f16|q8_0] [--out FILE.gguf] [--overwrite] [--no-modelfile]`
+"""`python tools/export_gguf.py MERGED_DIR [--type f16|q8_0] [--out FILE] [--overwrite] [--no-modelfile] [--verify]`
 
 Turns a merged model folder (what `tools/merge.py` writes: config.json, safetensors shards, the base's
 tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an Ollama `Modelfile` beside it.
@@ -462,8 +462,10 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
     folder, out = Path(folder), Path(out)
     if quant not in QUANT_TYPES:
         raise UserError(f"unknown --type {quant!r}", [f"choose one of: {', '.join(QUANT_TYPES)}"])
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists", hint="Pass --overwrite to replace it, or choose another --out.")
+    for existing in (out, modelfile_path(out)) if modelfile else (out,):
+        if existing.exists() and not overwrite:
+            raise UserError(f"{existing} already exists",
+                            hint="Pass --overwrite to replace it, or choose another --out.")
     config, arch = read_config(folder)
     hp = hyper_parameters(config)
     plans = plan_tensors(weight_files(folder), arch, hp, quant)
@@ -495,8 +497,8 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
         writer.close()
         partial.unlink(missing_ok=True)
 
-    modelfile_path = write_modelfile(out, tokenizer, log) if modelfile else None
-    return ExportResult(out, modelfile_path, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
+    written_modelfile = write_modelfile(out, tokenizer, log) if modelfile else None
+    return ExportResult(out, written_modelfile, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
                         time.monotonic() - started)
 
 
@@ -528,7 +530,8 @@ def modelfile_text(gguf_name: str, tokenizer: TokenizerInfo) -> str | None:
     if not tokenizer.r1_markers or (bos, eos) != (R1_BOS, R1_EOS):
         return None
     stops = [bos, eos, R1_USER, R1_ASSISTANT]
-    lines = [f"# Ollama Modelfile written by qlora_kit for {gguf_name}: `ollama create NAME -f Modelfile`",
+    modelfile = Path(gguf_name).with_suffix(".Modelfile").name
+    lines = [f"# Ollama Modelfile written by qlora_kit for {gguf_name}: `ollama create NAME -f {modelfile}`",
              f"FROM ./{gguf_name}", "", f'TEMPLATE """{ollama_template(eos)}"""', ""]
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     lines += [f"PARAMETER {key} {value}" for key, value in OLLAMA_PARAMETERS.items()]
@@ -540,9 +543,14 @@ def write_modelfile(gguf_path: Path, tokenizer: TokenizerInfo, log: Callable[[st
     if text is None:
         log("no Modelfile written: the tokenizer is not in R1's chat format (<｜User｜>, <｜Assistant｜>, <think>)")
         return None
-    path = gguf_path.parent / "Modelfile"
+    path = modelfile_path(gguf_path)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def modelfile_path(gguf_path: Path) -> Path:
+    """`NAME.Modelfile` beside `NAME.gguf`: one per export, so an f16 and a q8_0 export never share one."""
+    return gguf_path.with_suffix(".Modelfile")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,6 +570,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="output .gguf file (default: beside MERGED_DIR, named <its name>-<type>.gguf)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
+    parser.add_argument("--verify", action="store_true",
+                        help="read the file back with transformers and compare logits with MERGED_DIR on sample "
+                             "prompts (float32: needs 4 bytes of RAM per parameter); exit 1 past the tolerance")
     return parser.parse_args(argv)
 
 
@@ -586,6 +597,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.type}, pre-tokenizer {result.pre_tokenizer}) in {result.seconds:.1f} s")
     if result.modelfile_path:
         print(f"wrote {result.modelfile_path}: ollama create NAME -f {result.modelfile_path}")
+    if args.verify:
+        from qlora_kit.gguf_verify import check_gguf
+
+        check = check_gguf(folder, result.gguf_path, args.type)
+        print(f"verification (GGUF read back by transformers vs {folder}): {check.describe()}")
+        return 0 if check.passed else 1
     return 0
 
 

@@ -222,6 +222,35 @@ def lora_config(lora: LoraSection):
     )
 
 
+def check_lora_targets(recipe: Recipe) -> None:
+    """Refuse lora.target_modules that name no Linear layer of the architecture, before anything is written
+    or loaded: the layer names come from config.json, with the model built on the meta device (no memory)."""
+    import difflib
+
+    targets = recipe.lora.target_modules
+    if targets == ["all-linear"] or recipe.model.trust_remote_code:
+        return  # all-linear always matches; remote code is only run where the recipe asks (load_model)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(recipe.model.name, revision=recipe.model.revision)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - an unreadable model is reported where it is loaded, with its own message
+        return
+    linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linear)]
+    if missing:
+        problems = []
+        for target in missing:
+            close = difflib.get_close_matches(target, leaves, n=1, cutoff=0.6)
+            problems.append(f"`{target}` is not a Linear layer of {config.model_type}"
+                            + (f" (did you mean `{close[0]}`?)" if close else ""))
+        raise UserError("lora.target_modules names layers this model does not have:", problems,
+                        hint=f"Its Linear layers: {', '.join(leaves)}; or use 'all-linear'.")
+
+
 def add_lora(model, lora: LoraSection):
     from peft import get_peft_model
 

@@ -76,8 +76,14 @@ class Architecture:
 
 
 def read_architecture(model: ModelSection) -> Architecture:
-    """Only config.json: local folder or one small file from the hub."""
+    """Only config.json: local folder, built in for the models we target (no network), or one small file
+    from the hub."""
+    from qlora_kit.architectures import published_config
+
     local = Path(model.name).expanduser()
+    known = published_config(model.name)
+    if known and not local.is_dir():
+        return Architecture.from_config(known, model.name)
     if local.is_dir():
         path = local / "config.json"
         if not path.is_file():
@@ -253,7 +259,8 @@ def print_plan(plan: Plan, console=None) -> None:
     table.add_row("[bold]peak on the card", f"[bold]{plan.peak_gib:.2f}")
     console.print(table)
     verdict = "[bold green]fits" if plan.fits else "[bold red]does not fit"
-    console.print(f"{verdict}[/] a {plan.vram_gib:g} GiB GPU ({plan.budget_gib:g} GiB usable after "
+    article = "an" if f"{plan.vram_gib:g}".startswith(("8", "11", "18")) else "a"
+    console.print(f"{verdict}[/] {article} {plan.vram_gib:g} GiB GPU ({plan.budget_gib:g} GiB usable after "
                   f"{DESKTOP_GIB} GiB for the desktop); longest max_length at batch 1: {plan.max_length_fit}; "
                   f"{plan.suggestion}")
 

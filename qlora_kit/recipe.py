@@ -294,7 +294,9 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), where: str = "recipe") -
             setattr(section, key, coerced)
     problems += _check_values(recipe)
     if problems:
-        raise UserError(f"{where}: {len(problems)} problem(s) in the recipe:", problems,
+        source = f"{where} with the command-line overrides" if overrides else where
+        count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        raise UserError(f"{source}: {count} in the recipe:", problems,
                         hint="Fix the keys above (the README's recipe reference lists every key).")
     return recipe
 
@@ -307,7 +309,11 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
         return
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if text.strip().startswith(("[", "{", '"', "'")):  # meant as a list, table or quoted string: say so
+            problems.append(f"override `{item}`: the value is not a valid TOML literal ({e}); e.g. "
+                            f'{key.strip()}=["q_proj","v_proj"] (quote the whole argument in the shell)')
+            return
         # A bare word is the common case for strings (data.source=rows.jsonl): take it as text.
         value = text
     raw.setdefault(parts[0], {})

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="discard this run's checkpoints and start over instead of resuming")
     parser.add_argument("--force", action="store_true",
                         help="train even if the VRAM plan says the run will not fit the GPU")
+    argv = sys.argv[1:] if argv is None else argv
+    if not [a for a in argv if not a.startswith("-")] and not {"-h", "--help"} & set(argv):
+        parser.error("give a recipe file, e.g. python -m qlora_kit.run recipes/demo.toml")
     return parser.parse_intermixed_args(argv)  # options may come before or after the overrides
 
 
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_kit import artifacts, distributed, report
-    from qlora_kit.model import check_model_files, load_tokenizer
+    from qlora_kit.model import check_lora_targets, check_model_files, load_tokenizer
     from qlora_kit.recipe import load_recipe, recipe_to_toml
 
     processes = distributed.start()
@@ -61,9 +64,12 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.output.overwrite |= args.overwrite
     out = Path(recipe.output.dir)
+    if not args.dry_run:  # before the long preamble: a finished run is refused at once
+        artifacts.refuse_finished_run(out, recipe.output.overwrite)
     report.show_recipe(console, recipe_to_toml(recipe), args.recipe)
 
     check_model_files(recipe.model)
+    check_lora_targets(recipe)
     tokenizer = load_tokenizer(recipe.model)
     train_examples, eval_examples, data_report = build_examples(recipe, tokenizer, console)
     report.show_example(console, train_examples[0], tokenizer)

@@ -90,7 +90,7 @@ def build(tmp_path_factory):
             # Llama in several shards with an index, as tools/merge.py writes them; Qwen2 in one file
             model.save_pretrained(folder, max_shard_size="200KB" if arch == "llama" else "1GB")
             tokenizer.save_pretrained(folder)
-            out = tmp_path_factory.mktemp(f"gguf-{arch}")  # one Modelfile per folder: one folder per model
+            out = tmp_path_factory.mktemp(f"gguf-{arch}")
             files = {quant: export_gguf(folder, out / f"{arch}-{quant}.gguf", quant, log=lambda *_: None).gguf_path
                      for quant in ("f16", "q8_0")}
             built[arch] = arch, folder, model, tokenizer, files
@@ -345,8 +345,9 @@ def test_real_r1_tokenizer_metadata(tmp_path):
 
 def test_modelfile_has_r1_template_stops_and_sampling(exported):
     _, _, _, _, files = exported
-    text = (files["q8_0"].parent / "Modelfile").read_text(encoding="utf-8")
-    assert f"FROM ./{files['q8_0'].name}\n" in text  # the last export into a folder owns its Modelfile
+    text = files["q8_0"].with_suffix(".Modelfile").read_text(encoding="utf-8")
+    assert f"FROM ./{files['q8_0'].name}\n" in text  # each export its own Modelfile, named after it
+    assert f"FROM ./{files['f16'].name}\n" in files["f16"].with_suffix(".Modelfile").read_text(encoding="utf-8")
     assert f"{USER}{{{{ .Content }}}}" in text and f"{ASSISTANT}{{{{ .Content }}}}" in text
     assert f"{ASSISTANT}<think>\n{{{{ end }}}}" in text  # generation prompt opens the think block
     for stop in (BOS, EOS, USER, ASSISTANT):
@@ -367,3 +368,25 @@ def test_refuses_architectures_it_cannot_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}), encoding="utf-8")
     with pytest.raises(UserError, match="cannot export architecture"):
         export_gguf(tmp_path, tmp_path / "out.gguf")
+
+
+def test_verify_passes_on_the_export_and_fails_on_another_model(build, tmp_path, capsys):
+    from qlora_kit.gguf_verify import check_gguf
+
+    arch, folder, model, tokenizer, files = build("qwen2")
+    assert main([str(folder), "--type", "f16", "--no-modelfile", "--overwrite", "--out",
+                 str(tmp_path / "a.gguf"), "--verify"]) == 0
+    assert "top-1 agreement" in capsys.readouterr().out.split("verification")[1]
+    exact = check_gguf(folder, files["f16"], "f16")
+    assert exact.passed and exact.max_abs_diff > 0 and exact.top1_agreement >= 0.99  # f16 rounding, no more
+
+    # One attention weight changed: the check must see it.
+    altered = copy.deepcopy(model)
+    with torch.no_grad():
+        altered.model.layers[0].self_attn.o_proj.weight.mul_(-1)
+    other = tmp_path / "altered"
+    altered.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    wrong = export_gguf(other, tmp_path / "altered.gguf", "f16", log=lambda *_: None).gguf_path
+    failed = check_gguf(folder, wrong, "f16")
+    assert not failed.passed and "FAIL" in failed.describe()

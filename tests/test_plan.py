@@ -84,3 +84,14 @@ def test_cli_reports_a_missing_model_folder(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.parametrize("model_id, hidden, layers", [("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 3584, 28),
+                                                      ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 4096, 32),
+                                                      ("someone/deepseek-r1-distill-qwen-1.5b", 1536, 28)])
+def test_target_models_are_planned_offline_from_their_built_in_configs(model_id, hidden, layers):
+    from qlora_kit.plan import read_architecture
+    from qlora_kit.recipe import ModelSection
+
+    arch = read_architecture(ModelSection(name=model_id))  # HF_HUB_OFFLINE=1 (conftest): no download possible
+    assert (arch.hidden, arch.layers) == (hidden, layers)

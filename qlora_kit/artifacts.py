@@ -74,12 +74,16 @@ class MetricsRecorder(TrainerCallback):
         # A resumed run keeps the records up to its checkpoint and continues the same file.
         old = path.read_text(encoding="utf-8").splitlines() if resume_step and path.is_file() else []
         self.records = [r for r in map(json.loads, old) if r["step"] <= resume_step]
+        # TRL counts trained tokens (num_tokens) from 0 in every process, resumed or not; the file stays
+        # cumulative over the whole run, so a resumed run continues from the count at its checkpoint.
+        self.token_offset = max((r.get("num_tokens", 0) for r in self.records), default=0)
         path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         mem = snapshot()
         record = {"step": state.global_step, "time_s": round(time.monotonic() - self.started, 3),
                   **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
+                  **({"num_tokens": logs["num_tokens"] + self.token_offset} if "num_tokens" in (logs or {}) else {}),
                   f"{mem.kind.lower()}_used_gib": round(mem.used_gib, 4),
                   f"{mem.kind.lower()}_peak_gib": round(mem.peak_gib, 4)}
         self.records.append(record)
@@ -129,9 +133,13 @@ def write_json(path: Path, content: dict) -> None:
 
 
 def summarize(records: list[dict], steps: int, wall_s: float, train_rows: int, mean_loss: float,
-              eval_loss: float | None, trainable: int, weights: str) -> dict:
-    # TRL logs the running count of tokens it trained on (padding excluded) as num_tokens.
+              eval_loss: float | None, trainable: int, weights: str, resume_step: int = 0) -> dict:
+    """The run in one dict. Wall time and tokens/s are this process's: a resumed run counts from its resume
+    (`resumed_from_step`), while the losses cover the whole run."""
+    # num_tokens: the running count of tokens trained on (padding excluded), cumulative over the whole run
+    # (MetricsRecorder), so the tokens of this process are the count now minus the count at the checkpoint.
     tokens = max((r.get("num_tokens", 0) for r in records), default=0)
+    tokens -= max((r.get("num_tokens", 0) for r in records if r["step"] <= resume_step), default=0)
     losses = [r["loss"] for r in records if "loss" in r]
     mem = snapshot()
     return {
@@ -146,4 +154,5 @@ def summarize(records: list[dict], steps: int, wall_s: float, train_rows: int, m
         "final_eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
         "trainable_parameters": trainable,
         "model_weights": weights,
+        **({"resumed_from_step": resume_step} if resume_step else {}),
     }

@@ -189,7 +189,7 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     tokenizer.save_pretrained(out / artifacts.ADAPTER_DIR)
     artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE, f"{Path(recipe.model.name).name} · {label}")
     summary = artifacts.summarize(metrics.records, trainer.state.global_step, wall, len(train_examples),
-                                  result.training_loss, final_eval.get("eval_loss"), trainable, label)
+                                  result.training_loss, final_eval.get("eval_loss"), trainable, label, resume_step)
     summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
     return Outcome(trainer.state.global_step, summary=summary, samples=end_of_run_samples(trainer, tokenizer, recipe,

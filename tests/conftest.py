@@ -81,3 +81,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120", **(env or {})}
     return subprocess.run([sys.executable, "-m", "qlora_kit.run", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def encode_for_training(recipe):
+    """The run's own data steps for a recipe, in-process: (tokenizer, train rows, renderer, training examples)."""
+    from qlora_kit.data import load_rows, split_rows
+    from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.render import make_renderer
+
+    tokenizer = load_tokenizer(recipe.model)
+    train_rows, _ = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
+    renderer, _ = make_renderer(tokenizer, recipe.data)
+    examples, _ = apply_length_policy(encode_rows(Encoder(tokenizer, renderer), train_rows),
+                                      recipe.data.max_length, "drop")
+    return tokenizer, train_rows, renderer, examples

@@ -7,13 +7,11 @@ import statistics
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, encode_for_training, run_cli
 
-from qlora_kit.data import load_rows, split_rows
-from qlora_kit.encode import IGNORE_INDEX, Encoder, apply_length_policy, encode_rows, to_dataset
-from qlora_kit.model import add_lora, choose_precision, load_model, load_tokenizer
+from qlora_kit.encode import IGNORE_INDEX, to_dataset
+from qlora_kit.model import add_lora, choose_precision, load_model
 from qlora_kit.recipe import load_recipe
-from qlora_kit.render import make_renderer
 from qlora_kit.train import build_trainer
 
 DEMO = REPO / "recipes" / "demo.toml"
@@ -25,11 +23,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     recipe = load_recipe(DEMO, ["train.max_steps=40", "train.eval_steps=0", "data.eval_rows=0",
                                 "train.logging_steps=1", f"output.dir={out}"])
-    tokenizer = load_tokenizer(recipe.model)
-    train_rows, _ = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
-    renderer, _ = make_renderer(tokenizer, recipe.data)
-    examples, _ = apply_length_policy(encode_rows(Encoder(tokenizer, renderer), train_rows),
-                                      recipe.data.max_length, "drop")
+    tokenizer, _, _, examples = encode_for_training(recipe)
     precision = choose_precision(recipe.quant)
     model = add_lora(load_model(recipe, precision), recipe.lora)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -14,7 +14,7 @@ from conftest import REPO, run_cli
 
 DEMO = str(REPO / "recipes" / "demo.toml")
 SHORT = ["train.max_steps=12", "train.save_steps=4", "train.logging_steps=1", "train.eval_steps=0",
-         "data.eval_rows=0"]
+         "data.eval_rows=0", "samples.count=0"]
 
 
 def losses(run_dir):
@@ -55,6 +55,15 @@ def test_out_of_memory_saves_and_resume_reproduces_the_curve(uninterrupted, tmp_
     assert sorted(pieced) == list(range(1, 13))
     for step in whole:
         assert pieced[step] == pytest.approx(whole[step], abs=1e-5), step
+    # The summary's speed is this process's: tokens trained since the checkpoint over its own wall time.
+    summary = json.loads((out / "summary.json").read_text())
+    tokens = {r["step"]: r["num_tokens"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "num_tokens" in r}
+    assert summary["resumed_from_step"] == 6
+    assert tokens[7] > tokens[6] and tokens[12] > tokens[7]  # metrics.jsonl counts over the whole run
+    # wall_time_s is rounded to 0.1 s: the product may be off by up to 0.05 s worth of tokens.
+    trained = summary["tokens_per_s"] * summary["wall_time_s"]
+    assert abs(trained - (tokens[12] - tokens[6])) <= 0.05 * summary["tokens_per_s"] + 1
 
 
 def test_a_half_written_checkpoint_is_skipped(uninterrupted, tmp_path):

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, encode_for_training
 from rich.console import Console
 
 from qlora_kit.data import load_rows, split_rows
-from qlora_kit.encode import Encoder, apply_length_policy, encode_rows, to_dataset
-from qlora_kit.model import add_lora, choose_precision, load_model, load_tokenizer
+from qlora_kit.encode import Encoder, to_dataset
+from qlora_kit.model import add_lora, choose_precision, load_model
 from qlora_kit.recipe import load_recipe
-from qlora_kit.render import make_renderer
 from qlora_kit.samples import SAMPLES_FILE, fenced, pick_rows, write_run_samples
 from qlora_kit.train import build_trainer
 
@@ -40,11 +39,7 @@ def sampled(tmp_path_factory):
     out = tmp_path_factory.mktemp("samples")
     recipe = load_recipe(DEMO, ["train.max_steps=30", "train.eval_steps=0", f"output.dir={out}",
                                 f"samples.count={COUNT}", "samples.max_new_tokens=48"])
-    tokenizer = load_tokenizer(recipe.model)
-    train_rows, _ = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
-    renderer, _ = make_renderer(tokenizer, recipe.data)
-    examples, _ = apply_length_policy(encode_rows(Encoder(tokenizer, renderer), train_rows),
-                                      recipe.data.max_length, "drop")
+    tokenizer, train_rows, renderer, examples = encode_for_training(recipe)
     precision = choose_precision(recipe.quant)
     model = add_lora(load_model(recipe, precision), recipe.lora)
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(examples), None, precision, out, [])

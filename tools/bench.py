@@ -103,7 +103,7 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="See the module docstring for the "
-                                     "GPU protocol.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "GPU protocol.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models through the same code path (CPU or GPU)")
     parser.add_argument("--models", help=f"comma-separated, from: {', '.join(ARCHITECTURES)} (default: all; "
                         f"smoke: {','.join(SMOKE_MODELS)})")

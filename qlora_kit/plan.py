@@ -205,6 +205,8 @@ class Plan:
     max_length_fit: int
     suggestion: str
     terms_gib: dict[str, float]
+    context_bound: bool = False
+    """max_length_fit is the model's max_position_embeddings: more would fit in memory."""
 
 
 def make_plan(arch: Architecture, recipe: Recipe, vram_gib: float) -> Plan:
@@ -225,7 +227,8 @@ def make_plan(arch: Architecture, recipe: Recipe, vram_gib: float) -> Plan:
         suggestion = "does not fit even at 16 tokens: use a smaller model"
     return Plan(arch.name, vram_gib, round(budget, 3), seq, batch, round(est.total / GIB, 3),
                 round(est.reserved / GIB, 3), fits, longest, suggestion,
-                {k: round(v / GIB, 3) for k, v in est.terms.items()})
+                {k: round(v / GIB, 3) for k, v in est.terms.items()},
+                context_bound=bool(longest) and longest + 16 > arch.max_positions)
 
 
 def _longest_fitting(arch: Architecture, recipe: Recipe, budget_gib: float) -> int:
@@ -259,9 +262,11 @@ def print_plan(plan: Plan, console=None) -> None:
     table.add_row("[bold]peak on the card", f"[bold]{plan.peak_gib:.2f}")
     console.print(table)
     verdict = "[bold green]fits" if plan.fits else "[bold red]does not fit"
+    # The search stops at the model's context length; say so, or it reads as a memory limit.
+    capped = " (the model's context length, not memory, is the limit)" if plan.context_bound else ""
     article = "an" if f"{plan.vram_gib:g}".startswith(("8", "11", "18")) else "a"
     console.print(f"{verdict}[/] {article} {plan.vram_gib:g} GiB GPU ({plan.budget_gib:g} GiB usable after "
-                  f"{DESKTOP_GIB} GiB for the desktop); longest max_length at batch 1: {plan.max_length_fit}; "
+                  f"{DESKTOP_GIB} GiB for the desktop); longest max_length at batch 1: {plan.max_length_fit}{capped}; "
                   f"{plan.suggestion}")
 
 

@@ -95,3 +95,15 @@ def test_target_models_are_planned_offline_from_their_built_in_configs(model_id,
 
     arch = read_architecture(ModelSection(name=model_id))  # HF_HUB_OFFLINE=1 (conftest): no download possible
     assert (arch.hidden, arch.layers) == (hidden, layers)
+
+
+def test_a_length_bounded_by_the_context_says_so():
+    from qlora_kit.plan import read_architecture
+    from qlora_kit.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "demo.toml")
+    arch = read_architecture(recipe.model)
+    tiny = make_plan(arch, recipe, 8.0)  # a tiny model: memory would allow far more than its context
+    assert tiny.context_bound and tiny.max_length_fit == arch.max_positions
+    big = make_plan(Architecture.from_config(ARCHITECTURES["r1-distill-qwen-7b"], "7b"), recipe, 8.0)
+    assert not big.context_bound and 0 < big.max_length_fit < 131072

@@ -91,13 +91,14 @@ def fsdp_arguments(recipe: Recipe) -> dict:
 def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset, precision: Precision,
                   output_dir: Path, callbacks: list):
     from transformers import PrinterCallback
-    from trl import SFTTrainer
+
+    from qlora_kit.sampling import resumable_trainer_class
 
     if recipe.distributed.fsdp and precision.device == "cpu":
         from qlora_kit.distributed import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()
-    trainer = SFTTrainer(
+    trainer = resumable_trainer_class()(
         model=model,
         args=sft_config(recipe, precision, output_dir),
         train_dataset=train_dataset,
@@ -236,13 +237,14 @@ def out_of_memory(error, trainer, recipe: Recipe, out: Path):
         saved = (f"Could not save at step {step} ({type(e).__name__}); the newest checkpoint is step {at}."
                  if checkpoint else f"Could not save at step {step}, and no earlier checkpoint exists.")
     resumable = "memory.offload_activations=true, memory.embeddings_on_cpu=true"
-    fresh = [f"data.max_length={max(256, recipe.data.max_length // 2)} (longer rows are dropped, never cut)",
-             f"lora.r={max(4, recipe.lora.r // 2)}"]
+    shorter, lower_rank = max(16, recipe.data.max_length // 2), max(1, recipe.lora.r // 2)
+    fresh = [f"data.max_length={shorter} (longer rows are dropped, never cut)"] * (shorter < recipe.data.max_length)
+    fresh += [f"lora.r={lower_rank}"] * (lower_rank < recipe.lora.r)
     if recipe.train.batch_size > 1:
         fresh.insert(0, f"train.batch_size=1 train.grad_accum={recipe.train.batch_size * recipe.train.grad_accum}")
+    hint = [f"To lower peak memory and resume from the checkpoint, add: {resumable}."]
+    hint += [f"Or start over (--restart) with: {'; '.join(fresh)}."] if fresh else []
+    hint += ["`python -m qlora_kit.plan RECIPE` shows where the memory goes."]
     return UserError(f"Out of {mem.kind} at step {step + 1}: {str(error).splitlines()[0]}",
-                     [f"peak {mem.peak_gib:.2f} GiB of {mem.total_gib:.1f} GiB", saved],
-                     hint=f"To lower peak memory and resume from the checkpoint, add: {resumable}.\n"
-                          f"Or start over (--restart) with: {'; '.join(fresh)}.\n"
-                          "`python -m qlora_kit.plan RECIPE` shows where the memory goes.",
+                     [f"peak {mem.peak_gib:.2f} GiB of {mem.total_gib:.1f} GiB", saved], hint="\n".join(hint),
                      exit_code=EXIT_OUT_OF_MEMORY)

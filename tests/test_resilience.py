@@ -120,3 +120,20 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from step {step}" in resumed.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
+
+
+def test_resume_in_a_later_epoch_replays_the_length_grouped_order(tmp_path):
+    """240 rows at batch 4: epoch 2 starts at step 61. transformers' own length-grouped sampler shuffles with the
+    global RNG, so a run resumed there trained on other batches (qlora_kit.sampling); ours replays them."""
+    later = [*SHORT, "train.max_steps=70"]
+    whole = run_cli(DEMO, *later, f"output.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "resumed"
+    crashed = run_cli(DEMO, *later, f"output.dir={out}", env={"QLORA_KIT_FAULT_OOM_AT_STEP": "65"})
+    assert crashed.returncode == 3 and "Saved a checkpoint at step 64" in crashed.stderr
+    resumed = run_cli(DEMO, *later, f"output.dir={out}")
+    assert resumed.returncode == 0 and "resuming from step 64" in resumed.stdout, resumed.stderr[-2000:]
+    expected, got = losses(tmp_path / "whole"), losses(out)
+    assert sorted(got) == list(range(1, 71))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step

@@ -454,3 +454,15 @@ def test_run_directory_names_agree_with_artifacts():
 
     assert (merge.ADAPTER_DIR, merge.RECIPE_FILE, merge.SUMMARY_FILE) == (
         artifacts.ADAPTER_DIR, artifacts.RECIPE_FILE, artifacts.SUMMARY_FILE)
+
+
+def test_verification_memory_is_one_merged_model_plus_headroom(runs, tmp_path):
+    """Verification loads whole models (the merge does not): merge skips it rather than be killed by it."""
+    from qlora_kit.merge.verify import memory_for_verification
+
+    out = tmp_path / "merged"
+    assert main([str(runs[False]), "--out", str(out), "--dtype", "float32", "--no-verify"]) == 0
+    needed, free, where = memory_for_verification(out)
+    shards = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert needed == pytest.approx(1.2 * shards) and shards > 0
+    assert where == "RAM" and free > 0

@@ -83,7 +83,7 @@ def metrics_section(summary: dict) -> str:
 
 def verification_section(verification) -> str:
     if verification is None:
-        return "Skipped (`--no-verify`).\n"
+        return "Skipped (`--no-verify`, or not enough free memory to load a whole model).\n"
     v = verification
     return (f"Sample prompts were run through the reference ({v.reference}, unmerged adapter) and through this "
             f"folder loaded with plain `AutoModelForCausalLM.from_pretrained`, both in {v.dtype} on {v.device}.\n\n"

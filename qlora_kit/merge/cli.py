@@ -25,7 +25,7 @@ from qlora_kit.merge.plan import plan_merge
 from qlora_kit.merge.run_dir import read_run
 from qlora_kit.merge.shards import DTYPES, write_merged_shards
 from qlora_kit.merge.staging import staging_dir
-from qlora_kit.merge.verify import verify
+from qlora_kit.merge.verify import verify_if_it_fits
 
 EXIT_VERIFICATION_FAILED = 1
 
@@ -99,7 +99,8 @@ def merge(args: argparse.Namespace) -> int:
             merge_wall = time.monotonic() - started
             console.print(f"merged {len(index['weight_map'])} tensors into {len(set(index['weight_map'].values()))} "
                           f"shard(s) in {merge_wall:.1f} s, peak RAM so far {merge_peak:.2f} GiB")
-            verification = None if args.no_verify else verify(run, base, adapter, plan, stage, dtype_name, console)
+            verification = None if args.no_verify else verify_if_it_fits(run, base, adapter, plan, stage, dtype_name,
+                                                                         console)
             from qlora_kit.merge.card import write_model_card
 
             write_model_card(stage / "README.md", run=run, base=base, adapter=adapter, plan=plan,

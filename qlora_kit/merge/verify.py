@@ -67,6 +67,30 @@ class Verification:
                 f"adapter effect {self.adapter_effect:.3g} → {verdict}")
 
 
+def memory_for_verification(merged_dir: Path) -> tuple[float, float, str]:
+    """(bytes verification needs, bytes free, where): one whole model in the output dtype at a time, i.e. about
+    the merged shards' size, plus a fifth for activations and the loaders' temporaries."""
+    needed = 1.2 * sum(f.stat().st_size for f in Path(merged_dir).glob("*.safetensors"))
+    if torch.cuda.is_available():
+        return needed, float(torch.cuda.mem_get_info()[0]), "GPU memory"
+    import psutil
+
+    return needed, float(psutil.virtual_memory().available), "RAM"
+
+
+def verify_if_it_fits(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged_dir: Path,
+                      dtype_name: str, console) -> Verification | None:
+    """Verify, unless it would need more memory than is free: the merge streams, verification cannot, and a
+    16 GB laptop merging a 7B must not be killed (losing the finished merge) for a check."""
+    needed, free, where = memory_for_verification(merged_dir)
+    if needed > free:
+        console.print(f"[yellow]verification skipped:[/] it loads whole models (about {needed / 1024**3:.1f} GiB) "
+                      f"and only {free / 1024**3:.1f} GiB of {where} is free. The merged folder is complete; verify "
+                      "it where there is more memory, or try it with `python -m qlora_kit.chat`.")
+        return None
+    return verify(run, base, adapter, plan, merged_dir, dtype_name, console)
+
+
 def verify(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged_dir: Path, dtype_name: str,
            console) -> Verification:
     from transformers import AutoTokenizer

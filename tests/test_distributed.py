@@ -35,7 +35,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
     single = run_cli(DEMO, *COMMON, "train.batch_size=4", f"output.dir={root / 'single'}")
     assert single.returncode == 0, single.stderr[-2000:]
-    double = torchrun(*COMMON, "train.batch_size=2", f"output.dir={root / 'double'}")
+    # Rank 0 also writes the end-of-run samples while the other rank is done: that must not hang.
+    double = torchrun(*COMMON, "train.batch_size=2", "samples.count=1", "samples.max_new_tokens=8",
+                      f"output.dir={root / 'double'}")
     assert double.returncode == 0, double.stderr[-3000:]
     return root, double
 
@@ -53,6 +55,8 @@ def test_only_rank_zero_writes_and_speaks(runs):
     summary = json.loads((root / "double" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch"] == 4
     assert (root / "double" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (root / "double" / "samples.md").is_file() and (root / "double" / "report.md").is_file()
+    assert result.stdout.count("base vs fine-tuned, 1 ") == 1
     assert result.stdout.count("run summary") == 1 and result.stdout.count("Resolved recipe") == 1
     assert "2 processes, global batch 4" in result.stdout
 

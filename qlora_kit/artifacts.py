@@ -5,6 +5,8 @@
     metrics.jsonl     one JSON object per logged step
     loss_curve.png    train (raw + smoothed) and eval loss
     summary.json      steps, wall time, tokens/s, peak memory, final losses
+    samples.md        base vs fine-tuned answers to held-out questions (qlora_kit.samples)
+    report.md         the run on one page, with memory_speed.png (qlora_kit.run_report)
     preview.jsonl     (--dry-run) input_ids and labels of the first examples
 """
 
@@ -23,6 +25,9 @@ from qlora_kit.memory import snapshot
 
 ADAPTER_DIR, RECIPE_FILE, METRICS_FILE = "adapter", "recipe.toml", "metrics.jsonl"
 CURVE_FILE, SUMMARY_FILE, PREVIEW_FILE = "loss_curve.png", "summary.json", "preview.jsonl"
+SAMPLES_FILE, REPORT_FILE, MEMORY_SPEED_FILE = "samples.md", "report.md", "memory_speed.png"
+FINISHED_RUN_FILES = (ADAPTER_DIR, SUMMARY_FILE, METRICS_FILE, CURVE_FILE, SAMPLES_FILE, REPORT_FILE, MEMORY_SPEED_FILE)
+"""What a finished run wrote; --overwrite removes exactly these (and the checkpoints) before training again."""
 
 
 def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool,
@@ -42,6 +47,8 @@ def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool,
     if finished or restart or not checkpoint:
         if change:
             shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
+            if finished:  # --overwrite: from here on an ordinary unfinished run, which an interrupt can resume
+                remove_finished_run(directory)
             directory.mkdir(parents=True, exist_ok=True)
         return None, 0
     saved = directory / RECIPE_FILE
@@ -52,6 +59,15 @@ def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool,
                         hint="Run it with the same settings to resume, pass --restart to start over in this "
                              "directory, or choose another output.dir.")
     return checkpoint, step
+
+
+def remove_finished_run(directory: Path) -> None:
+    for name in FINISHED_RUN_FILES:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def refuse_finished_run(directory: Path, overwrite: bool) -> list[str]:

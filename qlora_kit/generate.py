@@ -219,8 +219,16 @@ class Reply:
 
 
 def input_device(model) -> torch.device:
-    """Where the token ids must go: the input embedding's device (memory.embeddings_on_cpu keeps it in RAM)."""
-    return model.get_input_embeddings().weight.device
+    """Where the token ids must go: where the input embedding computes. With memory.embeddings_on_cpu on a GPU,
+    accelerate keeps that matrix in RAM (its parameter reads `meta` between passes) and runs it on the GPU."""
+    embedding = model.get_input_embeddings()
+    execution = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+    device = embedding.weight.device
+    if device.type == "meta":
+        device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    return device
 
 
 def generation_config(model, tokenizer, settings: GenerationSettings):

@@ -238,17 +238,25 @@ def check_lora_targets(recipe: Recipe) -> None:
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 - an unreadable model is reported where it is loaded, with its own message
         return
-    linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
-    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linear)]
+    # Any module name peft can match (it also adapts embeddings and convolutions); whether it can adapt that
+    # layer type is peft's to say. The suggestions are the Linear layers, what LoRA usually targets.
+    names = [name for name, _ in skeleton.named_modules() if name]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     if missing:
+        leaves = linear_layer_names(skeleton)
         problems = []
         for target in missing:
             close = difflib.get_close_matches(target, leaves, n=1, cutoff=0.6)
-            problems.append(f"`{target}` is not a Linear layer of {config.model_type}"
+            problems.append(f"`{target}` is not a layer of {config.model_type}"
                             + (f" (did you mean `{close[0]}`?)" if close else ""))
         raise UserError("lora.target_modules names layers this model does not have:", problems,
                         hint=f"Its Linear layers: {', '.join(leaves)}; or use 'all-linear'.")
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct names of the model's Linear layers (quantized ones included), e.g. q_proj, down_proj."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__})
 
 
 def add_lora(model, lora: LoraSection):
@@ -258,10 +266,9 @@ def add_lora(model, lora: LoraSection):
         return get_peft_model(model, lora_config(lora))
     except ValueError as e:
         if "target modules" in str(e).lower():
-            names = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                            if isinstance(mod, torch.nn.Linear) or "Linear" in type(mod).__name__})
             raise UserError(f"lora.target_modules: {e}",
-                            hint=f"Linear layers in this model: {', '.join(names)} (or use 'all-linear').") from None
+                            hint=f"Linear layers in this model: {', '.join(linear_layer_names(model))} (or use "
+                                 "'all-linear').") from None
         raise
 
 

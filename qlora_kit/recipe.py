@@ -309,16 +309,24 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
         return
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as e:
-        if text.strip().startswith(("[", "{", '"', "'")):  # meant as a list, table or quoted string: say so
-            problems.append(f"override `{item}`: the value is not a valid TOML literal ({e}); e.g. "
-                            f'{key.strip()}=["q_proj","v_proj"] (quote the whole argument in the shell)')
+    except tomllib.TOMLDecodeError:
+        if _takes_list_or_table(parts[0], parts[1]):  # e.g. lora.target_modules=[q_proj: a broken list, not text
+            problems.append(f"override `{item}`: `{key.strip()}` takes a list, and this is not a valid TOML one; "
+                            f'write it like {key.strip()}=["q_proj","v_proj"] (quote the whole argument in the shell)')
             return
-        # A bare word is the common case for strings (data.source=rows.jsonl): take it as text.
+        # A bare word is the common case for strings (data.source=rows.jsonl, data.format={question} ...).
         value = text
     raw.setdefault(parts[0], {})
     if isinstance(raw[parts[0]], dict):
         raw[parts[0]][parts[1]] = value
+
+
+def _takes_list_or_table(section: str, key: str) -> bool:
+    section_type = typing.get_type_hints(Recipe).get(section)
+    if section == "sft" or not dataclasses.is_dataclass(section_type):
+        return False
+    annotation = typing.get_type_hints(section_type).get(key)
+    return typing.get_origin(annotation) in (list, dict)
 
 
 def _coerce(value: Any, annotation: Any) -> tuple[Any, str]:

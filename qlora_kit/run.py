@@ -98,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     outcome = fit(recipe, tokenizer, train_examples, eval_examples, out, console, resume_from, resume_step,
                   processes)
     if outcome.interrupted:
+        # Without --overwrite: the directory now holds an unfinished run, which re-running resumes.
+        resume = args.command.replace(" --overwrite", "")
         console.print(f"[bold yellow]stopped by {outcome.interrupted}[/] at step {outcome.step}; checkpoint saved. "
-                      f"Resume with:\n  {args.command}")
+                      f"Resume with:\n  {resume}")
         return EXIT_INTERRUPTED
     if processes.is_main:
         from qlora_kit.run_report import write_report

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora_kit.samples import CONTROL_CHARACTERS, SAMPLES_FILE, Sample, fenced, one_line, quoted
-
-REPORT_FILE, MEMORY_SPEED_FILE = "report.md", "memory_speed.png"
-CURVE_FILE = "loss_curve.png"  # artifacts.CURVE_FILE; not imported from there, which pulls in the Trainer
+from qlora_kit.artifacts import CURVE_FILE, MEMORY_SPEED_FILE, METRICS_FILE, REPORT_FILE, SAMPLES_FILE
+from qlora_kit.markdown import fenced, one_line, quoted, table_cell
+from qlora_kit.samples import Sample
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -90,7 +89,7 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
     lines += ["## Data", "", fenced("\n".join(data_report)), ""]
     lines += sample_lines(samples)
     lines += ["## Recipe", "", "Everything this run used, defaults included (also in `recipe.toml`).", "",
-              "```toml", recipe_toml.rstrip(), "```", ""]
+              fenced(recipe_toml.rstrip(), "toml"), ""]
     path = run_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -137,12 +136,6 @@ def sample_lines(samples: list[Sample]) -> list[str]:
                   f"| base | {table_cell(sample.base.answer) or '_(no answer)_'} |",
                   f"| fine-tuned | {table_cell(sample.tuned.answer) or '_(no answer)_'} |", ""]
     return lines
-
-
-def table_cell(text: str, width: int = 400) -> str:
-    """One Markdown table cell: a single line, pipes and control characters escaped, long answers shortened."""
-    text = CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match[0]):02x}", one_line(text, width))
-    return text.replace("|", "\\|")
 
 
 def format_value(value) -> str:

@@ -10,7 +10,6 @@ the recipe holds none out; samples.md says which.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +18,12 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from qlora_kit.artifacts import SAMPLES_FILE
 from qlora_kit.data import Row
 from qlora_kit.generate import GenerationSettings, Reply, ask, prompt_format
+from qlora_kit.markdown import fenced, one_line, quoted
 from qlora_kit.recipe import DataSection, Recipe
 
-SAMPLES_FILE = "samples.md"
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 THINK_PREVIEW_CHARS = 240
 """The terminal view shows this much of each reasoning (samples.md has all of it)."""
 
@@ -149,24 +148,6 @@ def missing_answer(reply: Reply, max_new_tokens: int) -> str:
 def details(summary: str, text: str) -> list[str]:
     # Blank lines around the body: Markdown renderers only format block content inside HTML when it stands alone.
     return [f"<details><summary>{summary}</summary>", "", fenced(text), "", "</details>", ""]
-
-
-def fenced(text: str) -> str:
-    """A code block that shows `text` verbatim: model output can hold anything, even backticks. Control
-    characters (which an undertrained model does produce) are written as \\xNN escapes, so the file stays text."""
-    text = CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}text\n{text}\n{fence}"
-
-
-def quoted(text: str) -> str:
-    return "\n".join(f"> {line}" if line else ">" for line in text.splitlines())
-
-
-def one_line(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 # ------------------------------------------------------------------------------------------------ terminal

@@ -92,7 +92,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset,
                   output_dir: Path, callbacks: list):
     from transformers import PrinterCallback
 
-    from qlora_kit.sampling import resumable_trainer_class
+    from qlora_kit.batch_order import resumable_trainer_class
 
     if recipe.distributed.fsdp and precision.device == "cpu":
         from qlora_kit.distributed import allow_fsdp_on_cpu
@@ -193,18 +193,26 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
                                   result.training_loss, final_eval.get("eval_loss"), trainable, label, resume_step)
     summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
-    return Outcome(trainer.state.global_step, summary=summary, samples=end_of_run_samples(trainer, tokenizer, recipe,
-                                                                                         out, console))
+    samples = end_of_run_samples(trainer, tokenizer, recipe, out, console)
+    return Outcome(trainer.state.global_step, summary=summary, samples=samples)
 
 
 def end_of_run_samples(trainer, tokenizer, recipe: Recipe, out: Path, console) -> list:
-    """Base vs fine-tuned answers from the model still in memory (the adapter switched off, then on)."""
-    if recipe.distributed.fsdp:  # sharded weights: generating would need every rank; merge and chat instead
+    """Base vs fine-tuned answers from the model still in memory (the adapter switched off, then on).
+
+    The adapter and summary are saved by now: whatever goes wrong here is reported in one line and the run
+    still ends as finished, with its report."""
+    if trainer.is_fsdp_enabled:  # sharded weights: generating would need every rank; merge and chat instead
         console.print("[dim]samples skipped under FSDP: merge the adapter, then `python -m qlora_kit.chat`.")
         return []
     from qlora_kit.samples import write_run_samples
 
-    return write_run_samples(trainer.model, tokenizer, recipe, out, console)
+    try:
+        return write_run_samples(trainer.model, tokenizer, recipe, out, console)
+    except Exception as error:  # noqa: BLE001 - a failed extra must not turn a finished run into a traceback
+        console.print(f"[yellow]samples skipped ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                      "the adapter is saved. Try the model with `python -m qlora_kit.chat` instead.")
+        return []
 
 
 def final_evaluation(trainer) -> dict:

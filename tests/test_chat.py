@@ -260,3 +260,24 @@ def test_reply_printer_layout():
     assert shown.index("thinking") < shown.index("39.8 is at least 38.0.\n") < shown.index("answer") \
         < shown.index("Yes, a fever.\n")
     assert hidden == "Yes, a fever.\n"
+
+
+def test_generation_finds_the_input_device_of_an_offloaded_embedding(tmp_path):
+    """memory.embeddings_on_cpu on a GPU: accelerate keeps the embedding off the device (its parameter reads
+    `meta` between passes) and runs it on the execution device. A disk offload on CPU is the same mechanism."""
+    import torch
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qlora_kit.generate import input_device
+
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = dispatch_model(AutoModelForCausalLM.from_config(config).eval(),
+                           device_map={"model.embed_tokens": "disk", "": "cpu"}, offload_dir=str(tmp_path))
+    assert model.get_input_embeddings().weight.device.type == "meta"
+    assert input_device(model) == torch.device("cpu")
+    ids = torch.tensor([[1, 2, 3]], device=input_device(model))
+    assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                          do_sample=False).shape == (1, 6)

@@ -44,6 +44,16 @@ def test_overrides_are_typed_as_toml_literals():
     assert recipe.train.epochs == 2.0 and isinstance(recipe.train.epochs, float)
 
 
+def test_a_bare_template_is_text_but_a_broken_list_is_an_error():
+    # The seed tutorial's template, typed without TOML quotes: it starts with a brace but is meant as text.
+    bare = recipe_from_dict({}, ["data.format=诊断问题：{question}\n详细分析：{cot}\n### 答案：\n{response}"])
+    assert bare.data.format.startswith("诊断问题：{question}")
+    assert recipe_from_dict({}, ["data.format={question} ### {response}"]).data.format == "{question} ### {response}"
+    with pytest.raises(UserError, match="1 problem") as caught:
+        recipe_from_dict({}, ["lora.target_modules=[q_proj"])
+    assert "takes a list" in caught.value.problems[0]
+
+
 def test_all_problems_reported_at_once_with_did_you_mean():
     raw = {"train": {"learning_rat": 1e-4, "batch_size": "4", "max_steps": -3},
            "lora": {"r": 0}, "quant": {"quant_type": "nf5"}, "modle": {"name": "x"}}

@@ -124,7 +124,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
 
 def test_resume_in_a_later_epoch_replays_the_length_grouped_order(tmp_path):
     """240 rows at batch 4: epoch 2 starts at step 61. transformers' own length-grouped sampler shuffles with the
-    global RNG, so a run resumed there trained on other batches (qlora_kit.sampling); ours replays them."""
+    global RNG, so a run resumed there trained on other batches (qlora_kit.batch_order); ours replays them."""
     later = [*SHORT, "train.max_steps=70"]
     whole = run_cli(DEMO, *later, f"output.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]
@@ -137,3 +137,17 @@ def test_resume_in_a_later_epoch_replays_the_length_grouped_order(tmp_path):
     assert sorted(got) == list(range(1, 71))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_an_interrupted_overwrite_resumes_instead_of_starting_over(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(DEMO, *SHORT, "train.max_steps=4", f"output.dir={out}").returncode == 0
+    (out / "notes.txt").write_text("mine")  # not ours: --overwrite must leave it alone
+    crashed = run_cli(DEMO, *SHORT, f"output.dir={out}", "--overwrite", env={"QLORA_KIT_FAULT_OOM_AT_STEP": "6"})
+    assert crashed.returncode == 3 and "Saved a checkpoint at step 5" in crashed.stderr
+    # The old run's files are gone, so the directory is an unfinished run: re-running resumes it.
+    assert not (out / "summary.json").exists() and not (out / "adapter").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    resumed = run_cli(DEMO, *SHORT, f"output.dir={out}")
+    assert resumed.returncode == 0 and "resuming from step 5" in resumed.stdout, resumed.stderr[-2000:]
+    assert sorted(losses(out)) == list(range(1, 13))

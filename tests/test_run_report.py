@@ -9,7 +9,8 @@ import pytest
 
 from qlora_kit.data import Row
 from qlora_kit.generate import Reply
-from qlora_kit.run_report import table_cell, throughput, write_report
+from qlora_kit.markdown import table_cell
+from qlora_kit.run_report import throughput, write_report
 from qlora_kit.samples import Sample
 
 RECORDS = [

@@ -12,11 +12,13 @@ import torch
 from conftest import REPO, encode_for_training
 from rich.console import Console
 
+from qlora_kit.artifacts import SAMPLES_FILE
 from qlora_kit.data import load_rows, split_rows
 from qlora_kit.encode import Encoder, to_dataset
+from qlora_kit.markdown import fenced
 from qlora_kit.model import add_lora, choose_precision, load_model
 from qlora_kit.recipe import load_recipe
-from qlora_kit.samples import SAMPLES_FILE, fenced, pick_rows, write_run_samples
+from qlora_kit.samples import pick_rows, write_run_samples
 from qlora_kit.train import build_trainer
 
 DEMO = REPO / "recipes" / "demo.toml"

@@ -80,16 +80,31 @@ def refuse_finished_run(directory: Path, overwrite: bool) -> list[str]:
     return finished
 
 
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short (the process killed mid-write, a full disk) is left out."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
 class MetricsRecorder(TrainerCallback):
     """Appends every log (train and eval) to metrics.jsonl, with time and memory, as it happens:
     a run that dies still leaves its curve behind."""
 
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
-        self.started = time.monotonic()
         # A resumed run keeps the records up to its checkpoint and continues the same file.
-        old = path.read_text(encoding="utf-8").splitlines() if resume_step and path.is_file() else []
-        self.records = [r for r in map(json.loads, old) if r["step"] <= resume_step]
+        self.records = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step else []
+        # ... and its clock: time_s runs on from the checkpoint, so throughput across the resume stays right.
+        self.started = time.monotonic() - max((r.get("time_s", 0.0) for r in self.records), default=0.0)
         # TRL counts trained tokens (num_tokens) from 0 in every process, resumed or not; the file stays
         # cumulative over the whole run, so a resumed run continues from the count at its checkpoint.
         self.token_offset = max((r.get("num_tokens", 0) for r in self.records), default=0)
@@ -149,13 +164,13 @@ def write_json(path: Path, content: dict) -> None:
 
 
 def summarize(records: list[dict], steps: int, wall_s: float, train_rows: int, mean_loss: float,
-              eval_loss: float | None, trainable: int, weights: str, resume_step: int = 0) -> dict:
+              eval_loss: float | None, trainable: int, weights: str, resume_step: int = 0,
+              tokens_before: int = 0) -> dict:
     """The run in one dict. Wall time and tokens/s are this process's: a resumed run counts from its resume
     (`resumed_from_step`), while the losses cover the whole run."""
     # num_tokens: the running count of tokens trained on (padding excluded), cumulative over the whole run
     # (MetricsRecorder), so the tokens of this process are the count now minus the count at the checkpoint.
-    tokens = max((r.get("num_tokens", 0) for r in records), default=0)
-    tokens -= max((r.get("num_tokens", 0) for r in records if r["step"] <= resume_step), default=0)
+    tokens = max((r.get("num_tokens", 0) for r in records), default=0) - tokens_before
     losses = [r["loss"] for r in records if "loss" in r]
     mem = snapshot()
     return {

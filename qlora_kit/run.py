@@ -141,6 +141,7 @@ def check_memory_plan(recipe, console, force: bool) -> None:
     """Show the VRAM plan; on a GPU, refuse a run that clearly does not fit (the OOM would come later)."""
     import torch
 
+    from qlora_kit.distributed import current
     from qlora_kit.plan import make_plan, print_plan, read_architecture
 
     on_gpu = torch.cuda.is_available()
@@ -148,7 +149,11 @@ def check_memory_plan(recipe, console, force: bool) -> None:
     plan = make_plan(read_architecture(recipe.model), recipe, vram_gib)
     console.rule("[bold]memory plan" + ("" if on_gpu else " (no GPU here: shown for an 8 GiB GPU)"))
     print_plan(plan, console)
-    if on_gpu and not plan.fits and not force:
+    sharded = recipe.distributed.fsdp and current().distributed
+    if sharded:  # the planner knows one GPU holding everything; FSDP splits weights and adapter state over N
+        console.print(f"[dim]FSDP: this is the unsharded plan; over {current().world_size} GPUs each holds a share "
+                      "of the weights and the adapter state (but loads the whole 4-bit model once before sharding).")
+    if on_gpu and not plan.fits and not force and not sharded:
         raise UserError(f"The plan says this run needs about {plan.peak_gib:.1f} GiB; this GPU has "
                         f"{vram_gib:.1f} GiB.", hint=f"Try {plan.suggestion}, or pass --force to try anyway.")
 

@@ -10,19 +10,11 @@ does: a code host, an editor, a notebook. (The terminal output is report.py's jo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from qlora_kit.artifacts import CURVE_FILE, MEMORY_SPEED_FILE, METRICS_FILE, REPORT_FILE, SAMPLES_FILE
+from qlora_kit.artifacts import CURVE_FILE, MEMORY_SPEED_FILE, METRICS_FILE, REPORT_FILE, SAMPLES_FILE, read_records
 from qlora_kit.markdown import fenced, one_line, quoted, table_cell
 from qlora_kit.samples import Sample
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def throughput(records: list[dict]) -> list[tuple[int, float]]:
@@ -75,7 +67,7 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
                  summary: dict, samples: list[Sample]) -> Path:
     """Write report.md (and memory_speed.png) into the run directory; returns the report's path."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = read_records(run_dir / METRICS_FILE)
     has_memory_plot = write_memory_speed(records, run_dir / MEMORY_SPEED_FILE, title)
     lines = [f"# Run report: {title}", "", f"Command: `{command}`", "", "## Summary", "",
              "| | |", "| --- | --- |"]

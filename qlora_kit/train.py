@@ -79,8 +79,9 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
 
 
 def fsdp_arguments(recipe: Recipe) -> dict:
-    """FSDP2 for QLoRA: full sharding, the checkpoint loaded on rank 0 and broadcast (RAM), one
-    HF-compatible state dict for the adapter."""
+    """FSDP2 for QLoRA: full sharding and one HF-compatible state dict for checkpoints. Each rank loads the whole
+    4-bit model onto its GPU before it is sharded (transformers' rank-0 loading skips quantized models), so one
+    GPU must hold the 4-bit weights once; training then needs 1/N of them per GPU."""
     if not recipe.distributed.fsdp:
         return {}
     return {"fsdp": True, "fsdp_config": {
@@ -181,8 +182,7 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
         if status:
             status.close()
     wall = time.monotonic() - started
-    # Under FSDP each rank holds a shard of the adapter: gather it on every rank (a collective), rank 0 saves it.
-    adapter_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    adapter_state = gathered_adapter(trainer.model) if trainer.is_fsdp_enabled else None
     if not processes.is_main:
         return Outcome(trainer.state.global_step)
 
@@ -190,11 +190,20 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     tokenizer.save_pretrained(out / artifacts.ADAPTER_DIR)
     artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE, f"{Path(recipe.model.name).name} · {label}")
     summary = artifacts.summarize(metrics.records, trainer.state.global_step, wall, len(train_examples),
-                                  result.training_loss, final_eval.get("eval_loss"), trainable, label, resume_step)
+                                  result.training_loss, final_eval.get("eval_loss"), trainable, label, resume_step,
+                                  metrics.token_offset)
     summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
     samples = end_of_run_samples(trainer, tokenizer, recipe, out, console)
     return Outcome(trainer.state.global_step, summary=summary, samples=samples)
+
+
+def gathered_adapter(model) -> dict:
+    """Under FSDP each rank holds a shard of every adapter weight: gather the trainable ones, and only those, on
+    every rank (each `full_tensor()` is a collective, taken in the same order everywhere); rank 0 saves them.
+    accelerate's get_state_dict would gather the whole 4-bit base as well, ~18 GB into RAM for a 32B model."""
+    return {name: (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().cpu()
+            for name, param in model.named_parameters() if param.requires_grad}
 
 
 def end_of_run_samples(trainer, tokenizer, recipe: Recipe, out: Path, console) -> list:

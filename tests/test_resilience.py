@@ -61,6 +61,8 @@ def test_out_of_memory_saves_and_resume_reproduces_the_curve(uninterrupted, tmp_
               if "num_tokens" in r}
     assert summary["resumed_from_step"] == 6
     assert tokens[7] > tokens[6] and tokens[12] > tokens[7]  # metrics.jsonl counts over the whole run
+    times = [r["time_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert times == sorted(times)  # and its clock runs on from the checkpoint
     # wall_time_s is rounded to 0.1 s: the product may be off by up to 0.05 s worth of tokens.
     trained = summary["tokens_per_s"] * summary["wall_time_s"]
     assert abs(trained - (tokens[12] - tokens[6])) <= 0.05 * summary["tokens_per_s"] + 1

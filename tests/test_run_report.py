@@ -60,3 +60,12 @@ def test_report_without_memory_records_has_no_picture(tmp_path, records):
                           samples=[]).read_text()
     assert "memory_speed.png" not in report and "## Base vs fine-tuned" not in report
     assert not (tmp_path / "memory_speed.png").exists()
+
+
+def test_a_line_cut_short_is_left_out(tmp_path):
+    from qlora_kit.artifacts import read_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1]) + "\n" + '{"step": 3, "lo')
+    assert read_records(path) == RECORDS[:2]
+    assert read_records(tmp_path / "missing.jsonl") == []

@@ -154,8 +154,9 @@ class MemorySection:
     """Keep the checkpointed layer inputs in CPU RAM instead of VRAM (TRL activation offloading): long
     sequences fit in less VRAM, at some speed cost. Off until measured on GPUs (tools/bench.py)."""
     embeddings_on_cpu: bool = False
-    """Keep the frozen input-embedding matrix in CPU RAM (about 1 GB for a 7B model): the lookup is cheap
-    and only the looked-up rows travel to the GPU."""
+    """Keep the frozen input-embedding matrix in CPU RAM (about 1 GB for a 7B model), with accelerate's CPU
+    offload: it is copied to the GPU for the embedding lookup at the start of each forward pass and freed right
+    after, so it is not in VRAM at the step's peak (the backward pass). Costs one ~1 GB copy per micro-batch."""
 
 
 @dataclass

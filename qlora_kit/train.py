@@ -259,7 +259,9 @@ def out_of_memory(error, trainer, recipe: Recipe, out: Path):
     fresh += [f"lora.r={lower_rank}"] * (lower_rank < recipe.lora.r)
     if recipe.train.batch_size > 1:
         fresh.insert(0, f"train.batch_size=1 train.grad_accum={recipe.train.batch_size * recipe.train.grad_accum}")
-    hint = [f"To lower peak memory and resume from the checkpoint, add: {resumable}."]
+    # The memory.* switches move things from the GPU to RAM: on a CPU run there is nothing they could free.
+    hint = [f"To lower peak memory and resume from the checkpoint, add: {resumable}."] if torch.cuda.is_available() \
+        else []
     hint += [f"Or start over (--restart) with: {'; '.join(fresh)}."] if fresh else []
     hint += ["`python -m qlora_kit.plan RECIPE` shows where the memory goes."]
     return UserError(f"Out of {mem.kind} at step {step + 1}: {str(error).splitlines()[0]}",

@@ -39,6 +39,13 @@ def smoke_result(tmp_path_factory):
     return json.loads(out.read_text(encoding="utf-8")), done.stdout, time.monotonic() - started
 
 
+def test_full_size_models_without_a_gpu_are_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH), "--models", "r1-distill-qwen-7b", "--out", str(tmp_path / "x")],
+                          cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2 and "only --smoke" in done.stderr and not (tmp_path / "x").exists()
+
+
 def test_smoke_writes_the_documented_schema(smoke_result):
     doc, _, _ = smoke_result
     for key in ("schema", "command", "timestamp", "settings", "device", "versions", "host", "runs", "models",

@@ -43,7 +43,8 @@ def test_out_of_memory_saves_and_resume_reproduces_the_curve(uninterrupted, tmp_
     crashed = run_cli(DEMO, *SHORT, f"output.dir={out}", env={"QLORA_KIT_FAULT_OOM_AT_STEP": "7"})
     assert crashed.returncode == 3
     assert "Out of RAM at step 7" in crashed.stderr and "Saved a checkpoint at step 6" in crashed.stderr
-    assert "memory.offload_activations=true" in crashed.stderr and "Traceback" not in crashed.stderr
+    assert "Traceback" not in crashed.stderr and "lora.r=8" in crashed.stderr
+    assert "memory.offload_activations" not in crashed.stderr  # GPU-to-RAM switches: nothing to free on a CPU
     assert (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").is_file()
     assert not (out / "summary.json").exists()
 

@@ -105,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="See the module docstring for the "
                                      "GPU protocol.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models through the same code path (CPU or GPU)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run the full-size models without a GPU anyway (hours, and ~8 GB of RAM per model)")
     parser.add_argument("--models", help=f"comma-separated, from: {', '.join(ARCHITECTURES)} (default: all; "
                         f"smoke: {','.join(SMOKE_MODELS)})")
     parser.add_argument("--setups", default="baseline,qlora_kit",
@@ -600,11 +602,22 @@ def open_document(args, command: str) -> dict:
     return doc
 
 
+def gpu_present() -> bool:
+    """Asked in a child process: this parent never imports torch (each trial gets a fresh CUDA context)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=120)
+    return probe.stdout.strip() == "True"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.show:
         print(markdown_tables(merge_documents([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.show])))
         return 0
+    if not args.smoke and not args.allow_cpu and not gpu_present():
+        print("bench.py: no CUDA GPU here. Full-size models measure VRAM and GPU speed; on a CPU only --smoke "
+              "runs (the code path on tiny models). --allow-cpu runs them anyway.", file=sys.stderr)
+        return 2
     command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["bench", *argv])
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or REPO / "bench" / "results" / f"{'smoke-' if args.smoke else ''}{stamp}.json")

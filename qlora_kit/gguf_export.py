@@ -598,11 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.modelfile_path:
         print(f"wrote {result.modelfile_path}: ollama create NAME -f {result.modelfile_path}")
     if args.verify:
-        from qlora_kit.gguf_verify import check_gguf
+        from qlora_kit.gguf_verify import verify_export
 
-        check = check_gguf(folder, result.gguf_path, args.type)
-        print(f"verification (GGUF read back by transformers vs {folder}): {check.describe()}")
-        return 0 if check.passed else 1
+        return verify_export(folder, result.gguf_path, args.type)
     return 0
 
 

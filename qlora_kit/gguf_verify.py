@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.merge.verify import SAMPLE_PROMPTS, encode_prompt, free_memory, run_prompts
+from qlora_kit.merge.verify import SAMPLE_PROMPTS, encode_prompt, free_memory, memory_for_verification, run_prompts
 
 # Max |Δlogit| allowed, relative to the largest |logit| of the merged model. Measured on tiny random Qwen2 and
 # Llama models (tests/test_export_gguf.py): f16 ~1.3e-3, q8_0 ~3e-2 (q8_0's rounding amplified through the
@@ -71,3 +71,22 @@ def logits_of(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     finally:
         del model
         free_memory()
+
+
+def verify_export(merged_dir: Path, gguf_path: Path, quant: str) -> int:
+    """The --verify step of the command line: prints one line; exit code 0 (pass or skipped) or 1 (fail).
+    The GGUF file is written either way: a check that cannot run says why and keeps it."""
+    needed, free, where = memory_for_verification(merged_dir)
+    needed *= 2  # the merged shards are 16-bit; both models are compared in float32
+    if needed > free:
+        print(f"verification skipped: it loads whole models in float32 (about {needed / 1024**3:.1f} GiB) and only "
+              f"{free / 1024**3:.1f} GiB of {where} is free; {gguf_path} is written.")
+        return 0
+    try:
+        check = check_gguf(merged_dir, gguf_path, quant)
+    except Exception as error:  # noqa: BLE001 - transformers' GGUF reader has its own limits; report, keep the file
+        print(f"verification could not run ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+              f"{gguf_path} is written.")
+        return 1
+    print(f"verification (GGUF read back by transformers vs {merged_dir}): {check.describe()}")
+    return 0 if check.passed else 1

@@ -264,8 +264,7 @@ def print_plan(plan: Plan, console=None) -> None:
     verdict = "[bold green]fits" if plan.fits else "[bold red]does not fit"
     # The search stops at the model's context length; say so, or it reads as a memory limit.
     capped = " (the model's context length, not memory, is the limit)" if plan.context_bound else ""
-    article = "an" if f"{plan.vram_gib:g}".startswith(("8", "11", "18")) else "a"
-    console.print(f"{verdict}[/] {article} {plan.vram_gib:g} GiB GPU ({plan.budget_gib:g} GiB usable after "
+    console.print(f"{verdict}[/] a GPU with {plan.vram_gib:g} GiB ({plan.budget_gib:g} GiB usable after "
                   f"{DESKTOP_GIB} GiB for the desktop); longest max_length at batch 1: {plan.max_length_fit}{capped}; "
                   f"{plan.suggestion}")
 

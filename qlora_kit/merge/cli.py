@@ -107,8 +107,8 @@ def merge(args: argparse.Namespace) -> int:
                              dtype_name=dtype_name, verification=verification)
         console.print(f"[bold green]written:[/] {out}")
     wall = time.monotonic() - started
-    console.print(f"done in {wall:.1f} s · peak RAM {peak_rss_gib():.2f} GiB "
-                  f"(merge alone {merge_peak:.2f} GiB{'' if verification is None else '; verification loads whole models'})")
+    loads = "" if verification is None else "; verification loads whole models"
+    console.print(f"done in {wall:.1f} s · peak RAM {peak_rss_gib():.2f} GiB (merge alone {merge_peak:.2f} GiB{loads})")
     if verification is not None and not verification.passed:
         console.print("[bold red]verification FAILED:[/] the merged model's logits differ from PEFT's beyond the "
                       "tolerance; the folder is written for inspection, do not ship it.")

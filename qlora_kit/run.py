@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(recipe.model)
     train_examples, eval_examples, data_report = build_examples(recipe, tokenizer, console)
     report.show_example(console, train_examples[0], tokenizer)
-    check_memory_plan(recipe, console, force=args.force)
+    plan = check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
         if processes.is_main:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         label = outcome.summary.get("model_weights", "")
         write_report(out, title=f"{Path(recipe.model.name).name} · {label}", command=args.command,
                      recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=outcome.summary,
-                     samples=outcome.samples)
+                     samples=outcome.samples, planned_reserved_gib=plan.reserved_gib if plan else None)
     report.show_summary(console, outcome.summary, out)
     return 0
 
@@ -137,8 +137,9 @@ def build_examples(recipe, tokenizer, console):
     return train_examples, eval_examples, data_report
 
 
-def check_memory_plan(recipe, console, force: bool) -> None:
-    """Show the VRAM plan; on a GPU, refuse a run that clearly does not fit (the OOM would come later)."""
+def check_memory_plan(recipe, console, force: bool):
+    """Show the VRAM plan; on a GPU, refuse a run that clearly does not fit (the OOM would come later).
+    Returns the plan on a GPU (report.md sets it against the measured peak), None on a CPU."""
     import torch
 
     from qlora_kit.distributed import current
@@ -156,6 +157,7 @@ def check_memory_plan(recipe, console, force: bool) -> None:
     if on_gpu and not plan.fits and not force and not sharded:
         raise UserError(f"The plan says this run needs about {plan.peak_gib:.1f} GiB; this GPU has "
                         f"{vram_gib:.1f} GiB.", hint=f"Try {plan.suggestion}, or pass --force to try anyway.")
+    return plan if on_gpu else None
 
 
 def quiet_libraries() -> None:

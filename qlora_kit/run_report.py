@@ -64,7 +64,7 @@ def write_memory_speed(records: list[dict], path: Path, title: str) -> bool:
 
 
 def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, data_report: list[str],
-                 summary: dict, samples: list[Sample]) -> Path:
+                 summary: dict, samples: list[Sample], planned_reserved_gib: float | None = None) -> Path:
     """Write report.md (and memory_speed.png) into the run directory; returns the report's path."""
     run_dir = Path(run_dir)
     records = read_records(run_dir / METRICS_FILE)
@@ -77,7 +77,7 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
     lines += ["## Memory and throughput", ""]
     if has_memory_plot:
         lines += [f"![memory and tokens/s over the steps]({MEMORY_SPEED_FILE})", ""]
-    lines += resource_lines(records)
+    lines += resource_lines(records, planned_reserved_gib)
     lines += ["## Data", "", fenced("\n".join(data_report)), ""]
     lines += sample_lines(samples)
     lines += ["## Recipe", "", "Everything this run used, defaults included (also in `recipe.toml`).", "",
@@ -100,7 +100,7 @@ def loss_lines(records: list[dict]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def resource_lines(records: list[dict]) -> list[str]:
+def resource_lines(records: list[dict], planned_reserved_gib: float | None = None) -> list[str]:
     kind = memory_kind(records)
     peaks = [r[f"{kind.lower()}_peak_gib"] for r in records if f"{kind.lower()}_peak_gib" in r]
     speed = [tokens_per_s for _, tokens_per_s in throughput(records)]
@@ -108,6 +108,11 @@ def resource_lines(records: list[dict]) -> list[str]:
     if peaks:
         what = "peak reserved by the CUDA allocator" if kind == "VRAM" else "peak resident memory of the process"
         lines.append(f"- {kind}: {what} {max(peaks):.2f} GiB")
+        if planned_reserved_gib and kind == "VRAM":
+            # Every GPU run is a check of the planner: the same figure it predicted before loading a weight.
+            error = planned_reserved_gib / max(peaks) - 1
+            lines.append(f"- planner, before training: {planned_reserved_gib:.2f} GiB reserved ({error:+.0%} of the "
+                         "measured peak)")
     if speed:
         ordered = sorted(speed)
         lines.append(f"- throughput between logged steps: median {ordered[len(ordered) // 2]:,.0f} tokens/s "

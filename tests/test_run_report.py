@@ -39,13 +39,14 @@ def test_report_from_metrics_and_samples(tmp_path):
     path = write_report(tmp_path, title="m · pretrained", command="python -m qlora_kit.run r.toml",
                         recipe_toml="[train]\nmax_steps = 3\n", data_report=["training on 10 rows"],
                         summary={"steps": 3, "final_eval_loss": None, "tokens_per_s": 400.0},
-                        samples=[Sample(row, base, tuned)])
+                        samples=[Sample(row, base, tuned)], planned_reserved_gib=5.775)
     report = path.read_text()
     assert report.startswith("# Run report: m · pretrained\n")
     assert "| steps | 3 |" in report and "| final eval loss | — |" in report
     assert "train loss: 6.0000 at step 1 → 4.0000 at step 3 (3 logged steps)" in report
     assert "eval loss on the held-out rows: 5.5000 (step 2)" in report
     assert "VRAM: peak reserved by the CUDA allocator 5.25 GiB" in report
+    assert "planner, before training: 5.78 GiB reserved (+10% of the measured peak)" in report
     assert "median 500 tokens/s" in report
     assert "| reference | Yes \\| a fever. |" in report and "| base | _(no answer)_ |" in report
     assert "| fine-tuned | Yes. |" in report

@@ -201,8 +201,11 @@ def load_merged(folder: Path) -> Loaded:
     model = load_model(recipe, precision)
     model.eval()
     # No recipe travels with a merged model: its chat template and no system prompt, R1's recommendation.
-    return Loaded(model, tokenizer, prompt_format(tokenizer),
-                  f"merged model {folder}; {precision.describe()}")
+    # qlora_kit's merge says in the model card when the base had random weights (the demo): say it here too.
+    card = Path(folder) / "README.md"
+    demo = card.is_file() and "RANDOM weights" in card.read_text(encoding="utf-8", errors="replace")
+    label = "merged model (RANDOM-INIT base, demo: expect nonsense)" if demo else "merged model"
+    return Loaded(model, tokenizer, prompt_format(tokenizer), f"{label} {folder}; {precision.describe()}")
 
 
 # ------------------------------------------------------------------------------------------------ talking

@@ -111,7 +111,8 @@ def test_merged_folder(demo_run, tmp_path, capsys):
     assert not (merged / "adapter").exists()
     assert main([str(merged), "--prompt", QUESTION, "--greedy", "--max-new-tokens", "20"]) == 0
     captured = capsys.readouterr()
-    assert "merged model" in captured.err and "compute float32" in captured.err
+    assert "merged model (RANDOM-INIT base, demo: expect nonsense)" in captured.err
+    assert "compute float32" in captured.err
     assert "thinking" in captured.out and len(captured.out.strip()) > 20
 
 

@@ -32,7 +32,8 @@ EXIT_VERIFICATION_FAILED = 1
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m qlora_kit.merge",
+        # tools/merge.py and `python -m qlora_kit.merge` are the same command: name the one that was typed.
+        prog="python tools/merge.py" if Path(sys.argv[0]).name == "merge.py" else "python -m qlora_kit.merge",
         description="Merge a run's LoRA adapter into the original 16-bit base weights, shard by shard.",
         epilog="examples:\n  python tools/merge.py runs/medical\n"
                "  python tools/merge.py runs/medical --out merged/ --dtype bfloat16\n"

@@ -76,13 +76,7 @@ def run(args: argparse.Namespace) -> int:
     plan = check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
-        if processes.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            artifacts.write_preview(train_examples[: recipe.output.preview_rows], out / artifacts.PREVIEW_FILE,
-                                    tokenizer)
-        console.print(f"[bold]dry run:[/] no weights loaded; {out / artifacts.PREVIEW_FILE} shows "
-                      f"input_ids and labels of the first {recipe.output.preview_rows} examples.")
-        return 0
+        return write_dry_run(train_examples, recipe, tokenizer, console, processes.is_main)
 
     # Every rank checks (so all refuse alike); only rank 0 changes the directory, the others wait for it.
     resume_from, resume_step = artifacts.prepare_output_dir(out, recipe, recipe.output.overwrite, args.restart,
@@ -104,14 +98,32 @@ def run(args: argparse.Namespace) -> int:
                       f"Resume with:\n  {resume}")
         return EXIT_INTERRUPTED
     if processes.is_main:
-        from qlora_kit.run_report import write_report
-
-        label = outcome.summary.get("model_weights", "")
-        write_report(out, title=f"{Path(recipe.model.name).name} · {label}", command=args.command,
-                     recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=outcome.summary,
-                     samples=outcome.samples, planned_reserved_gib=plan.reserved_gib if plan else None)
+        write_run_report(recipe, args.command, data_report, outcome, plan)
     report.show_summary(console, outcome.summary, out)
     return 0
+
+
+def write_dry_run(train_examples, recipe, tokenizer, console, is_main: bool) -> int:
+    """--dry-run's only file: the first examples exactly as the trainer would see them."""
+    from qlora_kit import artifacts
+
+    out = Path(recipe.output.dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts.write_preview(train_examples[: recipe.output.preview_rows], out / artifacts.PREVIEW_FILE, tokenizer)
+    console.print(f"[bold]dry run:[/] no weights loaded; {out / artifacts.PREVIEW_FILE} shows "
+                  f"input_ids and labels of the first {recipe.output.preview_rows} examples.")
+    return 0
+
+
+def write_run_report(recipe, command: str, data_report: list[str], outcome, plan) -> None:
+    from qlora_kit.recipe import recipe_to_toml
+    from qlora_kit.run_report import write_report
+
+    label = outcome.summary.get("model_weights", "")
+    write_report(Path(recipe.output.dir), title=f"{Path(recipe.model.name).name} · {label}", command=command,
+                 recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=outcome.summary,
+                 samples=outcome.samples, planned_reserved_gib=plan.reserved_gib if plan else None)
 
 
 def build_examples(recipe, tokenizer, console):

@@ -48,6 +48,8 @@ class LengthReport:
     """part (prompt/completion/total) -> {p50, p90, p99, max}."""
     over_rows: list[int] = field(default_factory=list)
     """Row numbers longer than max_length."""
+    unfixable_rows: list[int] = field(default_factory=list)
+    """With `truncate`: rows whose prompt alone fills max_length, so nothing would be left to train; dropped."""
     kept: int = 0
 
     def lines(self) -> list[str]:
@@ -58,9 +60,16 @@ class LengthReport:
         if not n_over:
             out.append(f"all rows fit max_length = {self.max_length}")
         else:
-            done = {"drop": "dropped", "truncate": "truncated (end of the answer cut)", "error": "refused"}
-            out.append(f"{n_over} row(s) longer than max_length = {self.max_length}: {done[self.policy]} "
-                       f"(rows {row_list(self.over_rows, 5)})")
+            done = {"drop": "dropped", "error": "refused",
+                    "truncate": "truncated: their end is cut, always the EOS and often the whole answer, so the "
+                                "model does not learn to finish them"}
+            cut = sorted(set(self.over_rows) - set(self.unfixable_rows))
+            shown = self.over_rows if self.policy != "truncate" else cut
+            out.append(f"{len(shown)} row(s) longer than max_length = {self.max_length}: {done[self.policy]} "
+                       f"(rows {row_list(sorted(shown), 5)})")
+            if self.unfixable_rows:
+                out.append(f"{len(self.unfixable_rows)} row(s) whose prompt alone fills max_length: dropped "
+                           f"(rows {row_list(sorted(self.unfixable_rows), 5)})")
         return out
 
 
@@ -103,6 +112,8 @@ def apply_length_policy(examples: list[Example], max_length: int, policy: str) -
             kept.append(example)
         elif policy == "truncate" and example.prompt_length < max_length:
             kept.append(Example(example.input_ids[:max_length], example.completion_mask[:max_length], example.row))
+        elif policy == "truncate":
+            report.unfixable_rows.append(example.row)
     report.kept = len(kept)
     return kept, report
 

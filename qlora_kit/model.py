@@ -222,6 +222,24 @@ def lora_config(lora: LoraSection):
     )
 
 
+def check_tokenizer_fits_model(recipe: Recipe, tokenizer) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows, before anything is written: its
+    higher ids would crash the embedding lookup at the first step (an IndexError deep inside torch)."""
+    from transformers import AutoConfig
+
+    if recipe.model.trust_remote_code:
+        return
+    try:
+        vocab = AutoConfig.from_pretrained(recipe.model.name, revision=recipe.model.revision).vocab_size
+    except Exception:  # noqa: BLE001 - an unreadable model is reported where it is loaded, with its own message
+        return
+    if vocab and len(tokenizer) > vocab:
+        raise UserError(f"The tokenizer ({recipe.model.tokenizer or recipe.model.name}) has {len(tokenizer):,} tokens, "
+                        f"but the model's embedding has {vocab:,} rows: ids from {vocab:,} up cannot be looked up.",
+                        hint="Use the model's own tokenizer (leave model.tokenizer empty), or a model whose "
+                             "vocabulary matches this tokenizer.")
+
+
 def check_lora_targets(recipe: Recipe) -> None:
     """Refuse lora.target_modules that name no Linear layer of the architecture, before anything is written
     or loaded: the layer names come from config.json, with the model built on the meta device (no memory)."""

@@ -31,7 +31,7 @@ def data_lines(rowset: RowSet, layout: str, n_train: int, n_eval: int, lengths: 
 def show_data(console: Console, lines: list[str]) -> None:
     console.rule("[bold]data")
     for line in lines:
-        warn = line.startswith("left out") or "longer" in line
+        warn = line.startswith("left out") or "longer" in line or "fills max_length" in line
         console.print(Text(line, style="yellow" if warn else "bold" if line.startswith("training on") else ""))
 
 

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_kit import artifacts, distributed, report
-    from qlora_kit.model import check_lora_targets, check_model_files, load_tokenizer
+    from qlora_kit.model import check_lora_targets, check_model_files, check_tokenizer_fits_model, load_tokenizer
     from qlora_kit.recipe import load_recipe, recipe_to_toml
 
     processes = distributed.start()
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_files(recipe.model)
     check_lora_targets(recipe)
     tokenizer = load_tokenizer(recipe.model)
+    check_tokenizer_fits_model(recipe, tokenizer)
     train_examples, eval_examples, data_report = build_examples(recipe, tokenizer, console)
     report.show_example(console, train_examples[0], tokenizer)
     plan = check_memory_plan(recipe, console, force=args.force)
@@ -130,7 +131,7 @@ def build_examples(recipe, tokenizer, console):
     """Rows -> prompt/completion pairs -> token ids with the completion mask; reports lengths and drops.
     Returns (train examples, eval examples, the data report's lines)."""
     from qlora_kit import report
-    from qlora_kit.data import load_rows, split_rows
+    from qlora_kit.data import load_rows, row_list, split_rows
     from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
     from qlora_kit.render import make_renderer
 
@@ -140,12 +141,22 @@ def build_examples(recipe, tokenizer, console):
     renderer, layout = make_renderer(tokenizer, data)
     encoder = Encoder(tokenizer, renderer)
     train_examples, lengths = apply_length_policy(encode_rows(encoder, train_rows), data.max_length, data.over_length)
-    eval_examples, _ = apply_length_policy(encode_rows(encoder, eval_rows), data.max_length, "drop")
+    # Eval rows are never truncated: a loss on cut rows would not be the loss of the rows.
+    eval_examples, eval_lengths = apply_length_policy(encode_rows(encoder, eval_rows), data.max_length, "drop")
     data_report = report.data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples))
+    if eval_lengths.over_rows:
+        data_report.insert(-1, f"{len(eval_lengths.over_rows)} of {len(eval_rows)} eval row(s) longer than "
+                               f"max_length = {data.max_length}: left out of the eval loss "
+                               f"(rows {row_list(sorted(eval_lengths.over_rows), 5)})")
     report.show_data(console, data_report)
     if not train_examples:
         raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",
                         hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
+    if eval_rows and not eval_examples:
+        raise UserError(f"All {len(eval_rows)} eval rows are longer than data.max_length = {data.max_length} tokens, "
+                        "so there is nothing to evaluate on.",
+                        hint="Raise data.max_length or data.eval_rows, or set data.eval_rows = 0 and "
+                             "train.eval_steps = 0 to train without eval.")
     return train_examples, eval_examples, data_report
 
 

@@ -38,10 +38,10 @@ def model_folder(tmp, config=None, files=()):
 QWEN2 = json.loads((DEMO_MODEL / "config.json").read_text())
 
 
-def recipe_text(tmp, model=None, data=None, extra=""):
+def recipe_text(tmp, model=None, data=None, extra="", tokenizer=None):
     model = model or DEMO_MODEL
     data = data or DEMO_DATA
-    return (f'[model]\nname = "{model}"\ninit = "random"\ntokenizer = "{DEMO_MODEL}"\n'
+    return (f'[model]\nname = "{model}"\ninit = "random"\ntokenizer = "{tokenizer or DEMO_MODEL}"\n'
             f'[data]\nsource = "{data}"\n[output]\ndir = "{tmp / "out"}"\n{extra}')
 
 
@@ -68,6 +68,9 @@ CATALOGUE = {
                                         ["`lora.target_modules` takes a list, and this is not a valid TOML one"]),
     "recipe: LoRA target the model lacks": (lambda t: (recipe_text(t), ['lora.target_modules=["qproj"]']),
                                             ["`qproj` is not a layer of qwen2", "did you mean `q_proj`"]),
+    "model: tokenizer larger than the model's vocabulary": (
+        lambda t: (recipe_text(t, tokenizer=_big_tokenizer(t)), []),
+        ["has 1,024 tokens, but the model's embedding has 576 rows"]),
     "recipe: custom format without question": (lambda t: (recipe_text(t), ['data.format="{cot}"']),
                                                ["`data.format` must be `chat`, `plain`, or a template"]),
     "recipe: eval steps without eval rows": (lambda t: (recipe_text(t), ["train.eval_steps=5", "data.eval_rows=0"]),
@@ -94,6 +97,9 @@ CATALOGUE = {
                          ["the data set has no rows"]),
     "data: every row over length": (lambda t: (recipe_text(t), ["data.max_length=16"]),
                                     ["Every training row is longer than data.max_length = 16"]),
+    "data: every eval row over length": (
+        lambda t: (recipe_text(t), ["data.max_length=30", "data.over_length=truncate", "data.eval_rows=4"]),
+        ["All 4 eval rows are longer than data.max_length = 30 tokens"]),
     "data: over length with policy error": (
         lambda t: (recipe_text(t), ["data.max_length=100", "data.over_length=error"]),
         ["rows are longer than data.max_length = 100", "data.over_length = 'drop'"]),
@@ -123,6 +129,16 @@ CATALOGUE = {
     "model: no weights": (lambda t: (recipe_text(t, model=model_folder(t, QWEN2)), ["model.init=pretrained"]),
                           ["has no weight files", "model.init = 'random'"]),
 }
+
+
+def _big_tokenizer(tmp: Path) -> Path:
+    """The demo tokenizer grown to 1,024 tokens: more ids than the demo model's 576 embedding rows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(1024 - len(tokenizer))])
+    tokenizer.save_pretrained(tmp / "big-tokenizer")
+    return tmp / "big-tokenizer"
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:

@@ -138,6 +138,13 @@ def test_length_policy(tokenizer):
     assert [len(e.input_ids) for e in kept] == [len(examples[0].input_ids), limit, limit]
     assert "truncated" in "\n".join(report.lines())
 
+    # A limit inside the prompt: truncating would leave nothing to train, so those rows are dropped and said so.
+    kept, report = apply_length_policy(examples, examples[0].prompt_length, "truncate")
+    assert kept == [] and sorted(report.unfixable_rows) == [1, 2, 3]
+    assert "3 row(s) whose prompt alone fills max_length: dropped (rows 1, 2, 3)" in report.lines()
+    kept, report = apply_length_policy(examples, examples[2].prompt_length + 1, "truncate")
+    assert report.unfixable_rows == [] and len(kept) == 3
+
     with pytest.raises(UserError, match="1 of 3 rows are longer than data.max_length"):
         apply_length_policy(examples, limit, "error")
 

@@ -32,6 +32,7 @@ EXIT_COMMANDS = ("/exit", "/quit")
 # A run directory's names, as qlora_kit.artifacts defines them (not imported from there: it pulls in the
 # transformers Trainer, seconds of imports a chat never needs).
 ADAPTER_DIR, RECIPE_FILE = "adapter", "recipe.toml"
+TRAINING_RECIPE_FILE = "qlora_kit_recipe.toml"  # qlora_kit.merge.run_dir.TRAINING_RECIPE_FILE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -192,7 +193,7 @@ def load_merged(folder: Path) -> Loaded:
     no remote code)."""
     from qlora_kit.generate import prompt_format
     from qlora_kit.model import check_model_files, choose_precision, load_model, load_tokenizer
-    from qlora_kit.recipe import ModelSection, QuantSection, Recipe
+    from qlora_kit.recipe import ModelSection, QuantSection, Recipe, load_recipe
 
     recipe = Recipe(model=ModelSection(name=str(folder)), quant=QuantSection(load_in_4bit=False))
     check_model_files(recipe.model)
@@ -200,12 +201,15 @@ def load_merged(folder: Path) -> Loaded:
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe, precision)
     model.eval()
-    # No recipe travels with a merged model: its chat template and no system prompt, R1's recommendation.
     # qlora_kit's merge says in the model card when the base had random weights (the demo): say it here too.
     card = Path(folder) / "README.md"
     demo = card.is_file() and "RANDOM weights" in card.read_text(encoding="utf-8", errors="replace")
     label = "merged model (RANDOM-INIT base, demo: expect nonsense)" if demo else "merged model"
-    return Loaded(model, tokenizer, prompt_format(tokenizer), f"{label} {folder}; {precision.describe()}")
+    # qlora_kit's merge puts the run's recipe beside the weights: prompts in the format the model was trained on.
+    # A merged folder from elsewhere: its chat template and no system prompt, R1's recommendation.
+    trained_with = Path(folder) / TRAINING_RECIPE_FILE
+    data = load_recipe(trained_with).data if trained_with.is_file() else None
+    return Loaded(model, tokenizer, prompt_format(tokenizer, data), f"{label} {folder}; {precision.describe()}")
 
 
 # ------------------------------------------------------------------------------------------------ talking

@@ -497,7 +497,7 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
         writer.close()
         partial.unlink(missing_ok=True)
 
-    written_modelfile = write_modelfile(out, tokenizer, log) if modelfile else None
+    written_modelfile = write_modelfile(out, tokenizer, log) if modelfile and chat_trained(folder, log) else None
     return ExportResult(out, written_modelfile, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
                         time.monotonic() - started)
 
@@ -546,6 +546,22 @@ def write_modelfile(gguf_path: Path, tokenizer: TokenizerInfo, log: Callable[[st
     path = modelfile_path(gguf_path)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def chat_trained(folder: Path, log: Callable[[str], object]) -> bool:
+    """False when qlora_kit trained this model on a plain or custom prompt format (its recipe travels in the
+    merged folder): the Modelfile speaks R1's chat format, which that model never saw."""
+    recipe = folder / "qlora_kit_recipe.toml"  # qlora_kit.merge.run_dir.TRAINING_RECIPE_FILE
+    if not recipe.is_file():
+        return True
+    from qlora_kit.recipe import load_recipe
+
+    trained = load_recipe(recipe).data.format
+    if trained == "chat":
+        return True
+    log(f"no Modelfile written: the model was trained on data.format = {trained!r}, not the chat template; "
+        "prompt it in that format (the GGUF file itself is complete)")
+    return False
 
 
 def modelfile_path(gguf_path: Path) -> Path:

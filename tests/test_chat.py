@@ -116,6 +116,31 @@ def test_merged_folder(demo_run, tmp_path, capsys):
     assert "thinking" in captured.out and len(captured.out.strip()) > 20
 
 
+def test_merged_folder_prompts_in_the_format_the_run_trained_on(demo_run, tmp_path):
+    """A custom data.format travels into the merged folder (qlora_kit_recipe.toml): chat asks the merged model in
+    that format, as on the run, not in the chat template it never saw."""
+    import shutil
+
+    from qlora_kit.chat import load_merged
+
+    merged = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "qlora_kit.merge", str(demo_run), "--out", str(merged),
+                             "--no-verify"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (merged / "qlora_kit_recipe.toml").read_text() == (demo_run / "recipe.toml").read_text()
+    assert load_merged(merged).fmt.prompt("Q?").endswith("<｜Assistant｜><think>\n")  # the run's chat format
+
+    custom = tmp_path / "custom"
+    shutil.copytree(merged, custom)
+    recipe = (custom / "qlora_kit_recipe.toml").read_text()
+    template = 'format = "诊断问题：{question}\\n详细分析：{cot}\\n### 答案：\\n{response}"'
+    recipe = recipe.replace('format = "chat"', template)
+    (custom / "qlora_kit_recipe.toml").write_text(recipe)
+    fmt = load_merged(custom).fmt
+    assert fmt.prompt("Q?") == "诊断问题：Q?\n详细分析：" and fmt.separator == "### 答案："
+
+
 def test_run_adapter_folder_is_taken_as_its_run(demo_run, capsys):
     assert main([str(demo_run / "adapter"), "--prompt", QUESTION, "--greedy", "--max-new-tokens", "5"]) == 0
     assert f"run {demo_run}" in capsys.readouterr().err

@@ -390,3 +390,15 @@ def test_verify_passes_on_the_export_and_fails_on_another_model(build, tmp_path,
     wrong = export_gguf(other, tmp_path / "altered.gguf", "f16", log=lambda *_: None).gguf_path
     failed = check_gguf(folder, wrong, "f16")
     assert not failed.passed and "FAIL" in failed.describe()
+
+
+def test_no_modelfile_for_a_model_trained_on_a_custom_format(tmp_path):
+    from qlora_kit.gguf_export import chat_trained
+
+    said = []
+    assert chat_trained(tmp_path, said.append)  # a folder from elsewhere: its chat template
+    (tmp_path / "qlora_kit_recipe.toml").write_text('[data]\nformat = "chat"\n', encoding="utf-8")
+    assert chat_trained(tmp_path, said.append)
+    (tmp_path / "qlora_kit_recipe.toml").write_text('[data]\nformat = "Q: {question}\\nA: {response}"\n',
+                                                   encoding="utf-8")
+    assert not chat_trained(tmp_path, said.append) and "no Modelfile written" in said[-1]

@@ -63,7 +63,13 @@ def data_section(recipe) -> str:
     config = f", config `{d.config}`, split `{d.split}`" if not is_local_reference(d.source, Path.cwd()) else ""
     return (f"- source: `{d.source}`{config}\n"
             f"- columns: question `{d.question_column}`, reasoning `{d.cot_column}`, answer `{d.response_column}`\n"
-            f"- format: `{d.format}`, max_length {d.max_length} tokens (longer rows: {d.over_length})\n")
+            f"- format: {shown_format(d.format)}, max_length {d.max_length} tokens (longer rows: {d.over_length})\n"
+            + (f"\n```text\n{d.format}\n```\n" if "\n" in d.format else ""))
+
+
+def shown_format(template: str) -> str:
+    """One-line formats inline; a multi-line custom template goes in the block below (backticks would break)."""
+    return "custom template (below)" if "\n" in template else f"`{template}`"
 
 
 def merge_section(adapter, plan, dtype_name: str) -> str:

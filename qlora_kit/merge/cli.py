@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from qlora_kit.merge.checks import (
 )
 from qlora_kit.merge.model_files import tokenizer_source, write_model_files
 from qlora_kit.merge.plan import plan_merge
-from qlora_kit.merge.run_dir import read_run
+from qlora_kit.merge.run_dir import RECIPE_FILE, TRAINING_RECIPE_FILE, read_run
 from qlora_kit.merge.shards import DTYPES, write_merged_shards
 from qlora_kit.merge.staging import staging_dir
 from qlora_kit.merge.verify import verify_if_it_fits
@@ -96,6 +97,7 @@ def merge(args: argparse.Namespace) -> int:
         with staging_dir(out) as stage:
             index = write_merged_shards(base, adapter, plan, stage, DTYPES[dtype_name], args.max_shard_size, console)
             write_model_files(base, stage, dtype_name, index, tokenizer_dir)
+            shutil.copyfile(run.dir / RECIPE_FILE, stage / TRAINING_RECIPE_FILE)  # the prompt format travels along
             merge_peak = peak_rss_gib()
             merge_wall = time.monotonic() - started
             console.print(f"merged {len(index['weight_map'])} tensors into {len(set(index['weight_map'].values()))} "

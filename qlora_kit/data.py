@@ -92,14 +92,17 @@ def _read_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    # utf-8-sig: files saved by Windows editors start with a byte-order mark, which is not part of the JSON.
+    with path.open(encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                # strict=False: a raw tab or control character inside a string is taken as text, not refused.
+                record = json.loads(line, strict=False)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {line_number}: not valid JSON ({e.msg}, column {e.colno}).",
+                raise UserError(f"{path}, line {line_number}: not valid JSON ({e.msg.removesuffix(' at')}, "
+                                f"column {e.colno}).",
                                 hint="Each line must be one JSON object; fix or delete that line.") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
@@ -109,9 +112,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8-sig"), strict=False)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg}).") from None
+        raise UserError(f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg.removesuffix(' at')}).") \
+            from None
     if isinstance(content, dict) and len(content) == 1 and isinstance(next(iter(content.values())), list):
         content = next(iter(content.values()))  # {"data": [...]} layouts
     if not isinstance(content, list) or not all(isinstance(r, dict) for r in content):
@@ -121,7 +125,7 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # a BOM would otherwise stick to the first header
         return list(csv.DictReader(f))
 
 

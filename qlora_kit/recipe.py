@@ -316,10 +316,24 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
                             f'write it like {key.strip()}=["q_proj","v_proj"] (quote the whole argument in the shell)')
             return
         # A bare word is the common case for strings (data.source=rows.jsonl, data.format={question} ...).
-        value = text
+        value = _bare_text(f"{parts[0]}.{parts[1]}", text)
     raw.setdefault(parts[0], {})
     if isinstance(raw[parts[0]], dict):
         raw[parts[0]][parts[1]] = value
+
+
+TEMPLATE_KEYS = ("data.format", "data.system_prompt")
+"""Text keys whose bare command-line values get TOML's escapes: the shell strips the quotes of
+data.format="Q: {question}\nA: {response}", and a literal backslash-n is never what a template means."""
+
+
+def _bare_text(key: str, text: str) -> str:
+    if key not in TEMPLATE_KEYS or "\\" not in text:
+        return text
+    try:
+        return tomllib.loads('v = "' + text.replace('"', '\\"') + '"')["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _takes_list_or_table(section: str, key: str) -> bool:

@@ -36,11 +36,15 @@ def show_data(console: Console, lines: list[str]) -> None:
 
 
 def highlighted(example: Example, tokenizer) -> Text:
-    """The example's text, prompt dim, trained tokens bold green (token by token, as the loss sees it)."""
-    text = Text()
-    for token_id, trained in zip(example.input_ids, example.completion_mask, strict=True):
-        piece = tokenizer.decode([token_id])
-        text.append(piece, style="bold green" if trained else "dim")
+    """The example's text, prompt dim, trained tokens bold green (exactly where the loss starts)."""
+    # Decoded span by span (runs of equal mask), not token by token: byte-level BPE splits one Chinese
+    # character over several tokens, and decoding those alone shows U+FFFD instead of the character.
+    text, start = Text(), 0
+    mask = example.completion_mask
+    for end in range(1, len(mask) + 1):
+        if end == len(mask) or mask[end] != mask[start]:
+            text.append(tokenizer.decode(example.input_ids[start:end]), style="bold green" if mask[start] else "dim")
+            start = end
     return text
 
 

@@ -40,6 +40,21 @@ def test_every_file_type_reads_the_same_rows(tmp_path, suffix):
         [(f"q{i}", f"c{i}", f"r{i}", i + 1) for i in range(10)]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, suffix):
+    """Windows editors save UTF-8 with a BOM; it must not break the first line or the first CSV header."""
+    path = write(tmp_path, suffix)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [r.question for r in load_rows(DataSection(source=str(path))).rows] == [f"q{i}" for i in range(10)]
+
+
+def test_a_raw_tab_inside_a_jsonl_string_is_text(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"Question": "a\tb", "Complex_CoT": "c", "Response": "r"}\n',  # a raw tab in the string
+                    encoding="utf-8")
+    assert load_rows(DataSection(source=str(path))).rows[0].question == "a\tb"
+
+
 def test_column_mapping(tmp_path):
     rows = [{"input": "q", "reasoning": "c", "output": "r"}]
     data = DataSection(source=str(write(tmp_path, ".jsonl", rows)), question_column="input",
@@ -60,7 +75,10 @@ def test_missing_column_lists_the_columns_present(tmp_path):
 def test_broken_jsonl_line_is_named(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + '{"Question": "q", oops}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"rows.jsonl, line 2: not valid JSON"):
+    with pytest.raises(UserError, match=r"rows.jsonl, line 2: not valid JSON \(Expecting property name"):
+        load_rows(DataSection(source=str(path)))
+    path.write_text('{"Question": "unterminated\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"line 1: not valid JSON \(Unterminated string starting, column 14\)"):
         load_rows(DataSection(source=str(path)))
 
 

@@ -46,8 +46,10 @@ def test_overrides_are_typed_as_toml_literals():
 
 def test_a_bare_template_is_text_but_a_broken_list_is_an_error():
     # The seed tutorial's template, typed without TOML quotes: it starts with a brace but is meant as text.
-    bare = recipe_from_dict({}, ["data.format=诊断问题：{question}\n详细分析：{cot}\n### 答案：\n{response}"])
-    assert bare.data.format.startswith("诊断问题：{question}")
+    bare = recipe_from_dict({}, [r"data.format=诊断问题：{question}\n详细分析：{cot}\n### 答案：\n{response}"])
+    # The shell stripped its quotes; `\n` still means a new line, as in the recipe file.
+    assert bare.data.format == "诊断问题：{question}\n详细分析：{cot}\n### 答案：\n{response}"
+    assert recipe_from_dict({}, ["data.source=C:\\new\\rows.jsonl"]).data.source == "C:\\new\\rows.jsonl"
     assert recipe_from_dict({}, ["data.format={question} ### {response}"]).data.format == "{question} ### {response}"
     with pytest.raises(UserError, match="1 problem") as caught:
         recipe_from_dict({}, ["lora.target_modules=[q_proj"])

@@ -28,10 +28,28 @@ def data_lines(rowset: RowSet, layout: str, n_train: int, n_eval: int, lengths: 
     return lines
 
 
+def data_notes(rowset: RowSet, data) -> list[str]:
+    """What the rows will not teach, though nothing was left out: missing reasoning, an unused reasoning column."""
+    notes = []
+    custom = data.format not in ("chat", "plain")
+    if data.cot_column and custom and "{cot}" not in data.format:
+        notes.append(f"data.format has no {{cot}}: the reasoning column `{data.cot_column}` is not trained on")
+    elif data.cot_column:
+        empty = [row.number for row in rowset.rows if not row.cot.strip()]
+        if empty:
+            notes.append(f"{len(empty)} row(s) with an empty `{data.cot_column}`: trained with an empty reasoning "
+                         f"part (rows {row_list(empty)})")
+    return notes
+
+
+WARNING_WORDS = ("longer", "fills max_length", "empty", "no {cot}")
+"""Data report lines with these are shown in yellow: rows dropped, cut or trained on less than they hold."""
+
+
 def show_data(console: Console, lines: list[str]) -> None:
     console.rule("[bold]data")
     for line in lines:
-        warn = line.startswith("left out") or "longer" in line or "fills max_length" in line
+        warn = line.startswith("left out") or any(w in line for w in WARNING_WORDS)
         console.print(Text(line, style="yellow" if warn else "bold" if line.startswith("training on") else ""))
 
 

@@ -144,6 +144,7 @@ def build_examples(recipe, tokenizer, console):
     # Eval rows are never truncated: a loss on cut rows would not be the loss of the rows.
     eval_examples, eval_lengths = apply_length_policy(encode_rows(encoder, eval_rows), data.max_length, "drop")
     data_report = report.data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples))
+    data_report[-1:-1] = report.data_notes(rowset, data)
     if eval_lengths.over_rows:
         data_report.insert(-1, f"{len(eval_lengths.over_rows)} of {len(eval_rows)} eval row(s) longer than "
                                f"max_length = {data.max_length}: left out of the eval loss "

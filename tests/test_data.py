@@ -123,3 +123,18 @@ def test_split_is_seeded_limited_and_disjoint(tmp_path):
     assert [r.number for r in other_train] != [r.number for r in train]
     with pytest.raises(UserError, match="leaves no rows to train on"):
         split_rows(rows, DataSection(eval_rows=10), seed=1)
+
+
+def test_data_notes_say_what_the_rows_will_not_teach(tmp_path):
+    from qlora_kit.report import data_notes
+
+    rows = [{"Question": "q1", "Complex_CoT": " ", "Response": "r"},
+            {"Question": "q2", "Complex_CoT": "c", "Response": "r"}]
+    data = DataSection(source=str(write(tmp_path, ".jsonl", rows)))
+    rowset = load_rows(data)
+    assert data_notes(rowset, data) == ["1 row(s) with an empty `Complex_CoT`: trained with an empty reasoning part "
+                                        "(rows 1)"]
+    custom = DataSection(source=data.source, format="Q: {question} A: {response}")
+    assert data_notes(rowset, custom) == ["data.format has no {cot}: the reasoning column `Complex_CoT` is not "
+                                          "trained on"]
+    assert data_notes(rowset, DataSection(source=data.source, cot_column="")) == []

@@ -95,6 +95,15 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+class LogFinalStep(TrainerCallback):
+    """Log the last step whatever train.logging_steps says, so the final train loss in summary.json and
+    report.md is the last step's. Every rank needs it: logging gathers the loss across ranks."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 class MetricsRecorder(TrainerCallback):
     """Appends every log (train and eval) to metrics.jsonl, with time and memory, as it happens:
     a run that dies still leaves its curve behind."""

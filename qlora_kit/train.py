@@ -155,7 +155,7 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     if processes.distributed:
         title += f" · {processes.world_size} processes, global batch {global_batch}"
     stop = GracefulStop(console.print)
-    callbacks = [stop] + [c for c in [InjectOutOfMemory.from_environment()] if c]
+    callbacks = [stop, artifacts.LogFinalStep()] + [c for c in [InjectOutOfMemory.from_environment()] if c]
     metrics = status = None
     if processes.is_main:  # the other ranks train in silence and write nothing
         metrics = artifacts.MetricsRecorder(out / artifacts.METRICS_FILE, resume_step)

@@ -124,6 +124,17 @@ def test_demo_run_from_the_command_line(tmp_path):
     assert "Traceback" not in again.stderr and (out / "summary.json").read_bytes() == before
 
 
+def test_the_last_step_is_logged_whatever_logging_steps_says(tmp_path):
+    out = tmp_path / "odd"
+    result = run_cli(str(DEMO), "train.max_steps=5", "train.logging_steps=2", "train.eval_steps=0",
+                     "data.eval_rows=0", "samples.count=0", f"output.dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {m["step"]: m["loss"] for m in metrics if "loss" in m}
+    assert sorted(losses) == [1, 2, 4, 5]
+    assert json.loads((out / "summary.json").read_text())["final_train_loss"] == round(losses[5], 4)
+
+
 def test_dry_run_previews_without_loading_weights(tmp_path):
     out = tmp_path / "dry"
     result = run_cli(str(DEMO), "--dry-run", f"output.dir={out}")

@@ -70,3 +70,12 @@ def test_a_line_cut_short_is_left_out(tmp_path):
     path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1]) + "\n" + '{"step": 3, "lo')
     assert read_records(path) == RECORDS[:2]
     assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_the_smoothed_loss_does_not_lag_behind_a_falling_loss():
+    from qlora_kit.artifacts import centered_mean
+
+    falling = [10.0 - 0.05 * i for i in range(100)]
+    smoothed = centered_mean(falling)
+    assert len(smoothed) == 100
+    assert all(abs(s - f) < 1e-9 for s, f in zip(smoothed[5:95], falling[5:95], strict=True))  # on the line

@@ -32,7 +32,6 @@ EXIT_COMMANDS = ("/exit", "/quit")
 # A run directory's names, as qlora_kit.artifacts defines them (not imported from there: it pulls in the
 # transformers Trainer, seconds of imports a chat never needs).
 ADAPTER_DIR, RECIPE_FILE = "adapter", "recipe.toml"
-TRAINING_RECIPE_FILE = "qlora_kit_recipe.toml"  # qlora_kit.merge.run_dir.TRAINING_RECIPE_FILE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -147,7 +146,8 @@ def locate(path: Path) -> Source:
 def load_run(run_dir: Path) -> Loaded:
     """The base as the run loaded it (4-bit, same seed for random-init) + the run's adapter and tokenizer."""
     from qlora_kit.generate import prompt_format
-    from qlora_kit.model import check_model_files, choose_precision, load_model, load_tokenizer
+    from qlora_kit.model import choose_precision, load_model, load_tokenizer
+    from qlora_kit.preflight import check_model_files
     from qlora_kit.recipe import load_recipe
 
     recipe = inference_recipe(load_recipe(run_dir / RECIPE_FILE))
@@ -192,8 +192,9 @@ def load_merged(folder: Path) -> Loaded:
     Loaded through qlora_kit.model with quantization off, so the same safety checks apply (safetensors only,
     no remote code)."""
     from qlora_kit.generate import prompt_format
-    from qlora_kit.model import check_model_files, choose_precision, load_model, load_tokenizer
-    from qlora_kit.recipe import ModelSection, QuantSection, Recipe, load_recipe
+    from qlora_kit.model import choose_precision, load_model, load_tokenizer
+    from qlora_kit.preflight import check_model_files
+    from qlora_kit.recipe import TRAINING_RECIPE_FILE, ModelSection, QuantSection, Recipe, load_recipe
 
     recipe = Recipe(model=ModelSection(name=str(folder)), quant=QuantSection(load_in_4bit=False))
     check_model_files(recipe.model)

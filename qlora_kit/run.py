@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_kit import artifacts, distributed, report
-    from qlora_kit.model import check_lora_targets, check_model_files, check_tokenizer_fits_model, load_tokenizer
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.preflight import check_model_files, check_model_matches
     from qlora_kit.recipe import load_recipe, recipe_to_toml
 
     processes = distributed.start()
@@ -69,9 +70,8 @@ def run(args: argparse.Namespace) -> int:
     report.show_recipe(console, recipe_to_toml(recipe), args.recipe)
 
     check_model_files(recipe.model)
-    check_lora_targets(recipe)
     tokenizer = load_tokenizer(recipe.model)
-    check_tokenizer_fits_model(recipe, tokenizer)
+    check_model_matches(recipe, tokenizer)
     train_examples, eval_examples, data_report = build_examples(recipe, tokenizer, console)
     report.show_example(console, train_examples[0], tokenizer)
     plan = check_memory_plan(recipe, console, force=args.force)
@@ -143,12 +143,13 @@ def build_examples(recipe, tokenizer, console):
     train_examples, lengths = apply_length_policy(encode_rows(encoder, train_rows), data.max_length, data.over_length)
     # Eval rows are never truncated: a loss on cut rows would not be the loss of the rows.
     eval_examples, eval_lengths = apply_length_policy(encode_rows(encoder, eval_rows), data.max_length, "drop")
-    data_report = report.data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples))
-    data_report[-1:-1] = report.data_notes(rowset, data)
+    notes = report.data_notes(rowset, data)
     if eval_lengths.over_rows:
-        data_report.insert(-1, f"{len(eval_lengths.over_rows)} of {len(eval_rows)} eval row(s) longer than "
-                               f"max_length = {data.max_length}: left out of the eval loss "
-                               f"(rows {row_list(sorted(eval_lengths.over_rows), 5)})")
+        dropped = sorted(eval_lengths.over_rows)
+        notes.append(f"{len(dropped)} of {len(eval_rows)} eval row(s) longer than max_length = {data.max_length}: "
+                     f"left out of the eval loss (rows {row_list(dropped, 5)})")
+    data_report = report.data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples),
+                                    notes)
     report.show_data(console, data_report)
     if not train_examples:
         raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",

@@ -551,10 +551,11 @@ def write_modelfile(gguf_path: Path, tokenizer: TokenizerInfo, log: Callable[[st
 def chat_trained(folder: Path, log: Callable[[str], object]) -> bool:
     """False when qlora_kit trained this model on a plain or custom prompt format (its recipe travels in the
     merged folder): the Modelfile speaks R1's chat format, which that model never saw."""
-    recipe = folder / "qlora_kit_recipe.toml"  # qlora_kit.merge.run_dir.TRAINING_RECIPE_FILE
+    from qlora_kit.recipe import TRAINING_RECIPE_FILE, load_recipe
+
+    recipe = folder / TRAINING_RECIPE_FILE
     if not recipe.is_file():
         return True
-    from qlora_kit.recipe import load_recipe
 
     trained = load_recipe(recipe).data.format
     if trained == "chat":

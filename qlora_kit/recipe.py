@@ -205,6 +205,9 @@ class Recipe:
     """The file this recipe was read from (not a TOML key)."""
 
 
+TRAINING_RECIPE_FILE = "qlora_kit_recipe.toml"
+"""A run's recipe, copied into its merged model folder: chat and the GGUF export read the prompt format there."""
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "random"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),

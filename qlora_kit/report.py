@@ -18,12 +18,13 @@ def show_recipe(console: Console, toml_text: str, source: str) -> None:
 
 
 def data_lines(rowset: RowSet, layout: str, n_train: int, n_eval: int, lengths: LengthReport,
-               n_kept: int) -> list[str]:
-    """The data report as plain lines: shown before training and kept for report.md."""
+               n_kept: int, notes: list[str] = ()) -> list[str]:
+    """The data report as plain lines: shown before training and kept for report.md. `notes` go just
+    before the closing "training on N rows"."""
     lines = [f"source: {rowset.source}  ({rowset.total} rows, {len(rowset.rows)} usable)"]
     lines += [f"left out {len(numbers)} row(s) with {reason}: rows {row_list(numbers)}"
               for reason, numbers in rowset.dropped.items()]
-    lines += [f"format: {layout}", f"split: {n_train} train rows, {n_eval} eval rows", *lengths.lines(),
+    lines += [f"format: {layout}", f"split: {n_train} train rows, {n_eval} eval rows", *lengths.lines(), *notes,
               f"training on {n_kept} rows"]
     return lines
 

@@ -455,10 +455,8 @@ def test_run_directory_names_agree_with_artifacts():
     assert (merge.ADAPTER_DIR, merge.RECIPE_FILE, merge.SUMMARY_FILE) == (
         artifacts.ADAPTER_DIR, artifacts.RECIPE_FILE, artifacts.SUMMARY_FILE)
     from qlora_kit import chat
-    from qlora_kit.merge.run_dir import TRAINING_RECIPE_FILE
 
-    assert (chat.ADAPTER_DIR, chat.RECIPE_FILE, chat.TRAINING_RECIPE_FILE) == (
-        artifacts.ADAPTER_DIR, artifacts.RECIPE_FILE, TRAINING_RECIPE_FILE)
+    assert (chat.ADAPTER_DIR, chat.RECIPE_FILE) == (artifacts.ADAPTER_DIR, artifacts.RECIPE_FILE)
 
 
 def test_verification_memory_is_one_merged_model_plus_headroom(runs, tmp_path):

@@ -23,10 +23,11 @@ from qlora_kit.merge.checks import (
 )
 from qlora_kit.merge.model_files import tokenizer_source, write_model_files
 from qlora_kit.merge.plan import plan_merge
-from qlora_kit.merge.run_dir import RECIPE_FILE, TRAINING_RECIPE_FILE, read_run
+from qlora_kit.merge.run_dir import RECIPE_FILE, read_run
 from qlora_kit.merge.shards import DTYPES, write_merged_shards
 from qlora_kit.merge.staging import staging_dir
 from qlora_kit.merge.verify import verify_if_it_fits
+from qlora_kit.recipe import TRAINING_RECIPE_FILE
 
 EXIT_VERIFICATION_FAILED = 1
 

@@ -24,8 +24,6 @@ class Run:
 # The run directory's names, as qlora_kit.artifacts defines them (not imported from there: it pulls in the
 # transformers Trainer, 4 s of imports a merge never needs; tests check the names agree).
 ADAPTER_DIR, RECIPE_FILE, SUMMARY_FILE = "adapter", "recipe.toml", "summary.json"
-TRAINING_RECIPE_FILE = "qlora_kit_recipe.toml"
-"""The run's recipe, copied into the merged folder: chat and the GGUF export read its prompt format there."""
 
 
 def read_run(run_dir: Path) -> Run:

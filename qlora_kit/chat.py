@@ -202,15 +202,15 @@ def load_merged(folder: Path) -> Loaded:
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe, precision)
     model.eval()
-    # qlora_kit's merge says in the model card when the base had random weights (the demo): say it here too.
-    card = Path(folder) / "README.md"
-    demo = card.is_file() and "RANDOM weights" in card.read_text(encoding="utf-8", errors="replace")
-    label = "merged model (RANDOM-INIT base, demo: expect nonsense)" if demo else "merged model"
-    # qlora_kit's merge puts the run's recipe beside the weights: prompts in the format the model was trained on.
-    # A merged folder from elsewhere: its chat template and no system prompt, R1's recommendation.
+    # qlora_kit's merge puts the run's recipe beside the weights: prompts in the format the model was trained on,
+    # and the demo's random-init base labelled as such. A merged folder from elsewhere: its chat template and no
+    # system prompt, R1's recommendation.
     trained_with = Path(folder) / TRAINING_RECIPE_FILE
-    data = load_recipe(trained_with).data if trained_with.is_file() else None
-    return Loaded(model, tokenizer, prompt_format(tokenizer, data), f"{label} {folder}; {precision.describe()}")
+    trained = load_recipe(trained_with) if trained_with.is_file() else None
+    demo = trained is not None and trained.model.init == "random"
+    label = "merged model (RANDOM-INIT base, demo: expect nonsense)" if demo else "merged model"
+    return Loaded(model, tokenizer, prompt_format(tokenizer, trained.data if trained else None),
+                  f"{label} {folder}; {precision.describe()}")
 
 
 # ------------------------------------------------------------------------------------------------ talking

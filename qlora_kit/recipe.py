@@ -341,7 +341,7 @@ def _bare_text(key: str, text: str) -> str:
 
 def _takes_list_or_table(section: str, key: str) -> bool:
     section_type = typing.get_type_hints(Recipe).get(section)
-    if section == "sft" or not dataclasses.is_dataclass(section_type):
+    if not dataclasses.is_dataclass(section_type):  # [sft] is a free table, an unknown section is reported later
         return False
     annotation = typing.get_type_hints(section_type).get(key)
     return typing.get_origin(annotation) in (list, dict)

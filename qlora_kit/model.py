@@ -31,9 +31,8 @@ class Precision:
 
     @property
     def amp(self) -> str:
-        """Mixed-precision mode for the trainer: `bf16`, `fp16` or `` (plain float32 on CPU)."""
-        if self.device != "cuda":
-            return ""
+        """Mixed-precision mode for the trainer: `bf16`, `fp16` or `` (plain float32, as on a CPU: choose_precision
+        never picks a 16-bit dtype there; tools/calibrate_plan.py does, to measure the GPU's bf16 path on a CPU)."""
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "")
 
     def describe(self) -> str:

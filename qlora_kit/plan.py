@@ -5,9 +5,11 @@
 The estimate adds up what a QLoRA training step keeps on the GPU at its peak (the backward pass
 of one recomputed layer): 4-bit weights, 16-bit embeddings and head, LoRA weights + gradients +
 optimizer state, the checkpointed layer inputs, the recomputed layer's activations and their
-gradients, the chunked loss tiles, then allocator slack and the CUDA context. Weight and LoRA
-terms are exact (the tests check them against a loaded model); activation terms are a model of
-PyTorch's behaviour and are checked against `tools/bench.py` measurements on a GPU.
+gradients or the chunked loss tiles (whichever is larger: they never coexist), then allocator slack and
+the CUDA context. Weight and LoRA terms are exact (the tests check them against a loaded model). The
+activation terms are per-token coefficients fitted to tensor-level measurements of real training steps
+(`tools/calibrate_plan.py`, on CPU, in bfloat16 autocast as on a GPU and in float32); the GPU-only parts
+(allocator slack, CUDA context, Triton's loss kernel) wait for `tools/bench.py` on a GPU.
 """
 
 from __future__ import annotations
@@ -100,11 +102,54 @@ def read_architecture(model: ModelSection) -> Architecture:
     return Architecture.from_config(json.loads(path.read_text(encoding="utf-8")), model.name)
 
 
+@dataclass(frozen=True)
+class StepProfile:
+    """What one QLoRA training step keeps alive besides the weights, per token of the batch, counted in elements
+    of the compute dtype. Fitted by `tools/calibrate_plan.py` to tensor-level peaks (qlora_kit.tensor_peak) of
+    real qlora_kit training steps on CPU over ~40 shapes, the three targets' layer dimensions among them."""
+
+    compute_bytes: int
+    kept_per_layer: float
+    """x hidden, per layer: what gradient checkpointing keeps of every layer (its input) at the backward's peak."""
+    layer_hidden: float
+    """The recomputed layer's activations and their gradients at the backward's peak: x hidden ..."""
+    layer_intermediate: float
+    """... x intermediate (the MLP) ..."""
+    layer_kv: float
+    """... x the key/value width."""
+    dequant: float
+    """x the largest linear weight: bitsandbytes' dequantized copy during a backward matmul."""
+    dropout_hidden: float
+    """LoRA dropout > 0: the dropped-out copy of each adapted layer's input, x hidden ..."""
+    dropout_intermediate: float
+    """... x intermediate."""
+    loss_hidden: float
+    """x hidden: the loss backward's copies of the final hidden states (saved input, fp32 gradient, its cast)."""
+
+
+# bfloat16 / float16 autocast with float32 adapters (the GPU path; measured on CPU under bf16 autocast), and
+# plain float32 (qlora_kit on a CPU). `python tools/calibrate_plan.py --fit` re-derives these numbers.
+PROFILES = {
+    "bfloat16": StepProfile(2, kept_per_layer=1.35, layer_hidden=12.9, layer_intermediate=7.1, layer_kv=5.8,
+                            dequant=0.59, dropout_hidden=13.8, dropout_intermediate=3.0, loss_hidden=5.0),
+    "float32": StepProfile(4, kept_per_layer=1.0, layer_hidden=6.8, layer_intermediate=5.2, layer_kv=1.15,
+                           dequant=0.85, dropout_hidden=10.6, dropout_intermediate=0.0, loss_hidden=3.0),
+}
+PROFILES["float16"] = PROFILES["bfloat16"]
+# Without Triton (on a CPU), TRL folds each loss tile with torch ops: ~7 float32 temporaries of the tile's size.
+LOSS_TILE_FP32_COPIES_WITHOUT_TRITON = 7.25
+
+
 @dataclass
 class Estimate:
-    """Bytes per term; `reserved` is what torch.cuda.max_memory_reserved() should read at the peak."""
+    """Bytes per term; `reserved` is what torch.cuda.max_memory_reserved() should read at the peak.
+
+    The terms add up to the peak. A step has three candidate peaks that never coexist: the backward of the last
+    recomputed layer, the chunked loss's backward, and the optimizer step (every LoRA gradient at once). `phases`
+    holds all three (each with the checkpointed activations it sees); the terms show the largest."""
 
     terms: dict[str, float]
+    phases: dict[str, float]
 
     @property
     def allocated(self) -> float:
@@ -135,12 +180,23 @@ def embedding_matrices_on_gpu(arch: Architecture, recipe: Recipe) -> int:
     return 1 if recipe.memory.embeddings_on_cpu else 2
 
 
+def optimizer_state_bytes(recipe: Recipe, device: str) -> int:
+    """Per trainable parameter: 8-bit AdamW keeps two 1-byte moments, AdamW two float32 ones."""
+    optim = recipe.train.optim
+    if optim == "auto":
+        optim = "paged_adamw_8bit" if device == "cuda" else "adamw_torch"  # as qlora_kit.train chooses
+    return 2 if "8bit" in optim else 8
+
+
 def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, batch: int | None = None,
-             compute_bytes: int = 2) -> Estimate:
-    """Peak memory of one training step at `seq_len` x `batch` (default: the recipe's max_length x batch_size)."""
+             device: str = "cuda", compute_dtype: str | None = None) -> Estimate:
+    """Peak memory of one training step at `seq_len` x `batch` (default: the recipe's max_length x batch_size),
+    on `device` (`cuda` or `cpu`) computing in `compute_dtype` (default: bfloat16 on cuda, float32 on cpu)."""
     seq_len = seq_len or recipe.data.max_length
     batch = batch or recipe.train.batch_size
     tokens = seq_len * batch
+    profile = PROFILES[compute_dtype or ("bfloat16" if device == "cuda" else "float32")]
+    c = profile.compute_bytes
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
     q = arch.heads * arch.head_dim
     linear = sum(a * b for a, b in arch.linear_shapes().values()) * arch.layers
@@ -148,48 +204,49 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         absmax = 1 + 4 / NESTED_BLOCK if recipe.quant.double_quant else 4  # bytes per block of 64
         weight_bytes = linear * (0.5 + absmax / NF4_BLOCK)
     else:
-        weight_bytes = linear * compute_bytes
+        weight_bytes = linear * c
     lora = lora_parameters(arch, recipe)
-    optimizer_bytes = 2 if "8bit" in recipe.train.optim or recipe.train.optim == "auto" else 8
     largest_linear = max(a * b for a, b in arch.linear_shapes().values())
 
-    # Activations of one decoder layer per token (compute dtype): attention projections and output,
-    # MLP gate/up/activation/product, the two norms, and the LoRA dropout copies of each input.
-    per_token_layer = 4 * h + q + 2 * kv + 4 * i
+    # The recomputed layer at the peak of its backward, and its LoRA gradients (one layer's worth).
+    per_token = profile.layer_hidden * h + profile.layer_intermediate * i + profile.layer_kv * kv
     if recipe.lora.dropout > 0:
-        per_token_layer += 5 * h + q + i
-    if recipe.train.gradient_checkpointing:
-        kept = arch.layers * tokens * h * compute_bytes  # each layer's input, saved for the recompute
-        if recipe.memory.offload_activations:
-            kept = 2 * tokens * h * compute_bytes  # in CPU RAM; one layer's input in flight each way
-        # The recomputed layer plus its gradients, and the residual-stream gradient (fp32 via autocast).
-        working = 2 * tokens * per_token_layer * compute_bytes + 2 * tokens * h * 4
-    else:
-        kept = arch.layers * tokens * per_token_layer * compute_bytes
-        working = 2 * tokens * h * 4
+        per_token += profile.dropout_hidden * h + profile.dropout_intermediate * i
+    layer = tokens * per_token * c + profile.dequant * largest_linear * c + lora / arch.layers * 4
     if recipe.model.attn_implementation == "eager":
-        working += 2 * batch * arch.heads * seq_len * seq_len * compute_bytes  # scores + probabilities
-    # bitsandbytes dequantizes a whole weight for each matmul (forward and backward).
-    dequant = 2 * largest_linear * compute_bytes
-    # TRL's chunked loss: one tile of logits (compute dtype + fp32 copy) and fp32 hidden-state grads.
-    n_loss = min(tokens, LOSS_TOKEN_TILE)
-    loss = n_loss * min(arch.vocab, LOSS_VOCAB_TILE) * (compute_bytes + 4) + tokens * h * 4
+        layer += 2 * batch * arch.heads * seq_len * seq_len * c  # scores + probabilities (not calibrated)
+    layer_inputs = arch.layers * tokens * h * c
+    if not recipe.train.gradient_checkpointing:
+        kept_at_layer = kept_at_loss = arch.layers * tokens * per_token * c  # every layer's activations (bound)
+    elif recipe.memory.offload_activations:
+        kept_at_layer = kept_at_loss = 2 * tokens * h * c  # in CPU RAM; one layer's input in flight each way
+    else:
+        kept_at_layer, kept_at_loss = profile.kept_per_layer * layer_inputs, layer_inputs
+    # TRL's chunked loss: one [tokens, 32768] tile of logits in the compute dtype (never the full vocabulary).
+    rows = min(tokens, LOSS_TOKEN_TILE)
+    loss = rows * LOSS_VOCAB_TILE * c + tokens * h * c * profile.loss_hidden
+    if device != "cuda":
+        loss += LOSS_TILE_FP32_COPIES_WITHOUT_TRITON * rows * min(arch.vocab, LOSS_VOCAB_TILE) * 4
+    phases = {"recomputed layer + grads": kept_at_layer + layer,
+              "loss tiles (chunked, no full logits)": kept_at_loss + loss,
+              "LoRA gradients at the optimizer step": lora * 4}
+    peak = max(phases, key=phases.get)
+    kept = {"recomputed layer + grads": kept_at_layer, "loss tiles (chunked, no full logits)": kept_at_loss}.get(
+        peak, 0)
 
     terms = {
         "4-bit linear weights" if recipe.quant.load_in_4bit else "16-bit linear weights": weight_bytes,
-        "embeddings + lm_head (16-bit)": arch.vocab * h * compute_bytes * embedding_matrices_on_gpu(arch, recipe),
-        "norms + biases": (2 * arch.layers + 1) * h * compute_bytes + (arch.layers * (q + 2 * kv) * compute_bytes
-                                                                       if arch.qkv_bias else 0),
-        "LoRA weights + grads (fp32)": lora * 8,
-        "optimizer state": lora * optimizer_bytes,
+        "embeddings + lm_head (16-bit)": arch.vocab * h * c * embedding_matrices_on_gpu(arch, recipe),
+        "norms + biases": (2 * arch.layers + 1) * h * c + (arch.layers * (q + 2 * kv) * c if arch.qkv_bias else 0),
+        "LoRA weights (fp32)": lora * 4,
+        "optimizer state": lora * optimizer_state_bytes(recipe, device),
         "checkpointed activations": kept,
-        "recomputed layer + grads": working + dequant,
-        "loss tiles (chunked, no full logits)": loss,
+        peak: phases[peak] - kept,
     }
     allocated = sum(terms.values())
-    terms["allocator slack"] = allocated * ALLOCATOR_SLACK
-    terms["CUDA context"] = CUDA_CONTEXT_GIB * GIB
-    return Estimate(terms)
+    terms["allocator slack"] = allocated * ALLOCATOR_SLACK if device == "cuda" else 0.0
+    terms["CUDA context"] = CUDA_CONTEXT_GIB * GIB if device == "cuda" else 0.0
+    return Estimate(terms, phases)
 
 
 @dataclass
@@ -205,6 +262,8 @@ class Plan:
     max_length_fit: int
     suggestion: str
     terms_gib: dict[str, float]
+    phases_gib: dict[str, float]
+    """Each candidate peak of a step (with the activations it sees); the terms show the largest."""
     context_bound: bool = False
     """max_length_fit is the model's max_position_embeddings: more would fit in memory."""
 
@@ -228,6 +287,7 @@ def make_plan(arch: Architecture, recipe: Recipe, vram_gib: float) -> Plan:
     return Plan(arch.name, vram_gib, round(budget, 3), seq, batch, round(est.total / GIB, 3),
                 round(est.reserved / GIB, 3), fits, longest, suggestion,
                 {k: round(v / GIB, 3) for k, v in est.terms.items()},
+                {k: round(v / GIB, 3) for k, v in est.phases.items()},
                 context_bound=bool(longest) and longest + 16 > arch.max_positions)
 
 
@@ -261,6 +321,10 @@ def print_plan(plan: Plan, console=None) -> None:
         table.add_row(term, f"{gib:.3f}")
     table.add_row("[bold]peak on the card", f"[bold]{plan.peak_gib:.2f}")
     console.print(table)
+    peak = max(plan.phases_gib, key=plan.phases_gib.get)
+    others = ", ".join(f"{name} {gib:.2f} GiB" for name, gib in plan.phases_gib.items() if name != peak)
+    console.print(f"[dim]The peak comes with the {peak}; other moments of the step, never at the same time "
+                  f"(each with the activations it sees): {others}.")
     verdict = "[bold green]fits" if plan.fits else "[bold red]does not fit"
     # The search stops at the model's context length; say so, or it reads as a memory limit.
     capped = " (the model's context length, not memory, is the limit)" if plan.context_bound else ""

@@ -72,6 +72,9 @@ def test_smoke_trains_both_setups_on_both_architecture_families(smoke_result):
         assert r["tokens_per_s"] > 0
         assert r["peak_rss_gib"] > 0 and r["planner_reserved_gib"] > 0
         assert r["planner_error"] is None  # the planner is about VRAM; no error figure against RAM
+        assert r["tensor_peak_gib"] > r["tensor_start_gib"] > 0  # live tensors counted op by op instead
+        if r["setup"] == "qlora_kit":  # the planner's CPU estimate of what a qlora_kit step keeps alive
+            assert abs(r["planner_tensor_error"]) < 0.10, r
     by_setup = {r["setup"]: r for r in fixed if r["model"] == "r1-distill-qwen-1.5b" and r["length"] == 64}
     # The same LoRA in both setups; qlora_kit keeps the adapter in float32, TRL's default casts it to bfloat16.
     assert by_setup["baseline"]["trainable_params"] == by_setup["qlora_kit"]["trainable_params"]

@@ -1,5 +1,6 @@
-"""The VRAM planner: exact weight and LoRA terms against a really loaded 4-bit model, and sane behaviour
-of the rest (monotone in length, the fit search, the CLI)."""
+"""The VRAM planner: exact weight and LoRA terms against a really loaded 4-bit model, the activation terms against
+the live tensors of real training steps on CPU (tools/calibrate_plan.py), and sane behaviour of the rest
+(monotone in length, the fit search, the CLI)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_weight_and_lora_terms_match_a_loaded_model(mid_model_dir, double_quant)
                                "quant": {"double_quant": double_quant}, "lora": {"r": 8}})
     model = add_lora(load_model(recipe, choose_precision(recipe.quant)), recipe.lora)
     arch = Architecture.from_config(json.loads((mid_model_dir / "config.json").read_text()))
-    planned = estimate(arch, recipe, compute_bytes=4).terms  # fp32 on CPU
+    planned = estimate(arch, recipe, device="cpu").terms  # fp32 on CPU
 
     quantized = 0
     for param in model.parameters():
@@ -48,6 +49,54 @@ def test_weight_and_lora_terms_match_a_loaded_model(mid_model_dir, double_quant)
     embeddings = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if "embed_tokens" in n or "lm_head" in n)
     assert planned["embeddings + lm_head (16-bit)"] == embeddings
+
+
+@pytest.fixture(scope="module")
+def calibrate():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("calibrate_plan", REPO / "tools" / "calibrate_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PHASE_NAMES = {"backward": "recomputed layer + grads", "loss backward": "loss tiles (chunked, no full logits)"}
+
+
+@pytest.mark.parametrize("which", [1, 2, 3], ids=["bf16-layer-peak", "bf16-lora-dropout", "fp32-loss-peak"])
+def test_the_planner_matches_the_live_tensors_of_real_training_steps(calibrate, which):
+    """Two real qlora_kit steps (NF4, LoRA r 32, TRL), every live tensor counted: the planner's `allocated` estimate
+    must be within the issue's 10 % and must name the phase where the peak really was."""
+    measured = calibrate.measure(calibrate.QUICK[which])
+    assert abs(calibrate.error_of(measured)) < 0.10, calibrate.describe(measured)
+    plan = calibrate.planned(calibrate.QUICK[which])
+    peaks = measured["phase_peaks"]
+    assert PHASE_NAMES[max(peaks, key=peaks.get)] == max(plan.phases, key=plan.phases.get)
+
+
+def test_the_peak_is_the_largest_phase_not_the_sum_of_all():
+    arch = Architecture.from_config(ARCHITECTURES["r1-distill-qwen-7b"], "7b")
+    recipe = recipe_from_dict({})
+    for length in (256, 4096, 16384):
+        est = estimate(arch, recipe, length, 1)
+        static = sum(v for k, v in est.terms.items() if k in ("4-bit linear weights", "embeddings + lm_head (16-bit)",
+                                                              "norms + biases", "LoRA weights (fp32)",
+                                                              "optimizer state"))
+        assert est.allocated == pytest.approx(static + max(est.phases.values()))
+        assert est.allocated < static + sum(est.phases.values())
+
+
+def test_cpu_steps_add_trl_s_torch_loss_copies_and_no_gpu_terms():
+    arch = Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"], "1.5b")
+    recipe = recipe_from_dict({})
+    gpu, cpu = estimate(arch, recipe, 4096, 1), estimate(arch, recipe, 4096, 1, device="cpu")
+    loss = "loss tiles (chunked, no full logits)"
+    assert cpu.phases[loss] > gpu.phases[loss] * 2  # float32, and ~7 float32 copies of each tile without Triton
+    assert cpu.terms["CUDA context"] == cpu.terms["allocator slack"] == 0 < gpu.terms["CUDA context"]
+    assert cpu.terms["optimizer state"] == 4 * gpu.terms["optimizer state"]  # AdamW on CPU, 8-bit AdamW on CUDA
 
 
 def test_estimate_grows_with_length_and_the_fit_search_is_consistent():

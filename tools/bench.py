@@ -130,6 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--prompt-tokens", type=int, default=32, help="untrained prefix of every sequence")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="CPU only: bfloat16 trains qlora_kit under bf16 autocast, as on a GPU (what "
+                        "tools/calibrate_plan.py measures the planner's GPU profile with)")
     parser.add_argument("--max-minutes", type=float, default=8.5, help="start no trial that would end later")
     parser.add_argument("--isolate", action="store_true", help="a fresh worker process for every trial")
     parser.add_argument("--out", help="results JSON (default bench/results/<smoke->TIMESTAMP.json)")
@@ -188,7 +191,7 @@ def settings_of(args) -> dict:
     return {"smoke": args.smoke, "budget_gib": args.budget_gib, "warmup": args.warmup, "steps": args.steps,
             "search_steps": args.search_steps, "max_len": args.max_len, "resolution": args.resolution,
             "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
-            "prompt_tokens": args.prompt_tokens, "seed": args.seed, "batch_size": 1}
+            "prompt_tokens": args.prompt_tokens, "seed": args.seed, "batch_size": 1, "cpu_dtype": args.cpu_dtype}
 
 
 def model_config(name: str, smoke: bool) -> dict:
@@ -225,11 +228,20 @@ def bench_recipe(setup: Setup, length: int, steps: int, settings: dict, model_na
     }, where="benchmark recipe")
 
 
-def planner_reserved_gib(config: dict, setup: Setup, length: int, settings: dict, compute_bytes: int = 2) -> float:
+def planner_estimate(config: dict, setup: Setup, length: int, settings: dict, device: str = "cuda"):
+    """The planner's estimate for one trial. On CPU: qlora_kit computes in float32 (or bf16 with --cpu-dtype), the
+    baseline in bf16 autocast (its bf16=True), and TRL's loss runs without Triton."""
     from qlora_kit.plan import Architecture, estimate
 
     arch = Architecture.from_config(config, "bench")
-    return estimate(arch, bench_recipe(setup, length, 1, settings), length, 1, compute_bytes).reserved / GIB
+    dtype = None
+    if device == "cpu":
+        dtype = settings.get("cpu_dtype", "float32") if setup.base == "qlora_kit" else "bfloat16"
+    return estimate(arch, bench_recipe(setup, length, 1, settings), length, 1, device, dtype)
+
+
+def planner_reserved_gib(config: dict, setup: Setup, length: int, settings: dict) -> float:
+    return planner_estimate(config, setup, length, settings).reserved / GIB
 
 
 def planner_longest(config: dict, setup: Setup, settings: dict) -> int:
@@ -455,13 +467,14 @@ class Bench:
 
     def add_planner(self, record: dict, config: dict, setup: Setup) -> None:
         on_gpu = self.on_gpu()
-        # On CPU qlora_kit computes in float32; the planner's figure is for the GPU either way.
-        compute_bytes = 4 if not on_gpu and setup.base == "qlora_kit" else 2
-        predicted = planner_reserved_gib(config, setup, record["length"], self.settings, compute_bytes)
-        record["planner_reserved_gib"] = round(predicted, 3)
+        predicted = planner_estimate(config, setup, record["length"], self.settings, "cuda" if on_gpu else "cpu")
+        record["planner_reserved_gib"] = round(predicted.reserved / GIB, 3)
         measured = record.get("peak_reserved_gib")
-        record["planner_error"] = (round(predicted / measured - 1, 4) if on_gpu and measured and
+        record["planner_error"] = (round(predicted.reserved / GIB / measured - 1, 4) if on_gpu and measured and
                                    record["status"] == "ok" else None)  # + : the planner says more than measured
+        if record.get("tensor_peak_gib"):  # CPU: live tensors (no allocator, no CUDA context) against `allocated`
+            record["planner_allocated_gib"] = round(predicted.allocated / GIB, 4)
+            record["planner_tensor_error"] = round(predicted.allocated / GIB / record["tensor_peak_gib"] - 1, 4)
         record["run"] = self.doc["run_index"]
 
     def fits(self, model: str, setup: Setup, length: int) -> bool | None:
@@ -564,9 +577,15 @@ def describe(record: dict) -> str:
     head = f"{record['model']} {record['setup']} {record['kind']} {record['length']}: {record['status']}"
     if record["status"] not in ("ok", "oom"):
         return f"{head} - {record.get('error', '')}\n{record.get('log_tail', '')}".rstrip()
-    memory = record.get("peak_reserved_gib", record.get("peak_rss_gib"))
-    what = "reserved" if "peak_reserved_gib" in record else "RSS"
-    parts = [head, f"peak {what} {_mem(memory)} (planner {_mem(record['planner_reserved_gib'])})"]
+    if "peak_reserved_gib" in record:
+        parts = [head, f"peak reserved {_mem(record['peak_reserved_gib'])} "
+                       f"(planner {_mem(record['planner_reserved_gib'])})"]
+    elif record.get("tensor_peak_gib"):
+        parts = [head, f"peak tensors {_mem(record['tensor_peak_gib'])} (planner "
+                       f"{_mem(record['planner_allocated_gib'])}, {record['planner_tensor_error']:+.1%})",
+                 f"RSS {_mem(record.get('peak_rss_gib'))}"]
+    else:
+        parts = [head, f"peak RSS {_mem(record.get('peak_rss_gib'))}"]
     if record.get("tokens_per_s"):
         parts.append(f"{record['tokens_per_s']:.0f} tok/s")
     if record.get("losses"):
@@ -687,7 +706,7 @@ def markdown_tables(doc: dict) -> str:
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
     unit = "MiB" if settings["smoke"] else "GiB"
-    memory = f"peak reserved {unit}" if on_gpu else f"peak RSS {unit}"
+    memory = f"peak reserved {unit}" if on_gpu else f"peak live tensors {unit}"
     lines += [f"**Fixed lengths** ({note}; tokens/s over {settings['steps']} steps after {settings['warmup']} "
               "warm-up steps)", "",
               f"| model | setup | tokens | under the cap | {memory} | planner {unit} | planner error | tokens/s "
@@ -699,6 +718,9 @@ def markdown_tables(doc: dict) -> str:
                 row = _fixed_row(doc["trials"], model, setup, length, on_gpu, unit)
                 if row:
                     lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "The planner plans qlora_kit runs, so its columns are blank for the baseline (the JSON has its rough "
+              "figure)." + ("" if on_gpu else " On a CPU the memory column counts live tensors (qlora_kit.tensor_peak) "
+                            "and the planner's figure is its `allocated` estimate for a CPU step.")]
     if any(r["kind"] == "uncapped" and r["status"] == "ok" for r in doc["trials"]):
         lines += ["", "† measured without the cap, because this length does not fit under it: what it needs."]
     return "\n".join(lines)
@@ -731,15 +753,18 @@ def _fixed_row(trials: list[dict], model: str, setup: str, length: int, on_gpu: 
     if capped["status"] != "ok":
         measured, mark = _find(trials, model, setup, "uncapped", length), " †"
     scale = 1024 if unit == "MiB" else 1
-    planner = capped.get("planner_reserved_gib", (measured or {}).get("planner_reserved_gib"))
+    figure = "planner_reserved_gib" if on_gpu else "planner_allocated_gib"  # CPU: no allocator slack, no context
+    # The planner plans qlora_kit's runs; for the baseline (bf16 adapters, fp32 AdamW) it is only a rough guide.
+    planner = None if setup == "baseline" else capped.get(figure, (measured or {}).get(figure))
     cells = [model, setup, f"{length:,}", verdict, "", f"{planner * scale:.2f}" if planner is not None else "",
              "", "", "", ""]
     if measured is None or measured["status"] != "ok":
         return cells
-    peak = measured.get("peak_reserved_gib") if on_gpu else measured.get("peak_rss_gib")
-    cells[4] = f"{peak * scale:.2f}{mark}"
-    if measured.get("planner_error") is not None:
-        cells[6] = f"{measured['planner_error']:+.1%}"
+    peak = measured.get("peak_reserved_gib") if on_gpu else measured.get("tensor_peak_gib")
+    cells[4] = f"{peak * scale:.2f}{mark}" if peak is not None else ""
+    error = measured.get("planner_error" if on_gpu else "planner_tensor_error")
+    if error is not None and setup != "baseline":
+        cells[6] = f"{error:+.1%}"
     cells[7] = f"{measured['tokens_per_s']:,.0f}{mark}" if measured.get("tokens_per_s") else ""
     base = _find(trials, model, "baseline", "fixed", length)
     if base is not None and base["status"] != "ok":
@@ -904,8 +929,11 @@ def run_trial(spec: dict) -> dict:
             timer = make_step_timer(cuda)
             trainer = build_bench_trainer(spec, model, tokenizer, Path(folder), timer)
             phase = "train"
-            trainer.train()
+            with tensor_peak(cuda, trainer.model) as counter:
+                trainer.train()
             result.update(measurements(spec, trainer, timer))
+            if counter is not None:
+                result.update(tensor_figures(counter))
     except Exception as e:  # noqa: BLE001 - every failure becomes a record
         oom = isinstance(e, torch.OutOfMemoryError) or _looks_like_oom(e, reports)
         result.update(status="oom" if oom else "error", phase=phase,
@@ -923,6 +951,26 @@ def run_trial(spec: dict) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+@contextlib.contextmanager
+def tensor_peak(cuda: bool, model):
+    """On CPU, count live tensors op by op (qlora_kit.tensor_peak): the planner's `allocated` figure can be checked
+    there too. Not on a GPU: torch.cuda's own statistics are exact there, and the counter would slow every step."""
+    if cuda:
+        yield None
+        return
+    from qlora_kit.tensor_peak import LiveTensorBytes, loss_phases
+
+    counter = LiveTensorBytes("cpu", model)
+    with loss_phases(counter), counter:
+        yield counter
+
+
+def tensor_figures(counter) -> dict:
+    return {"tensor_peak_gib": round(counter.peak_bytes / GIB, 4),
+            "tensor_start_gib": round(counter.start_bytes / GIB, 4),
+            "tensor_phase_peaks_gib": {k: round(v / GIB, 4) for k, v in counter.phase_peaks.items()}}
 
 
 def _looks_like_oom(error: Exception, reports: list[str] = ()) -> bool:
@@ -972,10 +1020,10 @@ def build_model(spec: dict):
     name = f"random/{spec['model']}"
     with random_weights(spec["config"], spec["settings"]["seed"]):
         if setup.base == "qlora_kit":
-            from qlora_kit.model import add_lora, choose_precision, load_model
+            from qlora_kit.model import add_lora, load_model
 
             recipe = bench_recipe(setup, spec["length"], spec["warmup"] + spec["steps"], spec["settings"], name)
-            model = load_model(recipe, choose_precision(recipe.quant))
+            model = load_model(recipe, trial_precision(spec, recipe))
             return add_lora(model, recipe.lora)
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -984,6 +1032,18 @@ def build_model(spec: dict):
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
         return AutoModelForCausalLM.from_pretrained(name, quantization_config=quantization, dtype=torch.bfloat16,
                                                     device_map={"": 0 if torch.cuda.is_available() else "cpu"})
+
+
+def trial_precision(spec: dict, recipe):
+    """qlora_kit's own choice, except that `settings.cpu_dtype = "bfloat16"` runs a CPU trial under bf16 autocast
+    with float32 adapters, as on a GPU: tools/calibrate_plan.py measures the planner's GPU profile that way."""
+    import torch
+
+    from qlora_kit.model import Precision, choose_precision
+
+    if spec["settings"].get("cpu_dtype") == "bfloat16" and not torch.cuda.is_available():
+        return Precision("cpu", torch.bfloat16)
+    return choose_precision(recipe.quant)
 
 
 _STATE_CACHE: dict[str, dict] = {}
@@ -1070,12 +1130,11 @@ def build_bench_trainer(spec: dict, model, tokenizer, folder: Path, timer):
     setup = parse_setup(spec["setup"])
     if setup.base == "qlora_kit":
         from qlora_kit.encode import Example, to_dataset
-        from qlora_kit.model import choose_precision
         from qlora_kit.train import build_trainer
 
         recipe = bench_recipe(setup, spec["length"], spec["warmup"] + spec["steps"], spec["settings"])
         examples = [Example(i, m, row) for row, (i, m) in enumerate(zip(ids, mask, strict=True))]
-        return build_trainer(recipe, model, tokenizer, to_dataset(examples), None, choose_precision(recipe.quant),
+        return build_trainer(recipe, model, tokenizer, to_dataset(examples), None, trial_precision(spec, recipe),
                              folder, [timer])
 
     import torch

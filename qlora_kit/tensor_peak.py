@@ -1,0 +1,106 @@
+"""Peak bytes of live tensors on one device, counted op by op.
+
+Why: the planner's activation terms model what PyTorch keeps alive during a training step. On a GPU,
+`torch.cuda.max_memory_allocated()` measures that; on a CPU nothing does (resident RAM mixes in the
+interpreter, the libraries and the allocator's caching). This counter sees every tensor an ATen op
+returns, so the planner can be checked on CPU, term by term, without a GPU:
+
+    with LiveTensorBytes("cpu", model) as counter:
+        trainer.train()
+    counter.peak_bytes, counter.phase_peaks   # {"forward": ..., "backward": ..., "loss backward": ...}
+
+Storages are counted once however many views share them, and leave the count when PyTorch frees them
+(a weak-reference finalizer on the storage). Tensors made before the counter starts are not seen unless
+passed in (`model`: its parameters, buffers and bitsandbytes' quantization state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    def __init__(self, device: str = "cpu", model=None):
+        super().__init__()
+        self.device = device
+        self._sizes: dict[int, int] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.phase: str | None = None
+        """Set by `loss_phases`; otherwise the phase is forward or backward (inside autograd's engine)."""
+        self.phase_peaks: dict[str, int] = {}
+        if model is not None:
+            self.add_model(model)
+        self.start_bytes = self.current_bytes
+
+    def add_model(self, model) -> None:
+        for parameter in model.parameters():
+            self.add(parameter)
+            self._add_tensors_of(getattr(parameter, "quant_state", None))
+        for buffer in model.buffers():
+            self.add(buffer)
+
+    def _add_tensors_of(self, state, depth: int = 0) -> None:
+        """bitsandbytes' QuantState (absmax, code, the nested state of double quant) holds plain tensors."""
+        if isinstance(state, torch.Tensor):
+            self.add(state)
+        elif state is not None and depth < 3 and hasattr(state, "__dict__"):
+            for value in vars(state).values():
+                self._add_tensors_of(value, depth + 1)
+
+    def add(self, tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device or tensor.is_meta:
+            return
+        storage = tensor.untyped_storage()
+        key, size = storage._cdata, storage.nbytes()
+        known = self._sizes.get(key)
+        if known == size:
+            return
+        if known is None:
+            weakref.finalize(storage, self._free, key)
+        self._sizes[key] = size
+        self.current_bytes += size - (known or 0)  # a resize_ changes a known storage
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+        phase = self.phase or ("backward" if torch._C._current_autograd_node() is not None else "forward")
+        if self.current_bytes > self.phase_peaks.get(phase, 0):
+            self.phase_peaks[phase] = self.current_bytes
+
+    def _free(self, key: int) -> None:
+        self.current_bytes -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            self.add(value)
+        return out
+
+
+@contextlib.contextmanager
+def loss_phases(counter: LiveTensorBytes):
+    """Name TRL's chunked loss (forward and backward) as phases of their own: its tiles never coexist with a
+    recomputed layer, so the planner models the step's peak as the larger of the two, not their sum."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    originals = ChunkedLogProbFunction.forward, ChunkedLogProbFunction.backward
+
+    def named(phase, function):
+        def wrapped(*args, **kwargs):
+            counter.phase = phase
+            try:
+                return function(*args, **kwargs)
+            finally:
+                counter.phase = None
+        return staticmethod(wrapped)
+
+    ChunkedLogProbFunction.forward = named("loss forward", originals[0])
+    ChunkedLogProbFunction.backward = named("loss backward", originals[1])
+    try:
+        yield counter
+    finally:
+        ChunkedLogProbFunction.forward, ChunkedLogProbFunction.backward = (staticmethod(f) for f in originals)

@@ -1,0 +1,260 @@
+"""Check (and re-fit) the VRAM planner's activation terms against tensor-level measurements of real training steps.
+
+    python tools/calibrate_plan.py                       # the whole grid, ~10 min on 2 CPU cores; table + worst error
+    python tools/calibrate_plan.py --quick               # 4 shapes, ~30 s
+    python tools/calibrate_plan.py --out bench/results/cpu-calibration.json
+    python tools/calibrate_plan.py --from bench/results/cpu-calibration.json --fit   # re-derive the coefficients
+
+Why on a CPU: the planner's activation terms (qlora_kit.plan.PROFILES) describe which tensors PyTorch keeps alive
+during a QLoRA step: checkpointed layer inputs, the recomputed layer and its gradients, bitsandbytes' dequantized
+weight, TRL's chunked loss tiles. Those are the same tensors on a CPU, and qlora_kit.tensor_peak counts them op by
+op, so each term can be measured without a GPU. A point is one real qlora_kit training run (tools/bench.py's
+trial: random weights, real NF4, real LoRA r 32 on all linear layers, two TRL steps at batch 1), on a shape
+that keeps the architecture family and the layer dimensions but shrinks the depth and, mostly, the vocabulary.
+`bfloat16` points run under bf16 autocast with float32 adapters, as qlora_kit does on a GPU; `float32` points
+are qlora_kit on a CPU.
+
+What a CPU cannot show: the CUDA context, the caching allocator's slack, and TRL's Triton loss kernel (on a GPU
+it folds each logits tile in place; on a CPU torch ops make ~7 float32 copies, which the planner adds for CPU
+only). Those wait for tools/bench.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS.parent))
+sys.path.insert(0, str(TOOLS))
+
+import bench  # noqa: E402  (tools/bench.py: model building and the trial's trainer)
+
+MIB = 1024**2
+# family, tokens, hidden, intermediate, layers, heads, kv heads, vocab: varied one at a time around a small core,
+# then the three targets' real layer dimensions (R1-Distill-Qwen-1.5B / -7B, -Llama-8B), then the full vocabulary.
+SHAPES = [
+    ("qwen2", 512, 1024, 4096, 2, 8, 2, 1024), ("qwen2", 512, 1024, 4096, 2, 16, 4, 1024),
+    ("qwen2", 512, 1024, 4096, 2, 8, 8, 1024), ("qwen2", 512, 1024, 2048, 2, 8, 2, 1024),
+    ("qwen2", 512, 512, 4096, 2, 8, 2, 1024), ("qwen2", 256, 1024, 4096, 2, 8, 2, 1024),
+    ("qwen2", 1024, 512, 1536, 3, 4, 1, 1024), ("qwen2", 768, 768, 3072, 2, 12, 4, 1024),
+    ("qwen2", 512, 2048, 5632, 1, 16, 2, 1024), ("qwen2", 2048, 512, 2048, 2, 8, 2, 1024),
+    ("llama", 512, 1024, 4096, 2, 8, 2, 1024), ("llama", 1024, 1024, 3584, 2, 8, 8, 1024),
+    ("llama", 512, 2048, 7168, 1, 16, 4, 1024), ("llama", 1536, 512, 2048, 3, 8, 2, 1024),
+    *[("qwen2", 1024, 1024, 4096, layers, 8, 2, 1024) for layers in (1, 2, 4, 8, 12)],  # the depth sweep
+    *[("qwen2", n, 256, 1024, 1, 4, 2, 1024) for n in (1024, 2048, 4096, 8192)],  # the length sweep
+    *[("qwen2", n, 256, 768, 2, 4, 2, 40000) for n in (256, 512, 1024, 2048)],  # loss-dominated
+    ("qwen2", 256, 1536, 8960, 2, 12, 2, 1024), ("qwen2", 1024, 1536, 8960, 2, 12, 2, 1024),
+    ("qwen2", 2048, 1536, 8960, 2, 12, 2, 1024), ("qwen2", 256, 3584, 18944, 1, 28, 4, 1024),
+    ("qwen2", 1024, 3584, 18944, 1, 28, 4, 1024), ("llama", 256, 4096, 14336, 1, 32, 8, 1024),
+    ("llama", 1024, 4096, 14336, 1, 32, 8, 1024), ("llama", 2048, 4096, 14336, 1, 32, 8, 1024),
+    ("qwen2", 512, 1536, 8960, 2, 12, 2, 151936), ("qwen2", 2048, 1536, 8960, 2, 12, 2, 151936),
+]
+# Held out of the fit: longer, deeper, the targets' dimensions; they check that the fit extrapolates.
+VALIDATION = [("qwen2", 4096, 1536, 8960, 6, 12, 2, 1024, "bfloat16", 0.0),
+              ("qwen2", 8192, 1536, 8960, 4, 12, 2, 1024, "bfloat16", 0.0),
+              ("qwen2", 4096, 1536, 8960, 12, 12, 2, 1024, "bfloat16", 0.0),
+              ("qwen2", 2048, 3584, 18944, 2, 28, 4, 1024, "bfloat16", 0.0),
+              ("llama", 4096, 4096, 14336, 2, 32, 8, 1024, "bfloat16", 0.0),
+              ("qwen2", 4096, 1536, 8960, 3, 12, 2, 151936, "bfloat16", 0.0),
+              ("llama", 2048, 4096, 14336, 2, 32, 8, 1024, "float32", 0.0)]
+DROPOUT_SHAPES = [("qwen2", 512, 1024, 4096, 2, 8, 2, 1024), ("qwen2", 512, 1024, 2048, 2, 8, 2, 1024),
+                  ("qwen2", 1024, 1536, 8960, 2, 12, 2, 1024), ("qwen2", 1024, 3584, 18944, 1, 28, 4, 1024)]
+QUICK = [("qwen2", 512, 1024, 4096, 2, 8, 2, 1024, "bfloat16", 0.0),
+         ("llama", 512, 2048, 7168, 1, 16, 4, 1024, "bfloat16", 0.0),
+         ("qwen2", 512, 1024, 4096, 2, 8, 2, 1024, "bfloat16", 0.05),
+         ("qwen2", 512, 256, 768, 2, 4, 2, 40000, "float32", 0.0)]
+FAMILY = {"qwen2": "r1-distill-qwen-1.5b", "llama": "r1-distill-llama-8b"}  # config templates (RoPE, bias, ...)
+
+
+def grid() -> list[tuple]:
+    points = []
+    for dtype in ("bfloat16", "float32"):
+        points += [(*shape, dtype, 0.0) for shape in SHAPES]
+        points += [(*shape, dtype, 0.05) for shape in DROPOUT_SHAPES]
+    return points + VALIDATION
+
+
+def point_config(family: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int):
+    tokenizer = bench.bench_tokenizer()
+    config = dict(bench.ARCHITECTURES[FAMILY[family]])
+    config.update(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                  vocab_size=vocab, max_position_embeddings=65536, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    return config
+
+
+def settings(dtype: str, dropout: float) -> dict:
+    return {"smoke": False, "budget_gib": 0, "warmup": 0, "steps": 2, "search_steps": 2, "max_len": 65536,
+            "resolution": 256, "lora": {"r": 32, "alpha": 64, "dropout": dropout}, "prompt_tokens": 32, "seed": 0,
+            "batch_size": 1, "cpu_dtype": dtype}
+
+
+def measure(point: tuple) -> dict:
+    """Two qlora_kit training steps at this point, counted by qlora_kit.tensor_peak."""
+    import torch
+
+    from qlora_kit.tensor_peak import LiveTensorBytes, loss_phases
+
+    family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout = point
+    config = point_config(family, hidden, intermediate, layers, heads, kv_heads, vocab)
+    spec = {"model": FAMILY[family], "setup": "qlora_kit", "config": config, "settings": settings(dtype, dropout),
+            "length": tokens, "warmup": 0, "steps": 2, "capped": False}
+    started = time.monotonic()
+    model = bench.build_model(spec)
+    bench._STATE_CACHE.clear()  # the random source tensors are not part of training
+    with tempfile.TemporaryDirectory(prefix="qlora_kit-calibrate-") as folder:
+        trainer = bench.build_bench_trainer(spec, model, bench.bench_tokenizer(), Path(folder),
+                                            bench.make_step_timer(False))
+        gc.collect()
+        counter = LiveTensorBytes("cpu", trainer.model)
+        with loss_phases(counter), counter:
+            trainer.train()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        optimizer_bytes = sum(v.nbytes for state in optimizer.state.values() for v in state.values()
+                              if isinstance(v, torch.Tensor))
+        lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    del trainer, model
+    gc.collect()
+    return {"point": list(point), "start_bytes": counter.start_bytes, "peak_bytes": counter.peak_bytes,
+            "phase_peaks": counter.phase_peaks, "optimizer_bytes": optimizer_bytes, "lora_params": lora,
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+def planned(point: tuple):
+    from qlora_kit.plan import Architecture, estimate
+
+    family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout = point
+    config = point_config(family, hidden, intermediate, layers, heads, kv_heads, vocab)
+    recipe = bench.bench_recipe(bench.parse_setup("qlora_kit"), tokens, 2, settings(dtype, dropout))
+    return estimate(Architecture.from_config(config, "point"), recipe, tokens, 1, "cpu", dtype)
+
+
+def error_of(measurement: dict) -> float:
+    """+: the planner says more than was measured."""
+    return planned(tuple(measurement["point"])).allocated / measurement["peak_bytes"] - 1
+
+
+def describe(measurement: dict) -> str:
+    family, tokens, hidden, intermediate, layers, heads, kv, vocab, dtype, dropout = measurement["point"]
+    peaks = measurement["phase_peaks"]
+    where = max(peaks, key=peaks.get)
+    plan = planned(tuple(measurement["point"]))
+    planned_where = max(plan.phases, key=plan.phases.get)
+    return (f"{dtype:8s} {family:5s} tokens {tokens:5d} hidden {hidden:4d} inter {intermediate:5d} layers {layers:2d} "
+            f"heads {heads:2d}/{kv:<2d} vocab {vocab:6d} dropout {dropout:.2f} | measured "
+            f"{measurement['peak_bytes'] / MIB:7.1f} MiB ({where}) planner {plan.allocated / MIB:7.1f} MiB "
+            f"({planned_where}) {error_of(measurement):+6.1%}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Re-deriving the coefficients of qlora_kit.plan.PROFILES from measurements
+
+
+def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
+    """Least squares of the relative error per dtype, phase by phase, over the points not held out (VALIDATION).
+
+    Layer phase (the backward of a recomputed layer): measured peak - start - optimizer state - one layer's LoRA
+    gradients = kept x layers x tokens x hidden + tokens x (a x hidden + b x intermediate + c x kv width) +
+    d x largest weight (+ dropout terms), all in compute-dtype elements. `kept` is the slope of the depth sweep
+    (one shape, 1-12 layers); the rest are fitted with it fixed, since depth and width are confounded otherwise.
+    Loss phase: peak - start - optimizer state = layers x tokens x hidden (the layer inputs) + e x tokens x hidden
+    + one [rows, 32768] tile + f x float32 copies of the tile (a CPU has no Triton)."""
+    import numpy as np
+
+    profiles = {}
+    for dtype in ("bfloat16", "float32"):
+        held_out = {tuple(v) for v in VALIDATION}
+        rows = [m for m in measurements if m["point"][8] == dtype and tuple(m["point"]) not in held_out]
+        c = 2 if dtype == "bfloat16" else 4
+
+        def dims(m):
+            family, n, h, i, layers, heads, kv_heads, vocab, _, dropout = m["point"]
+            return n, h, i, layers, kv_heads * (h // heads), vocab, dropout > 0
+
+        def layer_excess(m):
+            return (m["phase_peaks"]["backward"] - m["start_bytes"] - m["optimizer_bytes"]
+                    - m["lora_params"] * 4 / m["point"][4])
+
+        sweep = sorted((m for m in rows if m["point"][1:4] == [1024, 1024, 4096] and m["point"][5:8] == [8, 2, 1024]
+                        and m["point"][9] == 0), key=lambda m: m["point"][4])
+        depth = np.array([m["point"][4] for m in sweep], float)
+        slope = np.polyfit(depth, [layer_excess(m) for m in sweep], 1)[0]
+        kept = slope / (1024 * 1024 * c)
+
+        layer_rows = [m for m in rows if m["point"][7] <= 1024]  # a big vocabulary puts the peak in the loss
+        x, y = [], []
+        for m in layer_rows:
+            n, h, i, layers, kv, vocab, drop = dims(m)
+            scale = c / m["phase_peaks"]["backward"]  # relative error: small shapes count as much as big ones
+            x.append([v * scale for v in (n * h, n * i, n * kv, max(h * h, h * i), drop * n * h, drop * n * i)])
+            y.append((layer_excess(m) / c - kept * layers * n * h) * scale)
+        a, b, kv_coef, dequant, drop_h, drop_i = np.linalg.lstsq(np.array(x, float), np.array(y), rcond=None)[0]
+
+        x, y = [], []
+        for m in rows:
+            n, h, i, layers, kv, vocab, drop = dims(m)
+            tile_rows, scale = min(n, 4096), 1 / m["phase_peaks"]["loss backward"]
+            x.append([n * h * c * scale, tile_rows * min(vocab, 32768) * 4 * scale])
+            y.append((m["phase_peaks"]["loss backward"] - m["start_bytes"] - m["optimizer_bytes"]
+                      - layers * n * h * c - tile_rows * 32768 * c) * scale)
+        loss_hidden, fp32_copies = np.linalg.lstsq(np.array(x, float), np.array(y), rcond=None)[0]
+        profiles[dtype] = {"kept_per_layer": kept, "layer_hidden": a, "layer_intermediate": b, "layer_kv": kv_coef,
+                           "dequant": dequant, "dropout_hidden": drop_h, "dropout_intermediate": drop_i,
+                           "loss_hidden": loss_hidden, "loss_tile_fp32_copies_without_triton": fp32_copies}
+    return {dtype: {k: round(float(v), 2) for k, v in p.items()} for dtype, p in profiles.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="4 points instead of the whole grid")
+    parser.add_argument("--from", dest="source", help="use the measurements in this JSON instead of measuring")
+    parser.add_argument("--fit", action="store_true", help="print the coefficients the measurements imply")
+    parser.add_argument("--out", help="write the measurements (and the planner's errors) to this JSON")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from qlora_kit.run import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # the measured tensors do not depend on threads
+    if args.source:
+        measurements = json.loads(Path(args.source).read_text(encoding="utf-8"))["points"]
+    else:
+        measurements = []
+        for point in QUICK if args.quick else grid():
+            measurements.append(measure(point))
+            print(describe(measurements[-1]), flush=True)
+    if args.source:
+        for measurement in measurements:
+            print(describe(measurement))
+    errors = [error_of(m) for m in measurements]
+    held_out = {tuple(v) for v in VALIDATION}
+    print()
+    for name, chosen in (("fitted", False), ("held-out", True)):
+        group = [e for m, e in zip(measurements, errors, strict=True) if (tuple(m["point"]) in held_out) == chosen]
+        if group:
+            print(f"{len(group)} {name} points: planner error {min(group):+.1%} to {max(group):+.1%} against the "
+                  "peak of live tensors on CPU")
+    if args.out:
+        doc = {"tool": "tools/calibrate_plan.py", "command": " ".join(["python", "tools/calibrate_plan.py",
+                                                                        *(argv or sys.argv[1:])]),
+               "versions": bench.library_versions(), "host": bench.host_info(), "points": measurements,
+               "planner_errors": [round(e, 4) for e in errors]}
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"written: {args.out}")
+    if args.fit:
+        print(json.dumps(fit(measurements), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ _NUMBERED = re.compile(r"^checkpoint-(\d+)$")
 # Keys that may change between an interrupted run and its resumption: they change how the run is
 # carried out (memory, logging, how long), not what it learns from or how.
 RESUMABLE_CHANGES = {
-    "memory.offload_activations", "memory.embeddings_on_cpu", "model.attn_implementation",
+    "memory.offload_activations", "memory.embeddings_on_cpu", "memory.tiled_mlp", "model.attn_implementation",
     "train.gradient_checkpointing", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.save_total_limit", "train.max_steps", "train.epochs", "output.overwrite", "output.preview_rows",
     "samples.count", "samples.max_new_tokens", "samples.greedy",  # used after training only

@@ -208,16 +208,25 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
     lora = lora_parameters(arch, recipe)
     largest_linear = max(a * b for a, b in arch.linear_shapes().values())
 
-    # The recomputed layer at the peak of its backward, and its LoRA gradients (one layer's worth).
-    per_token = profile.layer_hidden * h + profile.layer_intermediate * i + profile.layer_kv * kv
+    # The recomputed layer at the peak of its backward, and its LoRA gradients (one layer's worth). A tiled MLP
+    # (qlora_kit.tiled_mlp) holds its intermediate-size tensors for one slice of the sequence at a time.
+    mlp_tokens = tokens
+    if recipe.memory.tiled_mlp:
+        from qlora_kit.tiled_mlp import SLICE_TOKENS
+
+        mlp_tokens = batch * min(seq_len, SLICE_TOKENS)
+    per_token = profile.layer_hidden * h + profile.layer_kv * kv
+    per_mlp_token = profile.layer_intermediate * i
     if recipe.lora.dropout > 0:
-        per_token += profile.dropout_hidden * h + profile.dropout_intermediate * i
-    layer = tokens * per_token * c + profile.dequant * largest_linear * c + lora / arch.layers * 4
+        per_token += profile.dropout_hidden * h
+        per_mlp_token += profile.dropout_intermediate * i
+    layer = ((tokens * per_token + mlp_tokens * per_mlp_token) * c + profile.dequant * largest_linear * c
+             + lora / arch.layers * 4)
     if recipe.model.attn_implementation == "eager":
         layer += 2 * batch * arch.heads * seq_len * seq_len * c  # scores + probabilities (not calibrated)
     layer_inputs = arch.layers * tokens * h * c
-    if not recipe.train.gradient_checkpointing:
-        kept_at_layer = kept_at_loss = arch.layers * tokens * per_token * c  # every layer's activations (bound)
+    if not recipe.train.gradient_checkpointing:  # every layer's activations (a bound: not calibrated)
+        kept_at_layer = kept_at_loss = arch.layers * (tokens * per_token + mlp_tokens * per_mlp_token) * c
     elif recipe.memory.offload_activations:
         kept_at_layer = kept_at_loss = 2 * tokens * h * c  # in CPU RAM; one layer's input in flight each way
     else:

@@ -157,6 +157,10 @@ class MemorySection:
     """Keep the frozen input-embedding matrix in CPU RAM (about 1 GB for a 7B model), with accelerate's CPU
     offload: it is copied to the GPU for the embedding lookup at the start of each forward pass and freed right
     after, so it is not in VRAM at the step's peak (the backward pass). Costs one ~1 GB copy per micro-batch."""
+    tiled_mlp: bool = False
+    """Run each decoder MLP over 1,024-token slices of the sequence, so its wide intermediate
+    tensors exist for one slice at a time: the step's peak grows much more slowly with max_length. Costs one extra
+    MLP forward per step (~20 % compute). Exact: same loss and gradients. Off until measured on GPUs."""
 
 
 @dataclass
@@ -389,6 +393,9 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems += [f"`data.format` {p}" for p in template_problems(data.format)]
     if recipe.train.eval_steps and not data.eval_rows:
         problems.append("`train.eval_steps` is set but `data.eval_rows` is 0: hold out rows to evaluate on")
+    if recipe.memory.tiled_mlp and recipe.distributed.fsdp:
+        problems.append("`memory.tiled_mlp` does not work with `distributed.fsdp` (its per-slice backward would run "
+                        "FSDP's gradient hooks once per slice): turn one of them off")
     if recipe.sft:
         problems += _check_sft_keys(recipe.sft)
     return problems

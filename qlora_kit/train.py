@@ -114,6 +114,10 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset,
                              "launch and a config without its own distributed_type (recipes/accelerate_2gpu.yaml).")
     # After SFTTrainer's own bf16 cast of quantized-model adapters, before the optimizer exists.
     keep_adapter_fp32(trainer.model)
+    if recipe.memory.tiled_mlp:
+        from qlora_kit.tiled_mlp import tile_mlps
+
+        tile_mlps(trainer.model)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; StatusCallback replaces it
     return trainer
 
@@ -148,7 +152,8 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
                   f"LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     if precision.device == "cpu" and (recipe.memory.offload_activations or recipe.memory.embeddings_on_cpu):
-        console.print("[dim]memory.* switches only matter on a GPU; this run is on the CPU.")
+        console.print("[dim]memory.offload_activations and memory.embeddings_on_cpu only matter on a GPU; this run "
+                      "is on the CPU.")
     processes = processes or Processes()
     global_batch = recipe.train.batch_size * recipe.train.grad_accum * processes.world_size
     title = f"qlora_kit · {Path(recipe.model.name).name} · {label}"

@@ -96,3 +96,15 @@ def encode_for_training(recipe):
     examples, _ = apply_length_policy(encode_rows(Encoder(tokenizer, renderer), train_rows),
                                       recipe.data.max_length, "drop")
     return tokenizer, train_rows, renderer, examples
+
+
+@pytest.fixture(scope="session")
+def calibrate():
+    """tools/calibrate_plan.py as a module: real training steps on CPU with every live tensor counted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate_plan", REPO / "tools" / "calibrate_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module

@@ -155,7 +155,8 @@ class FakeGPUWorker:
 
 
 def run_fake(bench, tmp_path, argv, limit, resume=None, broken=""):
-    args = bench.parse_args(["--models", "r1-distill-qwen-7b", "--out", str(tmp_path / "gpu.json"), *argv]
+    setups = [] if "--setups" in argv else ["--setups", "baseline,qlora_kit"]
+    args = bench.parse_args(["--models", "r1-distill-qwen-7b", "--out", str(tmp_path / "gpu.json"), *setups, *argv]
                             + (["--resume", str(resume)] if resume else []))
     doc = bench.open_document(args, "bench test")
     runner = bench.Bench(args, doc, tmp_path / "gpu.json")
@@ -197,6 +198,12 @@ def test_resume_reuses_finished_trials(bench, tmp_path):
     assert len(second["runs"]) == 2 and len(second["trials"]) == len(first["trials"])
     with pytest.raises(SystemExit):
         run_fake(bench, tmp_path, ["--lengths", "1024", "--steps", "9"], limit=1500, resume=previous)
+
+
+def test_the_default_setups_include_every_memory_switch(bench):
+    assert [s.name for s in bench.parse_args([]).setups] == [
+        "baseline", "qlora_kit", "qlora_kit+offload_activations+embeddings_on_cpu+tiled_mlp"]
+    assert [s.name for s in bench.parse_args(["--smoke"]).setups] == ["baseline", "qlora_kit"]
 
 
 def test_setups_and_memory_switches(bench):

@@ -51,18 +51,6 @@ def test_weight_and_lora_terms_match_a_loaded_model(mid_model_dir, double_quant)
     assert planned["embeddings + lm_head (16-bit)"] == embeddings
 
 
-@pytest.fixture(scope="module")
-def calibrate():
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("calibrate_plan", REPO / "tools" / "calibrate_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 PHASE_NAMES = {"backward": "recomputed layer + grads", "loss backward": "loss tiles (chunked, no full logits)"}
 
 

@@ -17,11 +17,15 @@ The same protocol as one command (about 20 minutes, hence the split above):
 A command stops starting trials when --max-minutes (default 8.5) would be exceeded, and the JSON is rewritten after
 every trial, so a stopped or killed command loses nothing finished. To continue one, copy its JSON into bench/results/
 on this side and run the same command with `--resume bench/results/qwen-7b.json`: finished trials are reused.
-The memory switches are measured as extra setups: `--setups baseline,qlora_kit,qlora_kit+offload_activations,
-qlora_kit+embeddings_on_cpu` (or `--memory offload_activations` to switch them on for the `qlora_kit` setup).
+The memory switches are measured as extra setups: the default is the baseline, qlora_kit as shipped, and
+`qlora_kit+offload_activations+embeddings_on_cpu+tiled_mlp` (every switch on); any combination can be named, e.g.
+`--setups baseline,qlora_kit,qlora_kit+tiled_mlp` (or `--memory tiled_mlp` to switch one on for `qlora_kit`).
+Three setups take ~1.5x the time of two: if a command stops at --max-minutes, resume it (above).
 
 CPU (no GPU here): `python tools/bench.py --smoke` runs the whole code path on tiny models in well under a minute;
-fixed lengths only, resident RAM instead of VRAM, and the OOM search is marked skipped (there is no cap to hit).
+fixed lengths only, no cap (the OOM search is marked skipped), and live tensors counted op by op
+(qlora_kit.tensor_peak) stand in for VRAM, next to the planner's CPU estimate. tools/calibrate_plan.py uses the same
+trials to check the planner's activation terms on many shapes.
 
 What one trial is
 - Model: the architecture of qlora_kit.architectures.ARCHITECTURES with random weights (memory and speed do not
@@ -87,12 +91,15 @@ from qlora_kit.architectures import ARCHITECTURES  # noqa: E402  (light: plain d
 GIB = 1024**3
 SCHEMA = 1
 SETUP_BASES = ("baseline", "qlora_kit")
-SWITCHES = ("offload_activations", "embeddings_on_cpu")
+SWITCHES = ("offload_activations", "embeddings_on_cpu", "tiled_mlp")
 DEMO_TOKENIZER = REPO / "qlora_kit" / "demo" / "tiny-qwen2"
 # Smoke: the same architectures shrunk, so the Qwen2 (qkv bias) and Llama 3.1 (llama3 RoPE) code paths both run.
 SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 65536}
 SMOKE_MODELS = ["r1-distill-qwen-1.5b", "r1-distill-llama-8b"]
+# The baseline, qlora_kit as shipped, and qlora_kit with every memory switch (what the targets are about).
+DEFAULT_SETUPS = ["baseline", "qlora_kit", "qlora_kit+offload_activations+embeddings_on_cpu+tiled_mlp"]
+SMOKE_SETUPS = ["baseline", "qlora_kit"]
 LEAK_TOLERANCE = 256 * 1024**2  # cuBLAS workspaces and the like may stay allocated between trials
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
@@ -109,9 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run the full-size models without a GPU anyway (hours, and ~8 GB of RAM per model)")
     parser.add_argument("--models", help=f"comma-separated, from: {', '.join(ARCHITECTURES)} (default: all; "
                         f"smoke: {','.join(SMOKE_MODELS)})")
-    parser.add_argument("--setups", default="baseline,qlora_kit",
-                        help=f"comma-separated: baseline, qlora_kit, qlora_kit+SWITCH[+SWITCH] with SWITCH in "
-                        f"{', '.join(SWITCHES)}")
+    parser.add_argument("--setups", help=f"comma-separated: baseline, qlora_kit, qlora_kit+SWITCH[+SWITCH] with "
+                        f"SWITCH in {', '.join(SWITCHES)} (default: {','.join(DEFAULT_SETUPS)}; smoke: "
+                        f"{','.join(SMOKE_SETUPS)})")
     parser.add_argument("--memory", default="", help="memory switches for the plain `qlora_kit` setup, e.g. "
                         "offload_activations,embeddings_on_cpu")
     parser.add_argument("--lengths", help="fixed sequence lengths for peak memory and tokens/s "
@@ -148,7 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.max_len = args.max_len or (8192 if smoke else 32768)
     problems = [f"unknown model `{m}`" for m in args.models if m not in ARCHITECTURES]
     try:
-        args.setups = [parse_setup(s, _split(args.memory)) for s in _split(args.setups)]
+        setups = _split(args.setups) or (SMOKE_SETUPS if smoke else DEFAULT_SETUPS)
+        args.setups = [parse_setup(s, _split(args.memory)) for s in setups]
     except ValueError as e:
         problems.append(str(e))
     if args.steps < 1 or args.warmup < 0 or args.search_steps < 1:

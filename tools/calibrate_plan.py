@@ -1,9 +1,10 @@
 """Check (and re-fit) the VRAM planner's activation terms against tensor-level measurements of real training steps.
 
     python tools/calibrate_plan.py                       # the whole grid, ~10 min on 2 CPU cores; table + worst error
-    python tools/calibrate_plan.py --quick               # 4 shapes, ~30 s
+    python tools/calibrate_plan.py --quick               # 5 shapes, ~40 s
     python tools/calibrate_plan.py --out bench/results/cpu-calibration.json
     python tools/calibrate_plan.py --from bench/results/cpu-calibration.json --fit   # re-derive the coefficients
+    python tools/calibrate_plan.py --from F.json --complete --out F.json            # measure only what F lacks
 
 Why on a CPU: the planner's activation terms (qlora_kit.plan.PROFILES) describe which tensors PyTorch keeps alive
 during a QLoRA step: checkpointed layer inputs, the recomputed layer and its gradients, bitsandbytes' dequantized
@@ -12,7 +13,7 @@ op, so each term can be measured without a GPU. A point is one real qlora_kit tr
 trial: random weights, real NF4, real LoRA r 32 on all linear layers, two TRL steps at batch 1), on a shape
 that keeps the architecture family and the layer dimensions but shrinks the depth and, mostly, the vocabulary.
 `bfloat16` points run under bf16 autocast with float32 adapters, as qlora_kit does on a GPU; `float32` points
-are qlora_kit on a CPU.
+are qlora_kit on a CPU; `tiled` points turn on memory.tiled_mlp.
 
 What a CPU cannot show: the CUDA context, the caching allocator's slack, and TRL's Triton loss kernel (on a GPU
 it folds each logits tile in place; on a CPU torch ops make ~7 float32 copies, which the planner adds for CPU
@@ -56,28 +57,40 @@ SHAPES = [
     ("qwen2", 512, 1536, 8960, 2, 12, 2, 151936), ("qwen2", 2048, 1536, 8960, 2, 12, 2, 151936),
 ]
 # Held out of the fit: longer, deeper, the targets' dimensions; they check that the fit extrapolates.
-VALIDATION = [("qwen2", 4096, 1536, 8960, 6, 12, 2, 1024, "bfloat16", 0.0),
-              ("qwen2", 8192, 1536, 8960, 4, 12, 2, 1024, "bfloat16", 0.0),
-              ("qwen2", 4096, 1536, 8960, 12, 12, 2, 1024, "bfloat16", 0.0),
-              ("qwen2", 2048, 3584, 18944, 2, 28, 4, 1024, "bfloat16", 0.0),
-              ("llama", 4096, 4096, 14336, 2, 32, 8, 1024, "bfloat16", 0.0),
-              ("qwen2", 4096, 1536, 8960, 3, 12, 2, 151936, "bfloat16", 0.0),
-              ("llama", 2048, 4096, 14336, 2, 32, 8, 1024, "float32", 0.0)]
+VALIDATION = [("qwen2", 4096, 1536, 8960, 6, 12, 2, 1024, "bfloat16", 0.0, False),
+              ("qwen2", 8192, 1536, 8960, 4, 12, 2, 1024, "bfloat16", 0.0, False),
+              ("qwen2", 4096, 1536, 8960, 12, 12, 2, 1024, "bfloat16", 0.0, False),
+              ("qwen2", 2048, 3584, 18944, 2, 28, 4, 1024, "bfloat16", 0.0, False),
+              ("llama", 4096, 4096, 14336, 2, 32, 8, 1024, "bfloat16", 0.0, False),
+              ("qwen2", 4096, 1536, 8960, 3, 12, 2, 151936, "bfloat16", 0.0, False),
+              ("llama", 2048, 4096, 14336, 2, 32, 8, 1024, "float32", 0.0, False)]
+# memory.tiled_mlp: the MLP's intermediates are bounded by the slice (qlora_kit.tiled_mlp); lengths past the slice.
+TILED_SHAPES = [("qwen2", 2048, 1024, 4096, 2, 8, 2, 1024), ("qwen2", 4096, 1024, 4096, 2, 8, 2, 1024),
+                ("qwen2", 8192, 1536, 8960, 2, 12, 2, 1024), ("qwen2", 4096, 512, 2048, 2, 8, 2, 1024),
+                ("qwen2", 4096, 3584, 18944, 1, 28, 4, 1024), ("llama", 8192, 4096, 14336, 1, 32, 8, 1024)]
 DROPOUT_SHAPES = [("qwen2", 512, 1024, 4096, 2, 8, 2, 1024), ("qwen2", 512, 1024, 2048, 2, 8, 2, 1024),
                   ("qwen2", 1024, 1536, 8960, 2, 12, 2, 1024), ("qwen2", 1024, 3584, 18944, 1, 28, 4, 1024)]
-QUICK = [("qwen2", 512, 1024, 4096, 2, 8, 2, 1024, "bfloat16", 0.0),
-         ("llama", 512, 2048, 7168, 1, 16, 4, 1024, "bfloat16", 0.0),
-         ("qwen2", 512, 1024, 4096, 2, 8, 2, 1024, "bfloat16", 0.05),
-         ("qwen2", 512, 256, 768, 2, 4, 2, 40000, "float32", 0.0)]
+QUICK = [("qwen2", 512, 1024, 4096, 2, 8, 2, 1024, "bfloat16", 0.0, False),
+         ("llama", 512, 2048, 7168, 1, 16, 4, 1024, "bfloat16", 0.0, False),
+         ("qwen2", 512, 1024, 4096, 2, 8, 2, 1024, "bfloat16", 0.05, False),
+         ("qwen2", 512, 256, 768, 2, 4, 2, 40000, "float32", 0.0, False),
+         ("qwen2", 4096, 512, 2048, 1, 8, 2, 1024, "bfloat16", 0.0, True)]
 FAMILY = {"qwen2": "r1-distill-qwen-1.5b", "llama": "r1-distill-llama-8b"}  # config templates (RoPE, bias, ...)
 
 
 def grid() -> list[tuple]:
     points = []
     for dtype in ("bfloat16", "float32"):
-        points += [(*shape, dtype, 0.0) for shape in SHAPES]
-        points += [(*shape, dtype, 0.05) for shape in DROPOUT_SHAPES]
+        points += [(*shape, dtype, 0.0, False) for shape in SHAPES]
+        points += [(*shape, dtype, 0.05, False) for shape in DROPOUT_SHAPES]
+        points += [(*shape, dtype, 0.0, True) for shape in TILED_SHAPES]
     return points + VALIDATION
+
+
+def as_point(values) -> tuple:
+    """A point from JSON (older files lack the trailing `tiled` field)."""
+    values = list(values)
+    return tuple(values + [False] * (11 - len(values)))
 
 
 def point_config(family: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int):
@@ -88,6 +101,10 @@ def point_config(family: str, hidden: int, intermediate: int, layers: int, heads
                   vocab_size=vocab, max_position_embeddings=65536, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id)
     return config
+
+
+def setup_of(tiled: bool):
+    return bench.parse_setup("qlora_kit+tiled_mlp" if tiled else "qlora_kit")
 
 
 def settings(dtype: str, dropout: float) -> dict:
@@ -102,9 +119,10 @@ def measure(point: tuple) -> dict:
 
     from qlora_kit.tensor_peak import LiveTensorBytes, loss_phases
 
-    family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout = point
+    family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout, tiled = point
     config = point_config(family, hidden, intermediate, layers, heads, kv_heads, vocab)
-    spec = {"model": FAMILY[family], "setup": "qlora_kit", "config": config, "settings": settings(dtype, dropout),
+    spec = {"model": FAMILY[family], "setup": setup_of(tiled).name, "config": config,
+            "settings": settings(dtype, dropout),
             "length": tokens, "warmup": 0, "steps": 2, "capped": False}
     started = time.monotonic()
     model = bench.build_model(spec)
@@ -130,25 +148,26 @@ def measure(point: tuple) -> dict:
 def planned(point: tuple):
     from qlora_kit.plan import Architecture, estimate
 
-    family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout = point
+    family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout, tiled = point
     config = point_config(family, hidden, intermediate, layers, heads, kv_heads, vocab)
-    recipe = bench.bench_recipe(bench.parse_setup("qlora_kit"), tokens, 2, settings(dtype, dropout))
+    recipe = bench.bench_recipe(setup_of(tiled), tokens, 2, settings(dtype, dropout))
     return estimate(Architecture.from_config(config, "point"), recipe, tokens, 1, "cpu", dtype)
 
 
 def error_of(measurement: dict) -> float:
     """+: the planner says more than was measured."""
-    return planned(tuple(measurement["point"])).allocated / measurement["peak_bytes"] - 1
+    return planned(as_point(measurement["point"])).allocated / measurement["peak_bytes"] - 1
 
 
 def describe(measurement: dict) -> str:
-    family, tokens, hidden, intermediate, layers, heads, kv, vocab, dtype, dropout = measurement["point"]
+    family, tokens, hidden, intermediate, layers, heads, kv, vocab, dtype, dropout, tiled = as_point(
+        measurement["point"])
     peaks = measurement["phase_peaks"]
     where = max(peaks, key=peaks.get)
-    plan = planned(tuple(measurement["point"]))
+    plan = planned(as_point(measurement["point"]))
     planned_where = max(plan.phases, key=plan.phases.get)
     return (f"{dtype:8s} {family:5s} tokens {tokens:5d} hidden {hidden:4d} inter {intermediate:5d} layers {layers:2d} "
-            f"heads {heads:2d}/{kv:<2d} vocab {vocab:6d} dropout {dropout:.2f} | measured "
+            f"heads {heads:2d}/{kv:<2d} vocab {vocab:6d} dropout {dropout:.2f}{' tiled' if tiled else ''} | measured "
             f"{measurement['peak_bytes'] / MIB:7.1f} MiB ({where}) planner {plan.allocated / MIB:7.1f} MiB "
             f"({planned_where}) {error_of(measurement):+6.1%}")
 
@@ -168,38 +187,44 @@ def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
     + one [rows, 32768] tile + f x float32 copies of the tile (a CPU has no Triton)."""
     import numpy as np
 
+    from qlora_kit.tiled_mlp import SLICE_TOKENS
+
     profiles = {}
+    held_out = {tuple(v) for v in VALIDATION}
+    points = [(as_point(m["point"]), m) for m in measurements]
     for dtype in ("bfloat16", "float32"):
-        held_out = {tuple(v) for v in VALIDATION}
-        rows = [m for m in measurements if m["point"][8] == dtype and tuple(m["point"]) not in held_out]
+        rows = [(point, m) for point, m in points if point[8] == dtype and point not in held_out]
         c = 2 if dtype == "bfloat16" else 4
 
-        def dims(m):
-            family, n, h, i, layers, heads, kv_heads, vocab, _, dropout = m["point"]
-            return n, h, i, layers, kv_heads * (h // heads), vocab, dropout > 0
+        def dims(point):
+            family, n, h, i, layers, heads, kv_heads, vocab, _, dropout, tiled = point
+            mlp_tokens = min(n, SLICE_TOKENS) if tiled else n
+            return n, h, i, layers, kv_heads * (h // heads), vocab, dropout > 0, mlp_tokens
 
-        def layer_excess(m):
+        def layer_excess(point, m):
             return (m["phase_peaks"]["backward"] - m["start_bytes"] - m["optimizer_bytes"]
-                    - m["lora_params"] * 4 / m["point"][4])
+                    - m["lora_params"] * 4 / point[4])
 
-        sweep = sorted((m for m in rows if m["point"][1:4] == [1024, 1024, 4096] and m["point"][5:8] == [8, 2, 1024]
-                        and m["point"][9] == 0), key=lambda m: m["point"][4])
-        depth = np.array([m["point"][4] for m in sweep], float)
-        slope = np.polyfit(depth, [layer_excess(m) for m in sweep], 1)[0]
+        sweep = sorted(((point, m) for point, m in rows if point[1:4] == (1024, 1024, 4096)
+                        and point[5:8] == (8, 2, 1024) and not point[9] and not point[10]), key=lambda pm: pm[0][4])
+        depth = np.array([point[4] for point, _ in sweep], float)
+        slope = np.polyfit(depth, [layer_excess(point, m) for point, m in sweep], 1)[0]
         kept = slope / (1024 * 1024 * c)
 
-        layer_rows = [m for m in rows if m["point"][7] <= 1024]  # a big vocabulary puts the peak in the loss
         x, y = [], []
-        for m in layer_rows:
-            n, h, i, layers, kv, vocab, drop = dims(m)
+        for point, m in rows:
+            if point[7] > 1024:
+                continue  # a big vocabulary puts the peak in the loss
+            n, h, i, layers, kv, vocab, drop, mlp_n = dims(point)
             scale = c / m["phase_peaks"]["backward"]  # relative error: small shapes count as much as big ones
-            x.append([v * scale for v in (n * h, n * i, n * kv, max(h * h, h * i), drop * n * h, drop * n * i)])
-            y.append((layer_excess(m) / c - kept * layers * n * h) * scale)
+            x.append([v * scale for v in (n * h, mlp_n * i, n * kv, max(h * h, h * i), drop * n * h,
+                                          drop * mlp_n * i)])
+            y.append((layer_excess(point, m) / c - kept * layers * n * h) * scale)
         a, b, kv_coef, dequant, drop_h, drop_i = np.linalg.lstsq(np.array(x, float), np.array(y), rcond=None)[0]
 
         x, y = [], []
-        for m in rows:
-            n, h, i, layers, kv, vocab, drop = dims(m)
+        for point, m in rows:
+            n, h, i, layers, kv, vocab, drop, _ = dims(point)
             tile_rows, scale = min(n, 4096), 1 / m["phase_peaks"]["loss backward"]
             x.append([n * h * c * scale, tile_rows * min(vocab, 32768) * 4 * scale])
             y.append((m["phase_peaks"]["loss backward"] - m["start_bytes"] - m["optimizer_bytes"]
@@ -214,8 +239,10 @@ def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quick", action="store_true", help="4 points instead of the whole grid")
+    parser.add_argument("--quick", action="store_true", help="5 points instead of the whole grid")
     parser.add_argument("--from", dest="source", help="use the measurements in this JSON instead of measuring")
+    parser.add_argument("--complete", action="store_true", help="with --from: also measure the grid's points "
+                        "that the file lacks")
     parser.add_argument("--fit", action="store_true", help="print the coefficients the measurements imply")
     parser.add_argument("--out", help="write the measurements (and the planner's errors) to this JSON")
     args = parser.parse_args(argv)
@@ -226,21 +253,20 @@ def main(argv=None) -> int:
 
     quiet_libraries()
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the measured tensors do not depend on threads
-    if args.source:
-        measurements = json.loads(Path(args.source).read_text(encoding="utf-8"))["points"]
-    else:
-        measurements = []
+    measurements = json.loads(Path(args.source).read_text(encoding="utf-8"))["points"] if args.source else []
+    for measurement in measurements:
+        print(describe(measurement))
+    if not args.source or args.complete:
+        known = {as_point(m["point"]) for m in measurements}
         for point in QUICK if args.quick else grid():
-            measurements.append(measure(point))
-            print(describe(measurements[-1]), flush=True)
-    if args.source:
-        for measurement in measurements:
-            print(describe(measurement))
+            if point not in known:
+                measurements.append(measure(point))
+                print(describe(measurements[-1]), flush=True)
     errors = [error_of(m) for m in measurements]
     held_out = {tuple(v) for v in VALIDATION}
     print()
     for name, chosen in (("fitted", False), ("held-out", True)):
-        group = [e for m, e in zip(measurements, errors, strict=True) if (tuple(m["point"]) in held_out) == chosen]
+        group = [e for m, e in zip(measurements, errors, strict=True) if (as_point(m["point"]) in held_out) == chosen]
         if group:
             print(f"{len(group)} {name} points: planner error {min(group):+.1%} to {max(group):+.1%} against the "
                   "peak of live tensors on CPU")

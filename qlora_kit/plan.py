@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
@@ -289,15 +289,45 @@ def make_plan(arch: Architecture, recipe: Recipe, vram_gib: float) -> Plan:
         best = max(b for b in range(1, batch + 1) if estimate(arch, recipe, seq, b).total / GIB <= budget)
         accum = math.ceil(batch * recipe.train.grad_accum / best)
         suggestion = f"train.batch_size={best} train.grad_accum={accum} (same effective batch)"
-    elif longest:
-        suggestion = f"data.max_length={longest} (the longest that fits at batch 1)"
     else:
-        suggestion = "does not fit even at 16 tokens: use a smaller model"
+        suggestion = _shorter_or_switched(arch, recipe, budget, longest)
     return Plan(arch.name, vram_gib, round(budget, 3), seq, batch, round(est.total / GIB, 3),
                 round(est.reserved / GIB, 3), fits, longest, suggestion,
                 {k: round(v / GIB, 3) for k, v in est.terms.items()},
                 {k: round(v / GIB, 3) for k, v in est.phases.items()},
                 context_bound=bool(longest) and longest + 16 > arch.max_positions)
+
+
+def _shorter_or_switched(arch: Architecture, recipe: Recipe, budget: float, longest: int) -> str:
+    """The knobs for a run that does not fit at batch 1: the [memory] switches still off (they keep every row),
+    and the longest max_length that fits (which drops the longer rows), with and without the switches."""
+    shorter = f"data.max_length={longest} (the longest that fits at batch 1)" if longest else ""
+    switched = _with_memory_switches(recipe)
+    if switched is None:
+        return shorter or "does not fit even at 16 tokens: use a smaller model"
+    turn_on = " ".join(f"memory.{name}=true" for name in MEMORY_SWITCHES
+                       if getattr(switched.memory, name) != getattr(recipe.memory, name))
+    with_switches = estimate(arch, switched, recipe.data.max_length, 1).total / GIB
+    if with_switches <= budget:
+        return f"{turn_on} (then about {with_switches:.1f} GiB at batch 1)" + (f", or {shorter}" if shorter else "")
+    longest_switched = _longest_fitting(arch, switched, budget)
+    if longest_switched > longest:
+        return ((f"{shorter}, or " if shorter else "") +
+                f"{turn_on} data.max_length={longest_switched} (the longest with the memory switches on)")
+    return shorter or "does not fit even at 16 tokens: use a smaller model"
+
+
+MEMORY_SWITCHES = ("offload_activations", "embeddings_on_cpu", "tiled_mlp")
+
+
+def _with_memory_switches(recipe: Recipe) -> Recipe | None:
+    """The recipe with every [memory] switch on (None if they all are already, or FSDP rules tiling out)."""
+    off = [name for name in MEMORY_SWITCHES if not getattr(recipe.memory, name)]
+    if recipe.distributed.fsdp and "tiled_mlp" in off:
+        off.remove("tiled_mlp")
+    if not off:
+        return None
+    return replace(recipe, memory=replace(recipe.memory, **dict.fromkeys(off, True)))
 
 
 def _longest_fitting(arch: Architecture, recipe: Recipe, budget_gib: float) -> int:

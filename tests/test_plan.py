@@ -100,8 +100,20 @@ def test_estimate_grows_with_length_and_the_fit_search_is_consistent():
 
 def test_a_plan_that_does_not_fit_names_the_knob():
     arch = Architecture.from_config(ARCHITECTURES["r1-distill-qwen-7b"], "7b")
-    plan = make_plan(arch, recipe_from_dict({"data": {"max_length": 8192}}), 8.0)
-    assert not plan.fits and plan.suggestion.startswith("data.max_length=")
+    plan = make_plan(arch, recipe_from_dict({"data": {"max_length": 16384}}), 8.0)
+    assert not plan.fits and plan.suggestion.startswith(f"data.max_length={plan.max_length_fit} ")
+    # ... and, since the [memory] switches are off, how far they would go (every row kept up to there).
+    switches = "memory.offload_activations=true memory.embeddings_on_cpu=true memory.tiled_mlp=true"
+    assert f"or {switches} data.max_length=" in plan.suggestion
+    longer = int(plan.suggestion.split("data.max_length=")[2].split()[0])
+    switched = recipe_from_dict({"data": {"max_length": longer}, "memory": dict.fromkeys(
+        ("offload_activations", "embeddings_on_cpu", "tiled_mlp"), True)})
+    assert longer > plan.max_length_fit and make_plan(arch, switched, 8.0).fits
+    at_2048 = make_plan(arch, recipe_from_dict({"data": {"max_length": 2048}}), 8.0)
+    assert not at_2048.fits and at_2048.suggestion.startswith(switches + " (then about ")
+    all_on = make_plan(arch, recipe_from_dict({"data": {"max_length": 32768}, "memory": dict.fromkeys(
+        ("offload_activations", "embeddings_on_cpu", "tiled_mlp"), True)}), 8.0)
+    assert all_on.suggestion.startswith("data.max_length=") and "memory." not in all_on.suggestion
     small_batches = make_plan(Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"]),
                               recipe_from_dict({"train": {"batch_size": 64}}), 8.0)
     assert "train.batch_size=" in small_batches.suggestion and "train.grad_accum=" in small_batches.suggestion

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
-from qlora_kit.recipe import ModelSection, Recipe
+from qlora_kit.recipe import TILED_MLP_SLICE_TOKENS, ModelSection, Recipe
 
 GIB = 1024**3
 NF4_BLOCK = 64          # bitsandbytes 4-bit block size: one absmax per 64 weights
@@ -117,6 +117,11 @@ class StepProfile:
     """... x intermediate (the MLP) ..."""
     layer_kv: float
     """... x the key/value width."""
+    tiled_hidden: float
+    """memory.tiled_mlp: the MLP's intermediates shrink to one slice and the peak moves towards the attention's
+    backward; its per-token terms x hidden ..."""
+    tiled_kv: float
+    """... and x the key/value width, in place of layer_hidden and layer_kv."""
     dequant: float
     """x the largest linear weight: bitsandbytes' dequantized copy during a backward matmul."""
     dropout_hidden: float
@@ -128,12 +133,16 @@ class StepProfile:
 
 
 # bfloat16 / float16 autocast with float32 adapters (the GPU path; measured on CPU under bf16 autocast), and
-# plain float32 (qlora_kit on a CPU). `python tools/calibrate_plan.py --fit` re-derives these numbers.
+# plain float32 (qlora_kit on a CPU). `python tools/calibrate_plan.py --from bench/results/cpu-calibration.json
+# --fit` re-derives these numbers from the committed measurements (a negative fit is clamped to 0: no tensor takes
+# negative memory).
 PROFILES = {
-    "bfloat16": StepProfile(2, kept_per_layer=1.35, layer_hidden=12.9, layer_intermediate=7.1, layer_kv=5.8,
-                            dequant=0.59, dropout_hidden=13.8, dropout_intermediate=3.0, loss_hidden=5.0),
-    "float32": StepProfile(4, kept_per_layer=1.0, layer_hidden=6.8, layer_intermediate=5.2, layer_kv=1.15,
-                           dequant=0.85, dropout_hidden=10.6, dropout_intermediate=0.0, loss_hidden=3.0),
+    "bfloat16": StepProfile(2, kept_per_layer=1.34, layer_hidden=12.66, layer_intermediate=7.11, layer_kv=6.4,
+                            tiled_hidden=11.51, tiled_kv=16.64, dequant=0.58, dropout_hidden=15.67,
+                            dropout_intermediate=2.36, loss_hidden=5.17),
+    "float32": StepProfile(4, kept_per_layer=1.0, layer_hidden=5.9, layer_intermediate=5.45, layer_kv=3.69,
+                           tiled_hidden=7.12, tiled_kv=3.25, dequant=0.84, dropout_hidden=10.46,
+                           dropout_intermediate=0.0, loss_hidden=3.1),
 }
 PROFILES["float16"] = PROFILES["bfloat16"]
 # Without Triton (on a CPU), TRL folds each loss tile with torch ops: ~7 float32 temporaries of the tile's size.
@@ -210,12 +219,10 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
 
     # The recomputed layer at the peak of its backward, and its LoRA gradients (one layer's worth). A tiled MLP
     # (qlora_kit.tiled_mlp) holds its intermediate-size tensors for one slice of the sequence at a time.
-    mlp_tokens = tokens
-    if recipe.memory.tiled_mlp:
-        from qlora_kit.tiled_mlp import SLICE_TOKENS
-
-        mlp_tokens = batch * min(seq_len, SLICE_TOKENS)
-    per_token = profile.layer_hidden * h + profile.layer_kv * kv
+    tiled = recipe.memory.tiled_mlp and seq_len > TILED_MLP_SLICE_TOKENS  # a sequence within one slice runs untiled
+    mlp_tokens = batch * TILED_MLP_SLICE_TOKENS if tiled else tokens
+    per_token = (profile.tiled_hidden * h + profile.tiled_kv * kv if tiled
+                 else profile.layer_hidden * h + profile.layer_kv * kv)
     per_mlp_token = profile.layer_intermediate * i
     if recipe.lora.dropout > 0:
         per_token += profile.dropout_hidden * h

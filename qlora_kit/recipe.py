@@ -163,6 +163,12 @@ class MemorySection:
     MLP forward per step (~20 % compute). Exact: same loss and gradients. Off until measured on GPUs."""
 
 
+TILED_MLP_SLICE_TOKENS = 1024
+"""memory.tiled_mlp's slice. Its MLP intermediates then take ~0.27 GB on R1-Distill-Qwen-7B (bf16) instead of
+~1.1 GB at 4,096 tokens, while each slice's matmuls stay large enough (1,024 x 3,584 x 18,944 on the 7B) that
+dequantizing the 4-bit weights once more per slice is a small extra cost next to the matmul itself."""
+
+
 @dataclass
 class DistributedSection:
     fsdp: bool = False

@@ -23,6 +23,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+# Inside autograd's engine (a backward pass) this returns the node being run; a private API, hence the fallback
+# (every op then counts as forward: the peaks stay right, only the phase names are lost).
+_current_autograd_node = getattr(torch._C, "_current_autograd_node", lambda: None)
+
 
 class LiveTensorBytes(TorchDispatchMode):
     def __init__(self, device: str = "cpu", model=None):
@@ -67,7 +71,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current_bytes += size - (known or 0)  # a resize_ changes a known storage
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
-        phase = self.phase or ("backward" if torch._C._current_autograd_node() is not None else "forward")
+        phase = self.phase or ("backward" if _current_autograd_node() is not None else "forward")
         if self.current_bytes > self.phase_peaks.get(phase, 0):
             self.phase_peaks[phase] = self.current_bytes
 
@@ -85,8 +89,11 @@ class LiveTensorBytes(TorchDispatchMode):
 def loss_phases(counter: LiveTensorBytes):
     """Name TRL's chunked loss (forward and backward) as phases of their own: its tiles never coexist with a
     recomputed layer, so the planner models the step's peak as the larger of the two, not their sum."""
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    except ImportError:  # another TRL layout: the loss then counts as forward/backward, the peak stays right
+        yield counter
+        return
     originals = ChunkedLogProbFunction.forward, ChunkedLogProbFunction.backward
 
     def named(phase, function):

@@ -18,6 +18,8 @@ import types
 
 import torch
 
+from qlora_kit.recipe import TILED_MLP_SLICE_TOKENS as SLICE_TOKENS
+
 
 class _TiledMLPFunction(torch.autograd.Function):
     @staticmethod
@@ -53,12 +55,6 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
     """The forward's autocast, to recompute each slice exactly as it was computed (backward runs outside it)."""
     enabled = torch.is_autocast_enabled(device_type)
     return device_type, enabled, torch.get_autocast_dtype(device_type) if enabled else torch.float32
-
-
-SLICE_TOKENS = 1024
-"""Tokens per slice. The slice's MLP intermediates then take ~0.27 GB on R1-Distill-Qwen-7B (bf16) instead of
-~1.1 GB at 4,096 tokens, while each slice's matmuls stay large enough (1,024 x 3,584 x 18,944 on the 7B) that
-dequantizing the 4-bit weights once more per slice is a small extra cost next to the matmul itself."""
 
 
 def tile_mlps(model, slice_tokens: int = SLICE_TOKENS) -> int:

@@ -187,7 +187,7 @@ def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
     + one [rows, 32768] tile + f x float32 copies of the tile (a CPU has no Triton)."""
     import numpy as np
 
-    from qlora_kit.tiled_mlp import SLICE_TOKENS
+    from qlora_kit.recipe import TILED_MLP_SLICE_TOKENS as SLICE_TOKENS
 
     profiles = {}
     held_out = {tuple(v) for v in VALIDATION}
@@ -213,14 +213,26 @@ def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
 
         x, y = [], []
         for point, m in rows:
-            if point[7] > 1024:
-                continue  # a big vocabulary puts the peak in the loss
-            n, h, i, layers, kv, vocab, drop, mlp_n = dims(point)
+            if point[7] > 1024 or point[10]:
+                continue  # a big vocabulary puts the peak in the loss; tiled points are fitted below
+            n, h, i, layers, kv, vocab, drop, _ = dims(point)
             scale = c / m["phase_peaks"]["backward"]  # relative error: small shapes count as much as big ones
-            x.append([v * scale for v in (n * h, mlp_n * i, n * kv, max(h * h, h * i), drop * n * h,
-                                          drop * mlp_n * i)])
+            x.append([v * scale for v in (n * h, n * i, n * kv, max(h * h, h * i), drop * n * h, drop * n * i)])
             y.append((layer_excess(point, m) / c - kept * layers * n * h) * scale)
         a, b, kv_coef, dequant, drop_h, drop_i = np.linalg.lstsq(np.array(x, float), np.array(y), rcond=None)[0]
+
+        # Tiled MLP: the intermediates shrink to one slice and the peak moves towards the attention's backward,
+        # whose mix of hidden- and kv-sized tensors differs: its own two per-token coefficients, the rest fixed.
+        x, y = [], []
+        for point, m in rows:
+            if not point[10]:
+                continue
+            n, h, i, layers, kv, vocab, drop, mlp_n = dims(point)
+            scale = c / m["phase_peaks"]["backward"]
+            x.append([n * h * scale, n * kv * scale])
+            y.append((layer_excess(point, m) / c - kept * layers * n * h - b * mlp_n * i
+                      - dequant * max(h * h, h * i)) * scale)
+        tiled_h, tiled_kv = np.linalg.lstsq(np.array(x, float), np.array(y), rcond=None)[0] if x else (a, kv_coef)
 
         x, y = [], []
         for point, m in rows:
@@ -231,9 +243,11 @@ def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
                       - layers * n * h * c - tile_rows * 32768 * c) * scale)
         loss_hidden, fp32_copies = np.linalg.lstsq(np.array(x, float), np.array(y), rcond=None)[0]
         profiles[dtype] = {"kept_per_layer": kept, "layer_hidden": a, "layer_intermediate": b, "layer_kv": kv_coef,
+                           "tiled_hidden": tiled_h, "tiled_kv": tiled_kv,
                            "dequant": dequant, "dropout_hidden": drop_h, "dropout_intermediate": drop_i,
                            "loss_hidden": loss_hidden, "loss_tile_fp32_copies_without_triton": fp32_copies}
-    return {dtype: {k: round(float(v), 2) for k, v in p.items()} for dtype, p in profiles.items()}
+    # A negative coefficient is noise around zero (no tensor takes negative memory): clamp it, as plan.py does.
+    return {dtype: {k: max(0.0, round(float(v), 2)) for k, v in p.items()} for dtype, p in profiles.items()}
 
 
 def main(argv=None) -> int:
@@ -253,7 +267,8 @@ def main(argv=None) -> int:
 
     quiet_libraries()
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the measured tensors do not depend on threads
-    measurements = json.loads(Path(args.source).read_text(encoding="utf-8"))["points"] if args.source else []
+    source = json.loads(Path(args.source).read_text(encoding="utf-8")) if args.source else {}
+    measurements = source.get("points", [])
     for measurement in measurements:
         print(describe(measurement))
     if not args.source or args.complete:
@@ -271,8 +286,9 @@ def main(argv=None) -> int:
             print(f"{len(group)} {name} points: planner error {min(group):+.1%} to {max(group):+.1%} against the "
                   "peak of live tensors on CPU")
     if args.out:
-        doc = {"tool": "tools/calibrate_plan.py", "command": " ".join(["python", "tools/calibrate_plan.py",
-                                                                        *(argv or sys.argv[1:])]),
+        command = " ".join(["python", "tools/calibrate_plan.py", *(argv or sys.argv[1:])])
+        commands = source.get("commands", [source["command"]] if "command" in source else []) + [command]
+        doc = {"tool": "tools/calibrate_plan.py", "commands": commands,
                "versions": bench.library_versions(), "host": bench.host_info(), "points": measurements,
                "planner_errors": [round(e, 4) for e in errors]}
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

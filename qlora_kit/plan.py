@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -200,11 +199,15 @@ def optimizer_state_bytes(recipe: Recipe, device: str) -> int:
 def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, batch: int | None = None,
              device: str = "cuda", compute_dtype: str | None = None) -> Estimate:
     """Peak memory of one training step at `seq_len` x `batch` (default: the recipe's max_length x batch_size),
-    on `device` (`cuda` or `cpu`) computing in `compute_dtype` (default: bfloat16 on cuda, float32 on cpu)."""
+    on `device` (`cuda` or `cpu`) computing in `compute_dtype` (default: the recipe's quant.compute_dtype on cuda,
+    `auto` meaning bfloat16 or float16, both 2 bytes; float32 on cpu, the only dtype qlora_kit trains in there)."""
     seq_len = seq_len or recipe.data.max_length
     batch = batch or recipe.train.batch_size
     tokens = seq_len * batch
-    profile = PROFILES[compute_dtype or ("bfloat16" if device == "cuda" else "float32")]
+    if compute_dtype is None:
+        chosen = recipe.quant.compute_dtype
+        compute_dtype = ("bfloat16" if chosen == "auto" else chosen) if device == "cuda" else "float32"
+    profile = PROFILES[compute_dtype]
     c = profile.compute_bytes
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_heads * arch.head_dim
     q = arch.heads * arch.head_dim
@@ -217,8 +220,10 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
     lora = lora_parameters(arch, recipe)
     largest_linear = max(a * b for a, b in arch.linear_shapes().values())
 
-    # The recomputed layer at the peak of its backward, and its LoRA gradients (one layer's worth). A tiled MLP
-    # (qlora_kit.tiled_mlp) holds its intermediate-size tensors for one slice of the sequence at a time.
+    # The recomputed layer at the peak of its backward, and its LoRA gradients: one layer's worth, or all of them
+    # when gradients accumulate over micro-batches (from the second micro-batch on, every .grad is already there).
+    # A tiled MLP (qlora_kit.tiled_mlp) holds its intermediate-size tensors for one slice at a time.
+    grads_kept = lora * 4 if recipe.train.grad_accum > 1 else 0
     tiled = recipe.memory.tiled_mlp and seq_len > TILED_MLP_SLICE_TOKENS  # a sequence within one slice runs untiled
     mlp_tokens = batch * TILED_MLP_SLICE_TOKENS if tiled else tokens
     per_token = (profile.tiled_hidden * h + profile.tiled_kv * kv if tiled
@@ -228,7 +233,7 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         per_token += profile.dropout_hidden * h
         per_mlp_token += profile.dropout_intermediate * i
     layer = ((tokens * per_token + mlp_tokens * per_mlp_token) * c + profile.dequant * largest_linear * c
-             + lora / arch.layers * 4)
+             + (grads_kept or lora / arch.layers * 4))
     if recipe.model.attn_implementation == "eager":
         layer += 2 * batch * arch.heads * seq_len * seq_len * c  # scores + probabilities (not calibrated)
     layer_inputs = arch.layers * tokens * h * c
@@ -244,7 +249,7 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
     if device != "cuda":
         loss += LOSS_TILE_FP32_COPIES_WITHOUT_TRITON * rows * min(arch.vocab, LOSS_VOCAB_TILE) * 4
     phases = {"recomputed layer + grads": kept_at_layer + layer,
-              "loss tiles (chunked, no full logits)": kept_at_loss + loss,
+              "loss tiles (chunked, no full logits)": kept_at_loss + loss + grads_kept,
               "LoRA gradients at the optimizer step": lora * 4}
     peak = max(phases, key=phases.get)
     kept = {"recomputed layer + grads": kept_at_layer, "loss tiles (chunked, no full logits)": kept_at_loss}.get(
@@ -293,11 +298,16 @@ def make_plan(arch: Architecture, recipe: Recipe, vram_gib: float) -> Plan:
     if fits:
         suggestion = "fits as configured"
     elif estimate(arch, recipe, seq, 1).total / GIB <= budget:
-        best = max(b for b in range(1, batch + 1) if estimate(arch, recipe, seq, b).total / GIB <= budget)
-        accum = math.ceil(batch * recipe.train.grad_accum / best)
-        suggestion = f"train.batch_size={best} train.grad_accum={accum} (same effective batch)"
+        # A divisor of the effective batch, so that batch x accumulation stays exactly what the recipe asked for.
+        total = batch * recipe.train.grad_accum
+        best = max(b for b in range(1, batch + 1)
+                   if total % b == 0 and estimate(arch, recipe, seq, b).total / GIB <= budget)
+        suggestion = f"train.batch_size={best} train.grad_accum={total // best} (same effective batch)"
     else:
         suggestion = _shorter_or_switched(arch, recipe, budget, longest)
+        if batch > 1:  # every figure above is at batch 1
+            suggestion = (f"train.batch_size=1 train.grad_accum={batch * recipe.train.grad_accum} and "
+                          f"{suggestion}")
     return Plan(arch.name, vram_gib, round(budget, 3), seq, batch, round(est.total / GIB, 3),
                 round(est.reserved / GIB, 3), fits, longest, suggestion,
                 {k: round(v / GIB, 3) for k, v in est.terms.items()},

@@ -17,6 +17,7 @@ passed in (`model`: its parameters, buffers and bitsandbytes' quantization state
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import torch
@@ -31,7 +32,8 @@ _current_autograd_node = getattr(torch._C, "_current_autograd_node", lambda: Non
 class LiveTensorBytes(TorchDispatchMode):
     def __init__(self, device: str = "cpu", model=None):
         super().__init__()
-        self.device = device
+        self.device = torch.device(device).type  # "cuda:0" counts every CUDA tensor of the process
+        self._lock = threading.Lock()  # a GPU's backward runs on autograd's device threads
         self._sizes: dict[int, int] = {}
         self.current_bytes = 0
         self.peak_bytes = 0
@@ -45,6 +47,7 @@ class LiveTensorBytes(TorchDispatchMode):
     def add_model(self, model) -> None:
         for parameter in model.parameters():
             self.add(parameter)
+            self.add(parameter.grad)
             self._add_tensors_of(getattr(parameter, "quant_state", None))
         for buffer in model.buffers():
             self.add(buffer)
@@ -60,23 +63,28 @@ class LiveTensorBytes(TorchDispatchMode):
     def add(self, tensor) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device or tensor.is_meta:
             return
-        storage = tensor.untyped_storage()
-        key, size = storage._cdata, storage.nbytes()
-        known = self._sizes.get(key)
-        if known == size:
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # sparse and other storage-less layouts: not counted
             return
-        if known is None:
-            weakref.finalize(storage, self._free, key)
-        self._sizes[key] = size
-        self.current_bytes += size - (known or 0)  # a resize_ changes a known storage
-        if self.current_bytes > self.peak_bytes:
-            self.peak_bytes = self.current_bytes
-        phase = self.phase or ("backward" if _current_autograd_node() is not None else "forward")
-        if self.current_bytes > self.phase_peaks.get(phase, 0):
-            self.phase_peaks[phase] = self.current_bytes
+        key, size = storage._cdata, storage.nbytes()
+        with self._lock:
+            known = self._sizes.get(key)
+            if known == size:
+                return
+            if known is None:
+                weakref.finalize(storage, self._free, key)
+            self._sizes[key] = size
+            self.current_bytes += size - (known or 0)  # a resize_ changes a known storage
+            if self.current_bytes > self.peak_bytes:
+                self.peak_bytes = self.current_bytes
+            phase = self.phase or ("backward" if _current_autograd_node() is not None else "forward")
+            if self.current_bytes > self.phase_peaks.get(phase, 0):
+                self.phase_peaks[phase] = self.current_bytes
 
     def _free(self, key: int) -> None:
-        self.current_bytes -= self._sizes.pop(key, 0)
+        with self._lock:
+            self.current_bytes -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

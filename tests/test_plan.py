@@ -77,6 +77,17 @@ def test_the_peak_is_the_largest_phase_not_the_sum_of_all():
         assert est.allocated < static + sum(est.phases.values())
 
 
+def test_the_recipe_s_compute_dtype_and_gradient_accumulation_count():
+    arch = Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"], "1.5b")
+    sizes = {dtype: estimate(arch, recipe_from_dict({"quant": {"compute_dtype": dtype}})).allocated
+             for dtype in ("auto", "bfloat16", "float16", "float32")}
+    assert sizes["auto"] == sizes["bfloat16"] == sizes["float16"] < sizes["float32"]
+    one, eight = (estimate(arch, recipe_from_dict({"train": {"grad_accum": n}})) for n in (1, 8))
+    lora_grads = lora_parameters(arch, recipe_from_dict({})) * 4
+    per_layer = lora_grads / arch.layers  # without accumulation the backward peak holds one layer's gradients
+    assert eight.allocated - one.allocated == pytest.approx(lora_grads - per_layer)
+
+
 def test_cpu_steps_add_trl_s_torch_loss_copies_and_no_gpu_terms():
     arch = Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"], "1.5b")
     recipe = recipe_from_dict({})
@@ -117,6 +128,13 @@ def test_a_plan_that_does_not_fit_names_the_knob():
     small_batches = make_plan(Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"]),
                               recipe_from_dict({"train": {"batch_size": 64}}), 8.0)
     assert "train.batch_size=" in small_batches.suggestion and "train.grad_accum=" in small_batches.suggestion
+    for batch, accum in ((64, 8), (8, 1), (6, 3)):  # the effective batch stays exactly batch x accum
+        plan = make_plan(Architecture.from_config(ARCHITECTURES["r1-distill-qwen-1.5b"]), recipe_from_dict(
+            {"train": {"batch_size": batch, "grad_accum": accum}, "data": {"max_length": 4096}}), 8.0)
+        knobs = dict(part.split("=") for part in plan.suggestion.split(" (")[0].split())
+        assert int(knobs["train.batch_size"]) * int(knobs["train.grad_accum"]) == batch * accum, plan.suggestion
+    big_batch = make_plan(arch, recipe_from_dict({"train": {"batch_size": 4}, "data": {"max_length": 4096}}), 8.0)
+    assert big_batch.suggestion.startswith("train.batch_size=1 train.grad_accum=32 and ")  # the figures are at 1
 
 
 def test_cli_json(capsys):

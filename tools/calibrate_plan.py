@@ -198,7 +198,7 @@ def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
 
         def dims(point):
             family, n, h, i, layers, heads, kv_heads, vocab, _, dropout, tiled = point
-            mlp_tokens = min(n, SLICE_TOKENS) if tiled else n
+            mlp_tokens = SLICE_TOKENS if tiled and n > SLICE_TOKENS else n  # as plan.estimate
             return n, h, i, layers, kv_heads * (h // heads), vocab, dropout > 0, mlp_tokens
 
         def layer_excess(point, m):

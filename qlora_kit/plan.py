@@ -137,10 +137,10 @@ class StepProfile:
 # negative memory).
 PROFILES = {
     "bfloat16": StepProfile(2, kept_per_layer=1.34, layer_hidden=12.66, layer_intermediate=7.11, layer_kv=6.4,
-                            tiled_hidden=11.51, tiled_kv=16.64, dequant=0.58, dropout_hidden=15.67,
+                            tiled_hidden=12.16, tiled_kv=13.74, dequant=0.58, dropout_hidden=15.67,
                             dropout_intermediate=2.36, loss_hidden=5.17),
     "float32": StepProfile(4, kept_per_layer=1.0, layer_hidden=5.9, layer_intermediate=5.45, layer_kv=3.69,
-                           tiled_hidden=7.12, tiled_kv=3.25, dequant=0.84, dropout_hidden=10.46,
+                           tiled_hidden=7.31, tiled_kv=2.9, dequant=0.84, dropout_hidden=10.46,
                            dropout_intermediate=0.0, loss_hidden=3.1),
 }
 PROFILES["float16"] = PROFILES["bfloat16"]

@@ -97,7 +97,7 @@ DEMO_TOKENIZER = REPO / "qlora_kit" / "demo" / "tiny-qwen2"
 SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 65536}
 SMOKE_MODELS = ["r1-distill-qwen-1.5b", "r1-distill-llama-8b"]
-# The baseline, qlora_kit as shipped, and qlora_kit with every memory switch (what the targets are about).
+# The baseline, qlora_kit as shipped, and qlora_kit with every memory switch (where the longest sequences are).
 DEFAULT_SETUPS = ["baseline", "qlora_kit", "qlora_kit+offload_activations+embeddings_on_cpu+tiled_mlp"]
 SMOKE_SETUPS = ["baseline", "qlora_kit"]
 LEAK_TOLERANCE = 256 * 1024**2  # cuBLAS workspaces and the like may stay allocated between trials

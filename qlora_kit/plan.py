@@ -256,8 +256,8 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         peak, 0)
 
     terms = {
-        "4-bit linear weights" if recipe.quant.load_in_4bit else "16-bit linear weights": weight_bytes,
-        "embeddings + lm_head (16-bit)": arch.vocab * h * c * embedding_matrices_on_gpu(arch, recipe),
+        "4-bit linear weights" if recipe.quant.load_in_4bit else f"{8 * c}-bit linear weights": weight_bytes,
+        f"embeddings + lm_head ({8 * c}-bit)": arch.vocab * h * c * embedding_matrices_on_gpu(arch, recipe),
         "norms + biases": (2 * arch.layers + 1) * h * c + (arch.layers * (q + 2 * kv) * c if arch.qkv_bias else 0),
         "LoRA weights (fp32)": lora * 4,
         "optimizer state": lora * optimizer_state_bytes(recipe, device),
@@ -316,35 +316,46 @@ def make_plan(arch: Architecture, recipe: Recipe, vram_gib: float) -> Plan:
 
 
 def _shorter_or_switched(arch: Architecture, recipe: Recipe, budget: float, longest: int) -> str:
-    """The knobs for a run that does not fit at batch 1: the [memory] switches still off (they keep every row),
-    and the longest max_length that fits (which drops the longer rows), with and without the switches."""
-    shorter = f"data.max_length={longest} (the longest that fits at batch 1)" if longest else ""
-    switched = _with_memory_switches(recipe)
-    if switched is None:
-        return shorter or "does not fit even at 16 tokens: use a smaller model"
-    turn_on = " ".join(f"memory.{name}=true" for name in MEMORY_SWITCHES
-                       if getattr(switched.memory, name) != getattr(recipe.memory, name))
-    with_switches = estimate(arch, switched, recipe.data.max_length, 1).total / GIB
-    if with_switches <= budget:
-        return f"{turn_on} (then about {with_switches:.1f} GiB at batch 1)" + (f", or {shorter}" if shorter else "")
-    longest_switched = _longest_fitting(arch, switched, budget)
-    if longest_switched > longest:
-        return ((f"{shorter}, or " if shorter else "") +
-                f"{turn_on} data.max_length={longest_switched} (the longest with the memory switches on)")
-    return shorter or "does not fit even at 16 tokens: use a smaller model"
+    """The knobs for a run that does not fit at batch 1: the fewest [memory] switches that make it fit (they keep
+    every row), and the longest max_length that fits (which drops the longer rows), with and without them."""
+    too_short = "does not fit at a useful length: use a smaller model (or a GPU with more memory)"
+    shorter = (f"data.max_length={longest} (the longest that fits at batch 1)"
+               if longest >= USEFUL_MIN_LENGTH else "")
+    seq = recipe.data.max_length
+    fitting = [(names, candidate) for names, candidate in _switch_sets(recipe)
+               if estimate(arch, candidate, seq, 1).total / GIB <= budget]
+    if fitting:
+        names, candidate = fitting[0]  # the fewest, cheapest switches
+        gib = estimate(arch, candidate, seq, 1).total / GIB
+        return (f"{_overrides(names)} (then about {gib:.1f} GiB at batch 1)" + (f", or {shorter}" if shorter else ""))
+    for names, candidate in _switch_sets(recipe)[-1:]:  # all of them
+        longest_switched = _longest_fitting(arch, candidate, budget)
+        if longest_switched > longest and longest_switched >= USEFUL_MIN_LENGTH:
+            return ((f"{shorter}, or " if shorter else "") + f"{_overrides(names)} data.max_length={longest_switched} "
+                    "(the longest with the memory switches on)")
+    return shorter or too_short
 
 
-MEMORY_SWITCHES = ("offload_activations", "embeddings_on_cpu", "tiled_mlp")
+USEFUL_MIN_LENGTH = 256
+"""Below this a suggested max_length would drop nearly every reasoning row (their CoT alone is hundreds of
+tokens): the plan says the model does not fit instead."""
+MEMORY_SWITCHES = ("tiled_mlp", "offload_activations", "embeddings_on_cpu")
+"""Cheapest first: extra compute on the GPU, then activation copies to RAM, then a ~1 GB copy per micro-batch."""
 
 
-def _with_memory_switches(recipe: Recipe) -> Recipe | None:
-    """The recipe with every [memory] switch on (None if they all are already, or FSDP rules tiling out)."""
-    off = [name for name in MEMORY_SWITCHES if not getattr(recipe.memory, name)]
-    if recipe.distributed.fsdp and "tiled_mlp" in off:
-        off.remove("tiled_mlp")
-    if not off:
-        return None
-    return replace(recipe, memory=replace(recipe.memory, **dict.fromkeys(off, True)))
+def _overrides(names: tuple[str, ...]) -> str:
+    return " ".join(f"memory.{name}=true" for name in names)
+
+
+def _switch_sets(recipe: Recipe) -> list[tuple[tuple[str, ...], Recipe]]:
+    """Every combination of the [memory] switches still off, fewest first (cheapest first among equals), each with
+    the recipe it makes. Tiling is left out under FSDP, which refuses it."""
+    from itertools import combinations
+
+    off = [name for name in MEMORY_SWITCHES if not getattr(recipe.memory, name)
+           and not (name == "tiled_mlp" and recipe.distributed.fsdp)]
+    return [(names, replace(recipe, memory=replace(recipe.memory, **dict.fromkeys(names, True))))
+            for size in range(1, len(off) + 1) for names in combinations(off, size)]
 
 
 def _longest_fitting(arch: Architecture, recipe: Recipe, budget_gib: float) -> int:
@@ -397,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram-gib", type=float, default=8.0, help="GPU memory in GiB (default 8)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)
+    if args.vram_gib <= DESKTOP_GIB:
+        parser.error(f"--vram-gib must be more than the {DESKTOP_GIB} GiB the planner leaves to the desktop, "
+                     f"got {args.vram_gib:g}")
     try:
         from qlora_kit.recipe import load_recipe
 

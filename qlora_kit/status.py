@@ -94,7 +94,7 @@ class StatusCallback(TrainerCallback):
         v, mem = self.values, snapshot()
         parts = [f"step {state.global_step}/{self.total}"]
         if "loss" in v:
-            parts.append(f"loss {v['loss']:.4f} (avg {self.smoothed_loss:.4f})")
+            parts.append(f"loss {v['loss']:.4f} (smoothed {self.smoothed_loss:.4f})")
         if "learning_rate" in v:
             parts.append(f"lr {v['learning_rate']:.2e}")
         if "grad_norm" in v:

@@ -11,7 +11,7 @@ from qlora_kit.distributed import Processes
 from qlora_kit.distributed import current as current_processes
 from qlora_kit.errors import UserError
 from qlora_kit.model import Precision, keep_adapter_fp32
-from qlora_kit.recipe import Recipe
+from qlora_kit.recipe import TILED_MLP_SLICE_TOKENS, Recipe
 
 
 def optimizer_name(choice: str, precision: Precision) -> str:
@@ -151,6 +151,9 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     console.print(f"model: {recipe.model.name} ({label}), {precision.describe()}; "
                   f"LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
+    if recipe.memory.tiled_mlp and recipe.data.max_length <= TILED_MLP_SLICE_TOKENS:
+        console.print(f"[dim]memory.tiled_mlp changes nothing here: every sequence (data.max_length = "
+                      f"{recipe.data.max_length}) fits in one {TILED_MLP_SLICE_TOKENS:,}-token slice.")
     if precision.device == "cpu" and (recipe.memory.offload_activations or recipe.memory.embeddings_on_cpu):
         console.print("[dim]memory.offload_activations and memory.embeddings_on_cpu only matter on a GPU; this run "
                       "is on the CPU.")

@@ -237,3 +237,15 @@ def test_an_oom_inside_transformers_quantization_is_still_an_oom(bench):
     assert not bench._looks_like_oom(wrapped, ["KeyError: 'weight'"])
     assert bench._looks_like_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not bench._looks_like_oom(ValueError("out of memory"))
+
+
+def test_show_skips_files_that_are_not_bench_results(bench, smoke_result, tmp_path, capsys):
+    doc, _, _ = smoke_result
+    (tmp_path / "smoke.json").write_text(json.dumps(doc), encoding="utf-8")
+    (tmp_path / "calibration.json").write_text(json.dumps({"tool": "tools/calibrate_plan.py", "points": []}),
+                                               encoding="utf-8")
+    assert bench.main(["--show", str(tmp_path / "calibration.json"), str(tmp_path / "smoke.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "| r1-distill-qwen-1.5b | qlora_kit | 64 | ran |" in out
+    assert "skipping" in err and "calibration.json" in err
+    assert bench.main(["--show", str(tmp_path / "calibration.json")]) == 2

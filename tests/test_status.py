@@ -34,8 +34,8 @@ def test_plain_lines_when_not_a_terminal():
     title, *lines = out.getvalue().splitlines()
     assert title == "training: title"
     assert len(lines) == 3  # one per log, no live panel
-    assert lines[0].startswith("step 1/10 | loss 2.0000 (avg 2.0000) | lr 1.00e-04 | gnorm 0.500")
-    assert "loss 1.0000 (avg 1.9000)" in lines[1]  # smoothed: 0.9 * 2.0 + 0.1 * 1.0
+    assert lines[0].startswith("step 1/10 | loss 2.0000 (smoothed 2.0000) | lr 1.00e-04 | gnorm 0.500")
+    assert "loss 1.0000 (smoothed 1.9000)" in lines[1]  # smoothed: 0.9 * 2.0 + 0.1 * 1.0
     assert "tok/s" in lines[1] and "RAM" in lines[1] and "eta" in lines[1]
     assert lines[2] == "step 3/10 | eval loss 1.5000"
 

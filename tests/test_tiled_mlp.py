@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO, encode_for_training
+from conftest import REPO, encode_for_training, run_cli
 
 from qlora_kit.encode import to_dataset
 from qlora_kit.errors import UserError
@@ -53,6 +53,12 @@ def test_the_recipe_switch_tiles_every_decoder_mlp(tmp_path):
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(examples), None, precision, tmp_path, [])
     tiled = [name for name, module in trainer.model.named_modules() if getattr(module, "_qlora_kit_tiled", False)]
     assert len(tiled) == 2 and all(name.endswith("mlp") for name in tiled)
+
+
+def test_a_run_whose_sequences_fit_one_slice_says_the_switch_does_nothing(tmp_path):
+    done = run_cli(DEMO, "memory.tiled_mlp=true", "train.max_steps=2", "samples.count=0", f"output.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "memory.tiled_mlp changes nothing here" in done.stdout
 
 
 def test_tiled_mlp_and_fsdp_are_refused_together():

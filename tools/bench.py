@@ -589,8 +589,9 @@ def describe(record: dict) -> str:
         parts = [head, f"peak reserved {_mem(record['peak_reserved_gib'])} "
                        f"(planner {_mem(record['planner_reserved_gib'])})"]
     elif record.get("tensor_peak_gib"):
-        parts = [head, f"peak tensors {_mem(record['tensor_peak_gib'])} (planner "
-                       f"{_mem(record['planner_allocated_gib'])}, {record['planner_tensor_error']:+.1%})",
+        planner = ("" if record["setup"] == "baseline" else  # the planner plans qlora_kit runs
+                   f" (planner {_mem(record['planner_allocated_gib'])}, {record['planner_tensor_error']:+.1%})")
+        parts = [head, f"peak tensors {_mem(record['tensor_peak_gib'])}{planner}",
                  f"RSS {_mem(record.get('peak_rss_gib'))}"]
     else:
         parts = [head, f"peak RSS {_mem(record.get('peak_rss_gib'))}"]
@@ -639,7 +640,18 @@ def gpu_present() -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.show:
-        print(markdown_tables(merge_documents([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.show])))
+        docs = []
+        for path in args.show:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            if doc.get("tool") != "tools/bench.py" or "trials" not in doc:
+                print(f"bench.py --show: skipping {path}: not a tools/bench.py result (tool: {doc.get('tool')})",
+                      file=sys.stderr)
+            else:
+                docs.append(doc)
+        if not docs:
+            print("bench.py --show: no tools/bench.py result among the files given", file=sys.stderr)
+            return 2
+        print(markdown_tables(merge_documents(docs)))
         return 0
     if not args.smoke and not args.allow_cpu and not gpu_present():
         print("bench.py: no CUDA GPU here. Full-size models measure VRAM and GPU speed; on a CPU only --smoke "

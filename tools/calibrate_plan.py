@@ -169,7 +169,8 @@ def describe(measurement: dict) -> str:
     return (f"{dtype:8s} {family:5s} tokens {tokens:5d} hidden {hidden:4d} inter {intermediate:5d} layers {layers:2d} "
             f"heads {heads:2d}/{kv:<2d} vocab {vocab:6d} dropout {dropout:.2f}{' tiled' if tiled else ''} | measured "
             f"{measurement['peak_bytes'] / MIB:7.1f} MiB ({where}) planner {plan.allocated / MIB:7.1f} MiB "
-            f"({planned_where}) {error_of(measurement):+6.1%}")
+            f"({planned_where}) {error_of(measurement):+6.1%}"
+            + ("  [held out of the fit]" if as_point(measurement["point"]) in set(VALIDATION) else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -321,14 +321,12 @@ def _shorter_or_switched(arch: Architecture, recipe: Recipe, budget: float, long
     too_short = "does not fit at a useful length: use a smaller model (or a GPU with more memory)"
     shorter = (f"data.max_length={longest} (the longest that fits at batch 1)"
                if longest >= USEFUL_MIN_LENGTH else "")
-    seq = recipe.data.max_length
-    fitting = [(names, candidate) for names, candidate in _switch_sets(recipe)
-               if estimate(arch, candidate, seq, 1).total / GIB <= budget]
-    if fitting:
-        names, candidate = fitting[0]  # the fewest, cheapest switches
-        gib = estimate(arch, candidate, seq, 1).total / GIB
-        return (f"{_overrides(names)} (then about {gib:.1f} GiB at batch 1)" + (f", or {shorter}" if shorter else ""))
-    for names, candidate in _switch_sets(recipe)[-1:]:  # all of them
+    sets = _switch_sets(recipe)
+    for names, candidate in sets:  # the fewest, cheapest switches first
+        gib = estimate(arch, candidate, recipe.data.max_length, 1).total / GIB
+        if gib <= budget:
+            return f"{_overrides(names)} (then about {gib:.1f} GiB at batch 1)" + (f", or {shorter}" if shorter else "")
+    for names, candidate in sets[-1:]:  # all of them
         longest_switched = _longest_fitting(arch, candidate, budget)
         if longest_switched > longest and longest_switched >= USEFUL_MIN_LENGTH:
             return ((f"{shorter}, or " if shorter else "") + f"{_overrides(names)} data.max_length={longest_switched} "

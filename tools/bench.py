@@ -1238,12 +1238,12 @@ def memory_figures(cuda: bool) -> dict:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)}
 
 
-def optimizer_figures(trainer) -> dict:
-    """Optimizer state size, split into PyTorch-allocated and bitsandbytes-paged (CUDA managed) memory."""
+def optimizer_state_bytes(trainer) -> tuple[str, int, int] | None:
+    """(optimizer class, bytes in PyTorch's allocator, bytes in bitsandbytes' paged CUDA managed memory)."""
     optimizer = getattr(trainer, "optimizer", None)
     inner = getattr(optimizer, "optimizer", optimizer)
     if inner is None:
-        return {}
+        return None
     allocated = paged = 0
     for state in inner.state.values():
         for value in state.values():
@@ -1252,7 +1252,16 @@ def optimizer_figures(trainer) -> dict:
                     paged += value.nbytes
                 else:
                     allocated += value.nbytes
-    return {"optimizer_class": type(inner).__name__, "optimizer_state_gib": round(allocated / GIB, 4),
+    return type(inner).__name__, allocated, paged
+
+
+def optimizer_figures(trainer) -> dict:
+    """Optimizer state size, split into PyTorch-allocated and bitsandbytes-paged (CUDA managed) memory."""
+    sizes = optimizer_state_bytes(trainer)
+    if sizes is None:
+        return {}
+    name, allocated, paged = sizes
+    return {"optimizer_class": name, "optimizer_state_gib": round(allocated / GIB, 4),
             "paged_optimizer_gib": round(paged / GIB, 4)}
 
 

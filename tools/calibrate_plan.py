@@ -23,6 +23,7 @@ only). Those wait for tools/bench.py on a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -94,13 +95,17 @@ def as_point(values) -> tuple:
 
 
 def point_config(family: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int):
-    tokenizer = bench.bench_tokenizer()
-    config = dict(bench.ARCHITECTURES[FAMILY[family]])
+    """config.json essentials of a point: the family's template, the bench tokenizer's bos/eos ids, these sizes."""
+    config = dict(_family_template(family))
     config.update(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                  vocab_size=vocab, max_position_embeddings=65536, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+                  vocab_size=vocab, max_position_embeddings=65536)
     return config
+
+
+@functools.cache
+def _family_template(family: str) -> dict:
+    return bench.model_config(FAMILY[family], smoke=True)  # reads the tokenizer's ids from disk: once
 
 
 def setup_of(tiled: bool):
@@ -115,10 +120,6 @@ def settings(dtype: str, dropout: float) -> dict:
 
 def measure(point: tuple) -> dict:
     """Two qlora_kit training steps at this point, counted by qlora_kit.tensor_peak."""
-    import torch
-
-    from qlora_kit.tensor_peak import LiveTensorBytes, loss_phases
-
     family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout, tiled = point
     config = point_config(family, hidden, intermediate, layers, heads, kv_heads, vocab)
     spec = {"model": FAMILY[family], "setup": setup_of(tiled).name, "config": config,
@@ -131,12 +132,10 @@ def measure(point: tuple) -> dict:
         trainer = bench.build_bench_trainer(spec, model, bench.bench_tokenizer(), Path(folder),
                                             bench.make_step_timer(False))
         gc.collect()
-        counter = LiveTensorBytes("cpu", trainer.model)
-        with loss_phases(counter), counter:
+        with bench.tensor_peak(False, trainer.model) as counter:  # the same counting as a bench CPU trial
             trainer.train()
-        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-        optimizer_bytes = sum(v.nbytes for state in optimizer.state.values() for v in state.values()
-                              if isinstance(v, torch.Tensor))
+        _, allocated, paged = bench.optimizer_state_bytes(trainer)
+        optimizer_bytes = allocated + paged
         lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     del trainer, model
     gc.collect()
@@ -146,31 +145,30 @@ def measure(point: tuple) -> dict:
 
 
 def planned(point: tuple):
-    from qlora_kit.plan import Architecture, estimate
-
+    """The planner's CPU estimate for the point, exactly as a bench trial records it."""
     family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dtype, dropout, tiled = point
     config = point_config(family, hidden, intermediate, layers, heads, kv_heads, vocab)
-    recipe = bench.bench_recipe(setup_of(tiled), tokens, 2, settings(dtype, dropout))
-    return estimate(Architecture.from_config(config, "point"), recipe, tokens, 1, "cpu", dtype)
+    return bench.planner_estimate(config, setup_of(tiled), tokens, settings(dtype, dropout), "cpu")
 
 
-def error_of(measurement: dict) -> float:
+def error_of(measurement: dict, plan=None) -> float:
     """+: the planner says more than was measured."""
-    return planned(as_point(measurement["point"])).allocated / measurement["peak_bytes"] - 1
+    plan = plan or planned(as_point(measurement["point"]))
+    return plan.allocated / measurement["peak_bytes"] - 1
 
 
 def describe(measurement: dict) -> str:
-    family, tokens, hidden, intermediate, layers, heads, kv, vocab, dtype, dropout, tiled = as_point(
-        measurement["point"])
+    point = as_point(measurement["point"])
+    family, tokens, hidden, intermediate, layers, heads, kv, vocab, dtype, dropout, tiled = point
     peaks = measurement["phase_peaks"]
     where = max(peaks, key=peaks.get)
-    plan = planned(as_point(measurement["point"]))
+    plan = planned(point)
     planned_where = max(plan.phases, key=plan.phases.get)
     return (f"{dtype:8s} {family:5s} tokens {tokens:5d} hidden {hidden:4d} inter {intermediate:5d} layers {layers:2d} "
             f"heads {heads:2d}/{kv:<2d} vocab {vocab:6d} dropout {dropout:.2f}{' tiled' if tiled else ''} | measured "
             f"{measurement['peak_bytes'] / MIB:7.1f} MiB ({where}) planner {plan.allocated / MIB:7.1f} MiB "
-            f"({planned_where}) {error_of(measurement):+6.1%}"
-            + ("  [held out of the fit]" if as_point(measurement["point"]) in set(VALIDATION) else ""))
+            f"({planned_where}) {error_of(measurement, plan):+6.1%}"
+            + ("  [held out of the fit]" if point in set(VALIDATION) else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -112,16 +112,22 @@ class MetricsRecorder(TrainerCallback):
         self.path = path
         # A resumed run keeps the records up to its checkpoint and continues the same file.
         self.records = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step else []
-        # ... and its clock: time_s runs on from the checkpoint, so throughput across the resume stays right.
-        self.started = time.monotonic() - max((r.get("time_s", 0.0) for r in self.records), default=0.0)
+        # ... and its clock: time_s runs on from the checkpoint, so throughput across the resume stays right. It
+        # starts with the first step: the eval before training is logged at 0 s and not counted as training time.
+        self.clock_offset = max((r.get("time_s", 0.0) for r in self.records), default=0.0)
+        self.started: float | None = None
         # TRL counts trained tokens (num_tokens) from 0 in every process, resumed or not; the file stays
         # cumulative over the whole run, so a resumed run continues from the count at its checkpoint.
         self.token_offset = max((r.get("num_tokens", 0) for r in self.records), default=0)
         path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic() - self.clock_offset
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         mem = snapshot()
-        record = {"step": state.global_step, "time_s": round(time.monotonic() - self.started, 3),
+        elapsed = time.monotonic() - self.started if self.started is not None else self.clock_offset
+        record = {"step": state.global_step, "time_s": round(elapsed, 3),
                   **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
                   **({"num_tokens": logs["num_tokens"] + self.token_offset} if "num_tokens" in (logs or {}) else {}),
                   f"{mem.kind.lower()}_used_gib": round(mem.used_gib, 4),
@@ -176,27 +182,53 @@ def write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def summarize(records: list[dict], steps: int, wall_s: float, train_rows: int, mean_loss: float,
-              eval_loss: float | None, trainable: int, weights: str, resume_step: int = 0,
-              tokens_before: int = 0) -> dict:
-    """The run in one dict. Wall time and tokens/s are this process's: a resumed run counts from its resume
-    (`resumed_from_step`), while the losses cover the whole run."""
-    # num_tokens: the running count of tokens trained on (padding excluded), cumulative over the whole run
-    # (MetricsRecorder), so the tokens of this process are the count now minus the count at the checkpoint.
-    tokens = max((r.get("num_tokens", 0) for r in records), default=0) - tokens_before
-    losses = [r["loss"] for r in records if "loss" in r]
+def summarize(records: list[dict], steps: int, train_rows: int, trainable: int, weights: str,
+              resume_step: int = 0) -> dict:
+    """The run in one dict, over the whole run (a resumed one included: metrics.jsonl holds every step, its clock
+    and its token count run on across the resume).
+
+    tokens_per_s counts training time only: wall time minus the periodic and final evaluations (the one before
+    training is not in the wall time at all). Eval losses: before the first step and at the end, over all
+    completion tokens and split into the reasoning's and the answer's."""
+    # num_tokens: the running count of tokens trained on (padding excluded), cumulative over the whole run.
+    tokens = max((r.get("num_tokens", 0) for r in records), default=0)
+    wall = max((r.get("time_s", 0.0) for r in records), default=0.0)
+    eval_time = sum(r.get("eval_runtime", 0.0) for r in records if r["step"] > 0)
+    train_time = max(wall - eval_time, 0.0)
+    train = [r for r in records if "loss" in r]
+    before = next((r for r in records if r["step"] == 0 and "eval_loss" in r), {})
+    final = next((r for r in reversed(records) if "eval_loss" in r and r["step"] == steps and r["step"] > 0), {})
     mem = snapshot()
+
+    def rounded(record: dict, key: str):
+        return round(record[key], 4) if key in record else None
+
     return {
         "steps": steps,
-        "wall_time_s": round(wall_s, 1),
+        "wall_time_s": round(wall, 1),
+        "eval_time_s": round(eval_time, 1),
         "train_rows": train_rows,
-        "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0,
+        "tokens_per_s": round(tokens / train_time, 1) if train_time else 0.0,
         f"peak_{mem.kind.lower()}_gib": round(mem.peak_gib, 3),
-        "first_train_loss": round(losses[0], 4) if losses else None,
-        "final_train_loss": round(losses[-1], 4) if losses else None,
-        "mean_train_loss": round(mean_loss, 4),
-        "final_eval_loss": round(eval_loss, 4) if eval_loss is not None else None,
+        "first_train_loss": round(train[0]["loss"], 4) if train else None,
+        "final_train_loss": round(train[-1]["loss"], 4) if train else None,
+        "mean_train_loss": mean_train_loss(train),
+        "eval_rows": int(before.get("eval_rows") or final.get("eval_rows") or 0) or None,
+        "eval_loss_before": rounded(before, "eval_loss"),
+        "final_eval_loss": rounded(final, "eval_loss"),
+        "eval_answer_loss_before": rounded(before, "eval_answer_loss"),
+        "final_eval_answer_loss": rounded(final, "eval_answer_loss"),
+        "eval_reasoning_loss_before": rounded(before, "eval_reasoning_loss"),
+        "final_eval_reasoning_loss": rounded(final, "eval_reasoning_loss"),
         "trainable_parameters": trainable,
         "model_weights": weights,
         **({"resumed_from_step": resume_step} if resume_step else {}),
     }
+
+
+def mean_train_loss(train: list[dict]) -> float | None:
+    """Mean loss per optimizer step: each logged loss is the mean over the steps since the previous log."""
+    if not train:
+        return None
+    steps = [r["step"] - previous["step"] for previous, r in zip([{"step": 0}, *train], train, strict=False)]
+    return round(sum(r["loss"] * n for r, n in zip(train, steps, strict=True)) / max(sum(steps), 1), 4)

@@ -29,17 +29,3 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         self.generator.manual_seed(self.seed + self.epoch)
         return super().__iter__()
 
-
-def resumable_trainer_class():
-    """TRL's SFTTrainer with the length-grouped order made resumable; nothing else differs."""
-    from trl import SFTTrainer
-
-    class ResumableSFTTrainer(SFTTrainer):
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or dataset is None:
-                return super()._get_train_sampler(train_dataset)
-            return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                                   [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
-
-    return ResumableSFTTrainer

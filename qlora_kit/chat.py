@@ -146,12 +146,14 @@ def locate(path: Path) -> Source:
 def load_run(run_dir: Path) -> Loaded:
     """The base as the run loaded it (4-bit, same seed for random-init) + the run's adapter and tokenizer."""
     from qlora_kit.generate import prompt_format
+    from qlora_kit.gguf_base import prepare_gguf_base
     from qlora_kit.model import choose_precision, load_model, load_tokenizer
     from qlora_kit.preflight import check_model_files
     from qlora_kit.recipe import load_recipe
 
     recipe = inference_recipe(load_recipe(run_dir / RECIPE_FILE))
     adapter_dir = run_dir / ADAPTER_DIR
+    prepare_gguf_base(recipe.model, weights=True)  # a GGUF base: its 16-bit folder, rebuilt if the cache lost it
     check_model_files(recipe.model)
     precision = choose_precision(recipe.quant)
     # The tokenizer the run saved beside its adapter: the one it trained with, chat template included.
@@ -249,10 +251,13 @@ class ReplyPrinter:
 
     def finish(self, reply: Reply, settings: GenerationSettings) -> None:
         self.close()
-        if not reply.closed:
+        if reply.opened and not reply.closed:
             why = (f"the reasoning did not finish within --max-new-tokens {settings.max_new_tokens}"
                    if not reply.finished else "the model stopped inside its reasoning")
             self.console.print(f"[yellow](no answer: {why})")
+        elif not reply.finished:
+            self.console.print(f"[yellow](cut at --max-new-tokens {settings.max_new_tokens}: the answer goes on; "
+                               "raise it to read the rest)")
 
     def _write(self, text: str, style: str = "") -> None:
         from rich.text import Text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,12 @@ def load_rows(data: DataSection) -> RowSet:
     return RowSet(rows, origin, len(records), dropped)
 
 
-def split_rows(rows: list[Row], data: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
-    """Shuffle (seeded), apply `limit`, hold out `eval_rows`. Returns (train, eval)."""
+def split_rows(rows: list[Row], data: DataSection, seed: int,
+               usable_for_eval: Callable[[Row], bool] | None = None) -> tuple[list[Row], list[Row]]:
+    """Shuffle (seeded), apply `limit`, hold out `eval_rows`. Returns (train, eval).
+
+    With `usable_for_eval`, the eval rows are the first rows (in shuffled order) it accepts, e.g. those that fit
+    max_length: `eval_rows` then counts rows actually evaluated, never rows asked for and dropped later."""
     rows = list(rows)
     if data.shuffle:
         random.Random(seed).shuffle(rows)
@@ -68,7 +73,14 @@ def split_rows(rows: list[Row], data: DataSection, seed: int) -> tuple[list[Row]
     if data.eval_rows >= len(rows):
         raise UserError(f"data.eval_rows = {data.eval_rows} leaves no rows to train on ({len(rows)} usable rows).",
                         hint="Lower data.eval_rows or raise data.limit.")
-    return rows[data.eval_rows:], rows[: data.eval_rows]
+    usable = usable_for_eval or (lambda row: True)
+    held_out: set[int] = set()
+    for row in rows:
+        if len(held_out) == data.eval_rows:
+            break
+        if usable(row):
+            held_out.add(row.number)
+    return [r for r in rows if r.number not in held_out], [r for r in rows if r.number in held_out]
 
 
 def _read_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:

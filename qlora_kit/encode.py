@@ -29,6 +29,8 @@ class Example:
     """1 where the token is trained (reasoning, answer, EOS), 0 for the prompt."""
     row: int
     """Row number in the source data."""
+    answer_start: int = -1
+    """Index of the first answer token (after the reasoning) in input_ids; -1: not known, all of it is answer."""
 
     @property
     def labels(self) -> list[int]:
@@ -88,10 +90,24 @@ class Encoder:
     def encode(self, row: Row) -> Example:
         pair = self.renderer(row)
         prompt = self.tokenizer(pair.prompt, add_special_tokens=False).input_ids
-        completion = self.tokenizer(pair.completion, add_special_tokens=False).input_ids + [self.eos_id]
+        completion, answer_offset = self.completion_ids(pair)
         if self.bos_id is not None and prompt[:1] != [self.bos_id]:
             prompt = [self.bos_id] + prompt
-        return Example(prompt + completion, [0] * len(prompt) + [1] * len(completion), row.number)
+        return Example(prompt + completion, [0] * len(prompt) + [1] * len(completion), row.number,
+                       len(prompt) + answer_offset)
+
+    def completion_ids(self, pair) -> tuple[list[int], int]:
+        """The completion's ids (EOS appended) and the index of its first answer token: the first token that starts
+        at or after the answer's first character (a token that straddles the boundary counts as reasoning)."""
+        if self.tokenizer.is_fast:
+            encoded = self.tokenizer(pair.completion, add_special_tokens=False, return_offsets_mapping=True)
+            ids = encoded.input_ids
+            starts = [start for start, _ in encoded.offset_mapping]
+            answer = next((i for i, start in enumerate(starts) if start >= pair.answer_start), len(ids))
+        else:  # no offsets: the reasoning's own token count
+            ids = self.tokenizer(pair.completion, add_special_tokens=False).input_ids
+            answer = len(self.tokenizer(pair.completion[:pair.answer_start], add_special_tokens=False).input_ids)
+        return ids + [self.eos_id], answer
 
 
 def encode_rows(encoder: Encoder, rows: list[Row]) -> list[Example]:
@@ -111,7 +127,8 @@ def apply_length_policy(examples: list[Example], max_length: int, policy: str) -
         if len(example.input_ids) <= max_length:
             kept.append(example)
         elif policy == "truncate" and example.prompt_length < max_length:
-            kept.append(Example(example.input_ids[:max_length], example.completion_mask[:max_length], example.row))
+            kept.append(Example(example.input_ids[:max_length], example.completion_mask[:max_length], example.row,
+                                min(example.answer_start, max_length)))
         elif policy == "truncate":
             report.unfixable_rows.append(example.row)
     report.kept = len(kept)
@@ -140,3 +157,9 @@ def to_dataset(examples: list[Example]):
 
     return Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                               "completion_mask": [e.completion_mask for e in examples]})
+
+
+def answer_mask(example: Example) -> list[int]:
+    """1 on the answer tokens (from answer_start, EOS included), 0 elsewhere (prompt and reasoning)."""
+    start = example.answer_start if example.answer_start >= 0 else example.prompt_length
+    return [int(i >= start and m == 1) for i, m in enumerate(example.completion_mask)]

@@ -2,9 +2,12 @@
 R1 sampling settings, tokens streamed as they come, and the reply split into its reasoning and its answer.
 
     question ─► qlora_kit.render, as in training (data.format: the chat template with its generation prompt)
-             ─► the prompt ends inside the think block (`<think>\\n` appended where the template leaves it out)
              ─► model.generate: temperature 0.6, top_p 0.95, seeded (or greedy) ─► pieces streamed as they come
-             ─► split at `</think>` into (think, answer)
+             ─► split at `</think>` into (think, answer); a reply that never opened `<think>` is all answer
+
+The prompt is the template's own: a newer R1 template ends inside the think block (`<think>\\n`); for any other
+model (an older R1 template, ChatML, Llama 3) the model decides by itself whether it opens one, which is what
+format compliance counts (a base model answers directly, a model fine-tuned here opens the block).
 
 For the plain and custom formats (`data.format`), the "think" part is the template's reasoning section and the
 separator is the template text between `{cot}` and `{response}` (e.g. "### Answer:")."""
@@ -54,19 +57,21 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How questions become prompts (as in training) and where a reply's reasoning ends."""
+    """How questions become prompts (as in training) and where a reply's reasoning starts and ends."""
 
     render: Renderer
     bos_id: int | None
     """BOS to put in front of the prompt's ids, for tokenizers that use one (None: the tokenizer has none)."""
-    opens_think: bool
-    """Chat format: the prompt must end inside the think block, as the training completions started there."""
     separator: str | None
     """Text between the reasoning and the answer; None when the format has no reasoning part."""
+    opener: str | None = None
+    """Text that opens the reasoning when the model writes it itself (`<think>` in the chat format); None: the
+    prompt's end is already inside the reasoning (plain and custom templates)."""
 
     def prompt(self, question: str) -> str:
-        text = self.render(Row(question=question, cot="", response="", number=0)).prompt
-        return open_think_block(text) if self.opens_think else text
+        """The prompt exactly as training rendered it: the chat template's own generation prompt, never a
+        `<think>` added to it. A newer R1 template opens the block itself; any other model decides whether to."""
+        return self.render(Row(question=question, cot="", response="", number=0)).prompt
 
     def prompt_ids(self, tokenizer, question: str) -> list[int]:
         """Token ids exactly as encode.py builds the prompt of a training example: no special tokens
@@ -76,8 +81,16 @@ class PromptFormat:
             ids = [self.bos_id, *ids]
         return ids
 
-    def split(self, text: str) -> tuple[str, str]:
-        return split_think(text, self.separator)
+    def starts_inside(self, question: str) -> bool:
+        """Does the reply start inside the reasoning (the prompt opened it, or the format has no opener)?"""
+        if self.separator is None:
+            return False
+        if self.opener is None:
+            return True
+        return self.prompt(question).rstrip("\n").endswith(self.opener)
+
+    def split(self, text: str, starts_inside: bool) -> Split:
+        return split_think(text, self.separator, self.opener, starts_inside)
 
 
 def prompt_format(tokenizer, data: DataSection | None = None) -> PromptFormat:
@@ -87,20 +100,10 @@ def prompt_format(tokenizer, data: DataSection | None = None) -> PromptFormat:
     bos_id = Encoder(tokenizer, renderer).bos_id
     chat = data.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
     if chat:
-        return PromptFormat(renderer, bos_id, opens_think=True, separator=THINK_CLOSE)
+        return PromptFormat(renderer, bos_id, separator=THINK_CLOSE, opener=THINK_OPEN)
     # make_renderer falls back to the plain layout when a chat-format tokenizer has no template.
     template = data.format if data.format not in ("chat", "plain") else PLAIN_TEMPLATE
-    return PromptFormat(renderer, bos_id, opens_think=False, separator=template_separator(template))
-
-
-def open_think_block(prompt: str) -> str:
-    """End the prompt inside the think block, as render.think_completion started the training completions:
-    newer R1 templates end with `<think>\\n` already, older ones at the assistant tag."""
-    if prompt.endswith(THINK_OPEN + "\n"):
-        return prompt
-    if prompt.endswith(THINK_OPEN):
-        return prompt + "\n"
-    return f"{prompt}{THINK_OPEN}\n"
+    return PromptFormat(renderer, bos_id, separator=template_separator(template))
 
 
 def template_separator(template: str) -> str | None:
@@ -112,63 +115,94 @@ def template_separator(template: str) -> str | None:
     return template[cot + len("{cot}"):response].strip() or None
 
 
-def split_think(text: str, separator: str | None = THINK_CLOSE) -> tuple[str, str]:
-    """(think, answer) of a generated text that started inside the think block.
+@dataclass(frozen=True)
+class Split:
+    think: str
+    answer: str
+    opened: bool
+    """The reply has a reasoning part: the prompt opened it, or the model wrote the opener itself."""
+    closed: bool
+    """The reasoning ended: the separator (`</think>`) was generated."""
 
-    No separator in the text means the reasoning never finished (it ran out of tokens): all of it is
-    reasoning and the answer is empty. A stray `<think>` at the start (models whose prompt did not open
-    the block) is dropped.
-    """
+
+def split_think(text: str, separator: str | None = THINK_CLOSE, opener: str | None = THINK_OPEN,
+                starts_inside: bool = True) -> Split:
+    """A generated text split into its reasoning and its answer.
+
+    - No separator in the format: all of it is the answer.
+    - The reply did not start inside the reasoning and does not open it: a direct answer (no reasoning).
+    - The reasoning never closes (out of tokens, or the model stopped): all of it is reasoning, no answer.
+    Separators after the first (a model that closes its reasoning twice) are not part of the answer."""
     if separator is None:
-        return "", text.strip()
+        return Split("", text.strip(), opened=False, closed=False)
     text = text.lstrip()
-    if text.startswith(THINK_OPEN):
-        text = text[len(THINK_OPEN):]
+    if opener and text.startswith(opener):
+        text, starts_inside = text[len(opener):], True
+    if not starts_inside:
+        return Split("", text.replace(separator, "").strip(), opened=False, closed=False)
     think, found, answer = text.partition(separator)
-    return think.strip(), answer.strip() if found else ""
+    return Split(think.strip(), answer.replace(separator, "").strip() if found else "", opened=True,
+                 closed=bool(found))
 
 
 # ------------------------------------------------------------------------------------------------ streaming
 
 
 class ThinkRouter:
-    """Routes streamed text to `on_think` until the separator appears, then to `on_answer`.
+    """Routes streamed text to `on_think` while the reply is reasoning and to `on_answer` after it, as split_think
+    splits the whole text.
 
-    The separator may arrive split across pieces, so the tail of the text that could still be the start
-    of it is held back until the next piece decides. The separator itself and the blank lines after it
-    are not passed on.
+    Markers may arrive split across pieces, so text that could still be the start of one is held back until the
+    next piece decides. The markers themselves are never passed on, nor the blank lines that open the answer.
     """
 
     def __init__(self, separator: str | None, on_think: TextCallback, on_answer: TextCallback,
-                 on_switch: Callable[[], None] = lambda: None):
-        self.separator = separator
+                 on_switch: Callable[[], None] = lambda: None, opener: str | None = None, starts_inside: bool = True):
+        self.separator, self.opener = separator, opener
         self.on_think, self.on_answer, self.on_switch = on_think, on_answer, on_switch
-        self.in_think = separator is not None
+        # "start": not yet known whether the model opens a reasoning block; "think"; "answer".
+        self.state = "answer" if separator is None else "think" if starts_inside else "start"
         self.held = ""
         self.answer_started = False
 
     def feed(self, piece: str) -> None:
-        if not self.in_think:
-            self._answer(piece)
-            return
-        text = self.held + piece
-        before, found, after = text.partition(self.separator)
-        if found:
-            self.held = ""
+        text, self.held = self.held + piece, ""
+        if self.state == "start":
+            head = text.lstrip()
+            if self.opener and head.startswith(self.opener):
+                self.state, text = "think", head[len(self.opener):]
+            elif self.opener and self.opener.startswith(head):
+                self.held = text  # still undecided (empty so far, or a part of the opener)
+                return
+            else:
+                self.state = "answer"
+        if self.state == "think":
+            before, found, after = text.partition(self.separator)
+            if not found:
+                self._think(self._hold_partial(text))
+                return
             self._think(before)
-            self.in_think = False
+            self.state = "answer"
             self.on_switch()
-            self._answer(after)
-            return
-        keep = _partial_suffix(text, self.separator)
-        self.held = text[len(text) - keep:] if keep else ""
-        self._think(text[:len(text) - keep])
+            text = after
+        if self.separator is not None:  # a second separator is dropped, not shown as part of the answer
+            text = self._hold_partial(text.replace(self.separator, ""))
+        self._answer(text)
 
     def close(self) -> None:
-        """End of the stream: what was held back was reasoning after all."""
-        if self.held:
-            self._think(self.held)
-            self.held = ""
+        """End of the stream: what was held back is text after all."""
+        held, self.held = self.held, ""
+        if not held:
+            return
+        if self.state == "think":
+            self._think(held)
+        else:
+            self._answer(held)
+
+    def _hold_partial(self, text: str) -> str:
+        keep = _partial_suffix(text, self.separator)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
 
     def _think(self, text: str) -> None:
         if text:
@@ -216,6 +250,13 @@ class Reply:
     """True when the model ended the reply itself (EOS); False when max_new_tokens cut it."""
     closed: bool
     """True when the reasoning ended (the separator, `</think>`, was generated) or the format has none."""
+    opened: bool = True
+    """True when the reply has a reasoning part (the prompt or the model opened it)."""
+
+    @property
+    def in_format(self) -> bool:
+        """The trained format, whole: reasoning opened and closed, a non-empty answer, and EOS before the limit."""
+        return self.opened and self.closed and bool(self.answer) and self.finished
 
 
 def input_device(model) -> torch.device:
@@ -240,6 +281,7 @@ def generation_config(model, tokenizer, settings: GenerationSettings):
     config.temperature = 1.0 if settings.greedy else settings.temperature
     config.top_p = 1.0 if settings.greedy else settings.top_p
     config.use_cache = True  # load_model turns the cache off for training; generation needs it
+    config.eos_token_id = sorted(stop_ids(model, tokenizer))  # stop at the end of the answer, as trained
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     return config
@@ -262,18 +304,26 @@ def ask(model, tokenizer, question: str, fmt: PromptFormat, settings: Generation
         on_switch: Callable[[], None] | None = None) -> Reply:
     """Answer one question; with callbacks, the reasoning and the answer stream to them as they come."""
     router = None
+    inside = fmt.starts_inside(question)
     if on_think or on_answer or on_switch:
-        router = ThinkRouter(fmt.separator, on_think or _ignore, on_answer or _ignore, on_switch or (lambda: None))
+        router = ThinkRouter(fmt.separator, on_think or _ignore, on_answer or _ignore, on_switch or (lambda: None),
+                             opener=fmt.opener, starts_inside=inside)
     new_ids = generate_ids(model, tokenizer, fmt.prompt_ids(tokenizer, question), settings,
                            router.feed if router else None)
     if router:
         router.close()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    think, answer = fmt.split(text)
+    split = fmt.split(text, inside)
+    return Reply(split.think, split.answer, text, len(new_ids),
+                 finished=bool(new_ids) and new_ids[-1] in stop_ids(model, tokenizer),
+                 closed=fmt.separator is None or split.closed, opened=fmt.separator is None or split.opened)
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The ids that end a reply: the model's own EOS ids and the tokenizer's EOS, which training appended to
+    every completion (the model learned to stop there)."""
     eos = model.generation_config.eos_token_id
-    eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-    return Reply(think, answer, text, len(new_ids), finished=bool(new_ids) and new_ids[-1] in eos_ids,
-                 closed=fmt.separator is None or fmt.separator in text)
+    return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
 
 def _ignore(text: str) -> None:

@@ -4,9 +4,10 @@ Turns a merged model folder (what `tools/merge.py` writes: config.json, safetens
 tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an Ollama `Modelfile` beside it.
 
     MERGED_DIR ─► config.json ─► hyper-parameters      (Qwen2 and Llama decoders only)
-               ─► tokenizer.json, tokenizer_config.json, chat template ─► tokenizer metadata
+               ─► tokenizer.json, tokenizer_config.json, chat template ─► tokenizer metadata  (gguf_tokenizer)
                ─► safetensors, one tensor at a time ─► llama.cpp names, Llama q/k permuted, f16 or q8_0
-               ─► FILE.gguf (written as FILE.gguf.partial, renamed when complete) + Modelfile
+               ─► FILE.gguf (written as FILE.gguf.partial, renamed when complete)
+               ─► the chat template's format ─► FILE.Modelfile for Ollama                   (gguf_modelfile)
 
 What is written follows llama.cpp's own converter (convert_hf_to_gguf.py) so that llama.cpp reads the file
 exactly as it reads one converted there:
@@ -14,10 +15,12 @@ exactly as it reads one converted there:
     f16 or q8_0 (`gguf.quants`), falling back to f16 for a row length that is not a multiple of 32.
   * Llama's q_proj/k_proj rows are permuted (`permute_for_llama`): llama.cpp's rope pairs adjacent
     dimensions, transformers' pairs the two halves of each head. Qwen2 is written as is.
+  * tied embeddings (config.json `tie_word_embeddings`, SmolLM2): one matrix, written as `token_embd.weight`
+    and no `output.weight`; llama.cpp then uses token_embd for the output too, as with its own conversions.
   * vocabulary: every id below config.vocab_size; regular tokens NORMAL, added tokens CONTROL when special
     or shaped like `<|...|>` / `<｜...｜>`, else USER_DEFINED (`<think>`), unused padding rows `[PAD{id}]`.
   * merges, bos/eos/pad ids, add_bos and the chat template: gguf's `SpecialVocab`, the converter's reader.
-  * `tokenizer.ggml.pre`: the name llama.cpp maps to the same split regex as tokenizer.json's.
+  * `tokenizer.ggml.pre`: found as llama.cpp's converter finds it, by a hash of the tokenizer's output.
 
 Tensors are read, converted and written one at a time: memory holds the largest tensor (the embedding) and its
 conversion temporaries, never the whole model.
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import re
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
+from qlora_kit.gguf_modelfile import chat_trained, modelfile_path, write_modelfile
+from qlora_kit.gguf_tokenizer import load_tokenizer, write_tokenizer
 
 if TYPE_CHECKING:  # gguf and numpy are imported where used: `--help` and the error paths stay instant
     import gguf
@@ -46,22 +50,7 @@ if TYPE_CHECKING:  # gguf and numpy are imported where used: `--help` and the er
 
 QUANT_TYPES = ("f16", "q8_0")
 F16_MAX = 65504.0
-
-# The split regexes of tokenizer.json files, and the `tokenizer.ggml.pre` name under which llama.cpp
-# (src/llama-vocab.cpp) runs the same split. The name is what llama.cpp's converter derives for these
-# models from a hash of the tokenizer's output: "deepseek-r1-qwen" for DeepSeek-R1-Distill-Qwen, "qwen2"
-# for Qwen2/2.5, "llama-bpe" for Llama 3 (and the R1-Distill-Llama tokenizer, which is Llama 3's).
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-R1_USER, R1_ASSISTANT, R1_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>"
-
-# DeepSeek's recommended sampling for the R1 family (model card: temperature 0.5-0.7, top-p 0.95).
-OLLAMA_PARAMETERS = {"temperature": 0.6, "top_p": 0.95}
-
+EMBEDDING, OUTPUT = "model.embed_tokens.weight", "lm_head.weight"  # the safetensors keys of both decoders
 
 @dataclass(frozen=True)
 class Architecture:
@@ -88,6 +77,7 @@ class HyperParameters:
     rms_norm_eps: float
     vocab_size: int
     rope_scaling: dict  # rope_type and its settings; {"rope_type": "default"} when unscaled
+    tied_embeddings: bool = False  # the output layer is the embedding matrix (SmolLM2, Qwen2.5 <= 3B)
 
 
 @dataclass(frozen=True)
@@ -100,13 +90,6 @@ class TensorPlan:
     shape: tuple[int, ...]    # numpy order (rows, columns)
     qtype: str                # "F32", "F16" or "Q8_0" (gguf.GGMLQuantizationType member name)
     permute_heads: int = 0    # Llama q/k: the head count to permute rows by; 0 = no permutation
-
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    pre_tokenizer: str              # tokenizer.ggml.pre
-    special_tokens: dict[str, str]  # "bos"/"eos"/"pad" -> token text
-    r1_markers: bool                # <｜User｜>, <｜Assistant｜> and <think> are in the vocabulary
 
 
 @dataclass
@@ -165,6 +148,8 @@ def hyper_parameters(config: dict) -> HyperParameters:
         rms_norm_eps=config["rms_norm_eps"],
         vocab_size=config["vocab_size"],
         rope_scaling=scaling,
+        # absent in older config.json files: LlamaConfig's and Qwen2Config's default is untied
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
 
@@ -222,99 +207,6 @@ def llama3_rope_factors(hp: HyperParameters) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def looks_special(token: str) -> bool:
-    """llama.cpp's converter marks these CONTROL even where the tokenizer says not special (R1's role markers):
-    llama.cpp then never prints them as text and never splits them."""
-    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
-
-
-def vocabulary(tokenizer_json: Path, vocab_size: int) -> tuple[list[str], list[int]]:
-    """(tokens, token types) for ids 0..vocab_size-1, as llama.cpp's converter lists them: regular tokens in
-    their byte-level spelling, added tokens as their text, and placeholders for the embedding's spare rows."""
-    import gguf
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_json))
-    by_id = {index: token for token, index in tokenizer.get_vocab(with_added_tokens=True).items()}
-    added = tokenizer.get_added_tokens_decoder()
-    if max(by_id) >= vocab_size:
-        raise UserError(f"the tokenizer has ids up to {max(by_id)} but config.json says vocab_size {vocab_size}",
-                        hint="The tokenizer files do not belong to these weights.")
-
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in by_id:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif index in added:
-            token = added[index].content
-            tokens.append(token)
-            special = added[index].special or looks_special(token)
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[index])
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, [int(t) for t in types]
-
-
-def split_regex(tokenizer_spec: dict) -> str | None:
-    """The regex of the tokenizer's Split pre-tokenizer (alone or in a Sequence), if it has one."""
-    pre = tokenizer_spec.get("pre_tokenizer") or {}
-    for step in pre.get("pretokenizers", [pre]):
-        if step.get("type") == "Split":
-            return step.get("pattern", {}).get("Regex")
-    return None
-
-
-def pre_tokenizer_name(tokenizer_spec: dict) -> str:
-    """llama.cpp's name for the tokenizer's text split. A wrong name makes llama.cpp split text differently from
-    the tokenizer the model was trained with (e.g. '2024' as one piece instead of four), so an unknown split
-    is refused rather than guessed."""
-    model = tokenizer_spec.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tokenizer_spec.get("pre_tokenizer")):
-        raise UserError("the tokenizer is not a byte-level BPE (Qwen2 / Llama 3 style)",
-                        ["only the tokenizers of DeepSeek-R1-Distill-Qwen and -Llama are exported"])
-    regex = split_regex(tokenizer_spec)
-    added = {token["content"] for token in tokenizer_spec.get("added_tokens", [])}
-    if regex == QWEN2_SPLIT:
-        return "deepseek-r1-qwen" if R1_BOS in added else "qwen2"
-    if regex == LLAMA3_SPLIT:
-        return "llama-bpe"
-    raise UserError("the tokenizer's pre-tokenizer split is not one llama.cpp knows under a name this tool writes",
-                    [f"split regex: {regex!r}"],
-                    hint="Expected the Qwen2 split (R1-Distill-Qwen) or the Llama 3 split (R1-Distill-Llama).")
-
-
-def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> TokenizerInfo:
-    """Write the vocabulary, merges, special ids, add_bos and chat template; return what the Modelfile needs."""
-    import gguf
-
-    tokenizer_json = folder / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise UserError(f"{folder} has no tokenizer.json", hint="tools/merge.py copies the base's tokenizer files.")
-    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    tokens, types = vocabulary(tokenizer_json, vocab_size)
-
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    pre = pre_tokenizer_name(spec)
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    if not special.merges:
-        raise UserError("tokenizer.json has no BPE merges", hint="Without them llama.cpp cannot tokenize.")
-    if special.chat_template is None:
-        raise UserError("the tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)",
-                        hint="llama.cpp and Ollama need it to format conversations; the R1 bases ship one.")
-    special.add_to_gguf(writer, quiet=True)
-    special_tokens = {kind: tokens[index] for kind, index in special.special_token_ids.items()}
-    return TokenizerInfo(pre, special_tokens, {R1_USER, R1_ASSISTANT, R1_THINK} <= set(tokens))
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Tensors
 
 
@@ -359,16 +251,43 @@ def storage_type(shape: tuple[int, ...], quant: str) -> str:
     return "F16"
 
 
+def embedding_sources(files: dict[str, Path], tied: bool) -> tuple[dict[str, Path], dict[str, str]]:
+    """(the safetensors tensors to write, {key: GGUF name} where a key is written under another tensor's name).
+
+    Tied (config.json `tie_word_embeddings`): the output layer *is* the embedding, so one matrix is written, as
+    token_embd.weight, and no output.weight; llama.cpp then computes the output with token_embd, exactly as for
+    the files its own converter writes. transformers saves a tied pair under either key (5.x may keep only
+    lm_head.weight), so whichever is there is used; an lm_head.weight saved beside the embedding is dropped, as
+    transformers' loader ignores it for a tied model. Untied: both matrices are needed and written."""
+    import gguf
+
+    token_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+    files = dict(files)
+    present = [key for key in (EMBEDDING, OUTPUT) if key in files]
+    if tied and EMBEDDING in files:
+        files.pop(OUTPUT, None)
+        return files, {}
+    if tied and OUTPUT in files:
+        return files, {OUTPUT: token_embd}
+    if not tied and len(present) == 2:
+        return files, {}
+    raise UserError(f"the weights lack {' and '.join(k for k in (EMBEDDING, OUTPUT) if k not in files)}",
+                    [f"config.json tie_word_embeddings = {str(tied).lower()}: "
+                     + ("one of the two is needed" if tied else "both the embedding and lm_head are needed")],
+                    hint="The folder is incomplete, or its config.json does not belong to its weights.")
+
+
 def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, quant: str) -> list[TensorPlan]:
     import gguf
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name], hp.block_count)
+    files, renamed = embedding_sources(files, hp.tied_embeddings)
     shapes = tensor_shapes(files)
     plans, unknown = [], []
     for source in sorted(files, key=natural_key):
         if source.endswith("rotary_emb.inv_freq"):  # recomputed by every runtime; llama.cpp's converter drops it
             continue
-        gguf_name = name_map.get_name(source, try_suffixes=(".weight", ".bias"))
+        gguf_name = renamed.get(source) or name_map.get_name(source, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             unknown.append(source)
             continue
@@ -475,7 +394,8 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_hyper_parameters(writer, hp)
-    tokenizer = write_tokenizer(writer, folder, hp.vocab_size)
+    hf_tokenizer = load_tokenizer(folder)
+    tokenizer = write_tokenizer(writer, folder, hp.vocab_size, hf_tokenizer)
     for plan in plans:
         shape, dtype, nbytes = stored_bytes(plan)
         writer.add_tensor_info(plan.gguf_name, shape, dtype, nbytes,
@@ -497,77 +417,11 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
         writer.close()
         partial.unlink(missing_ok=True)
 
-    written_modelfile = write_modelfile(out, tokenizer, log) if modelfile and chat_trained(folder, log) else None
+    written_modelfile = None
+    if modelfile and chat_trained(folder, log):
+        written_modelfile = write_modelfile(out, folder, hf_tokenizer, tokenizer, log)
     return ExportResult(out, written_modelfile, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
                         time.monotonic() - started)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Ollama Modelfile
-
-
-def ollama_template(eos: str) -> str:
-    """R1's chat format in Ollama's Go template language. As in R1's Jinja template: the system prompt as bare
-    text up front, no BOS (llama.cpp adds it, add_bos is set), earlier assistant turns closed by EOS, and the
-    generation prompt opening the think block (`<｜Assistant｜><think>` + newline)."""
-    return (
-        "{{- if .System }}{{ .System }}{{ end }}\n"
-        "{{- range $i, $_ := .Messages }}\n"
-        "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
-        f'{{{{- if eq .Role "user" }}}}{R1_USER}{{{{ .Content }}}}\n'
-        f'{{{{- else if eq .Role "assistant" }}}}{R1_ASSISTANT}{{{{ .Content }}}}'
-        f"{{{{- if not $last }}}}{eos}{{{{- end }}}}\n"
-        "{{- end }}\n"
-        f'{{{{- if and $last (ne .Role "assistant") }}}}{R1_ASSISTANT}{R1_THINK}\n{{{{ end }}}}\n'
-        "{{- end }}"
-    )
-
-
-def modelfile_text(gguf_name: str, tokenizer: TokenizerInfo) -> str | None:
-    """The Modelfile for an R1-format tokenizer; None for another chat format (no R1 role markers, other BOS/EOS):
-    Ollama then falls back on the chat template stored in the GGUF."""
-    bos, eos = tokenizer.special_tokens.get("bos"), tokenizer.special_tokens.get("eos")
-    if not tokenizer.r1_markers or (bos, eos) != (R1_BOS, R1_EOS):
-        return None
-    stops = [bos, eos, R1_USER, R1_ASSISTANT]
-    modelfile = Path(gguf_name).with_suffix(".Modelfile").name
-    lines = [f"# Ollama Modelfile written by qlora_kit for {gguf_name}: `ollama create NAME -f {modelfile}`",
-             f"FROM ./{gguf_name}", "", f'TEMPLATE """{ollama_template(eos)}"""', ""]
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
-    lines += [f"PARAMETER {key} {value}" for key, value in OLLAMA_PARAMETERS.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_modelfile(gguf_path: Path, tokenizer: TokenizerInfo, log: Callable[[str], object] = print) -> Path | None:
-    text = modelfile_text(gguf_path.name, tokenizer)
-    if text is None:
-        log("no Modelfile written: the tokenizer is not in R1's chat format (<｜User｜>, <｜Assistant｜>, <think>)")
-        return None
-    path = modelfile_path(gguf_path)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def chat_trained(folder: Path, log: Callable[[str], object]) -> bool:
-    """False when qlora_kit trained this model on a plain or custom prompt format (its recipe travels in the
-    merged folder): the Modelfile speaks R1's chat format, which that model never saw."""
-    from qlora_kit.recipe import TRAINING_RECIPE_FILE, load_recipe
-
-    recipe = folder / TRAINING_RECIPE_FILE
-    if not recipe.is_file():
-        return True
-
-    trained = load_recipe(recipe).data.format
-    if trained == "chat":
-        return True
-    log(f"no Modelfile written: the model was trained on data.format = {trained!r}, not the chat template; "
-        "prompt it in that format (the GGUF file itself is complete)")
-    return False
-
-
-def modelfile_path(gguf_path: Path) -> Path:
-    """`NAME.Modelfile` beside `NAME.gguf`: one per export, so an f16 and a q8_0 export never share one."""
-    return gguf_path.with_suffix(".Modelfile")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -601,8 +455,6 @@ def default_output(folder: Path, quant: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # gguf's SpecialVocab warns about R1's pair template (BOS between sequences), harmless for llama.cpp
-    logging.getLogger("gguf").setLevel(logging.ERROR)
     folder = Path(args.merged_dir)
     out = Path(args.out) if args.out else default_output(folder, args.type)
     try:

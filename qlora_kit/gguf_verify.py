@@ -1,14 +1,23 @@
 """`tools/export_gguf.py --verify`: does the GGUF file compute what the merged folder computes?
 
-The same sample prompts as the merge check (qlora_kit.merge.verify) go through the merged folder and through
-the GGUF file as transformers reads it back (`gguf_file=`: it dequantizes and undoes llama.cpp's layouts), one
-model at a time, both in float32 so that only the file's own rounding shows: f16 (10 mantissa bits) or q8_0
-(8-bit blocks of 32). RAM: 4 bytes per parameter, once, for the larger of the two.
+The same sample prompts as the merge check (qlora_kit.merge.verify), rendered with the chat template, go
+through the merged folder and through the GGUF file as transformers reads it back (`gguf_file=`: it
+dequantizes and undoes llama.cpp's layouts), one model at a time, both in float32 so that only the file's own
+rounding shows: f16 (10 mantissa bits: exact for bf16 weights) or q8_0 (8-bit blocks of 32). Two measures:
+  * logits: max |Δlogit| against a tolerance relative to the largest logit, and top-1 agreement per position;
+  * greedy agreement: the first GREEDY_TOKENS tokens each model generates greedily from each prompt, and how
+    many of them (counted from the start, up to the first difference) are the same: what a user would see.
+The pass/fail verdict is the logit tolerance; greedy agreement is reported (one near-tie flipped by q8_0's
+rounding changes every token after it, without anything being wrong with the file).
+RAM: 4 bytes per parameter, once, for the larger of the two models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -20,6 +29,7 @@ from qlora_kit.merge.verify import SAMPLE_PROMPTS, encode_prompt, free_memory, m
 # layers, and nothing else: the same rounding applied to the original gives the file's logits). A wrong tensor
 # layout or a missing bias gives errors of the order of the logits themselves.
 RELATIVE_TOLERANCE = {"f16": 1e-2, "q8_0": 1e-1}
+GREEDY_TOKENS = 16
 
 
 @dataclass
@@ -30,6 +40,7 @@ class GgufCheck:
     max_abs_diff: float
     max_abs_logit: float
     top1_agreement: float
+    greedy: list[tuple[int, int]] = field(default_factory=list)  # per prompt: (tokens agreeing, tokens generated)
 
     @property
     def tolerance(self) -> float:
@@ -39,38 +50,121 @@ class GgufCheck:
     def passed(self) -> bool:
         return self.max_abs_diff <= self.tolerance
 
+    @property
+    def greedy_agreeing(self) -> int:
+        return sum(agree for agree, _ in self.greedy)
+
+    @property
+    def greedy_total(self) -> int:
+        return sum(total for _, total in self.greedy)
+
     def describe(self) -> str:
+        greedy = ", ".join(f"{agree}/{total}" for agree, total in self.greedy)
         return (f"{self.prompts} prompts, {self.positions} positions: max |Δlogit| {self.max_abs_diff:.3g} "
                 f"(tolerance {self.tolerance:.3g} = {RELATIVE_TOLERANCE[self.quant]:g} x largest logit "
-                f"{self.max_abs_logit:.3g}), top-1 agreement {100 * self.top1_agreement:.1f}% → "
-                f"{'PASS' if self.passed else 'FAIL'}")
+                f"{self.max_abs_logit:.3g}), top-1 agreement {100 * self.top1_agreement:.1f}%, greedy tokens "
+                f"agreeing {greedy} → {'PASS' if self.passed else 'FAIL'}")
 
 
-def check_gguf(merged_dir: Path, gguf_path: Path, quant: str) -> GgufCheck:
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the GGUF file back
+
+
+@contextmanager
+def gguf_loading() -> Iterator[None]:
+    """transformers 5's GGUF loader, quiet and faster: its tensor loop has a tqdm bar of its own (not covered by
+    transformers.logging.disable_progress_bar), it parses the file twice (config, then tensors) and it rebuilds
+    gguf's tensor-name table once per module (397 times for a 30-layer model). The two gguf-py entry points it
+    imports on each call are memoized for the duration: the same read-only objects, built once."""
+    import gguf
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    transformers.logging.disable_progress_bar()  # one line of result, not four progress bars
+    saved = gguf_utils.tqdm, gguf.GGUFReader, gguf.get_tensor_name_map
+    transformers.logging.disable_progress_bar()
+    gguf_utils.tqdm = partial(saved[0], disable=True)
+    gguf.GGUFReader = lru_cache(maxsize=2)(saved[1])
+    gguf.get_tensor_name_map = lru_cache(maxsize=8)(saved[2])
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm, gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
+def load_gguf(gguf_path: Path):
+    """The GGUF file as a float32 transformers model, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    gguf_path = Path(gguf_path)
+    with gguf_loading():
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def load_merged(merged_dir: Path):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.disable_progress_bar()  # one line of result, not a progress bar per load
+    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measures
+
+
+@torch.no_grad()
+def greedy_tokens(model, tokenizer, prompt: str, n: int = GREEDY_TOKENS) -> list[int]:
+    """The ids `model` generates greedily (argmax, no sampling settings) after `prompt` rendered with the chat
+    template: n of them, fewer where it ends its turn (EOS, included). The same loop for both models, so that
+    nothing but their logits can make the continuations differ."""
+    ids = encode_prompt(tokenizer, prompt)
+    out = model(input_ids=ids, use_cache=True)
+    generated = []
+    while True:
+        next_id = int(out.logits[0, -1].argmax())
+        generated.append(next_id)
+        if len(generated) == n or next_id == tokenizer.eos_token_id:
+            return generated
+        out = model(input_ids=torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+def agreeing_prefix(reference: list[int], candidate: list[int]) -> int:
+    """How many tokens the continuations share from the start (after the first difference they see different
+    text, so later matches mean nothing)."""
+    count = 0
+    for expected, got in zip(reference, candidate, strict=False):
+        if expected != got:
+            break
+        count += 1
+    return count
+
+
+def outputs_of(model, tokenizer, prompts: list[str], greedy: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """(logits per prompt, greedy continuation per prompt); the model is freed afterwards."""
+    try:
+        logits = run_prompts(model, [encode_prompt(tokenizer, prompt) for prompt in prompts], "cpu")
+        return logits, [greedy_tokens(model, tokenizer, prompt, greedy) for prompt in prompts]
+    finally:
+        del model
+        free_memory()
+
+
+def check_gguf(merged_dir: Path, gguf_path: Path, quant: str, prompts: tuple[str, ...] = SAMPLE_PROMPTS,
+               greedy: int = GREEDY_TOKENS) -> GgufCheck:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    prompts = [encode_prompt(tokenizer, prompt) for prompt in SAMPLE_PROMPTS]
-    reference = logits_of(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), prompts)
-    exported = logits_of(AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                              dtype=torch.float32), prompts)
+    reference, reference_tokens = outputs_of(load_merged(merged_dir), tokenizer, list(prompts), greedy)
+    exported, exported_tokens = outputs_of(load_gguf(gguf_path), tokenizer, list(prompts), greedy)
     pairs = list(zip(reference, exported, strict=True))
     positions = sum(r.shape[0] for r in reference)
     return GgufCheck(
         quant=quant, prompts=len(prompts), positions=positions,
         max_abs_diff=max(float((r - e).abs().max()) for r, e in pairs),
         max_abs_logit=max(float(r.abs().max()) for r in reference),
-        top1_agreement=sum(int((r.argmax(-1) == e.argmax(-1)).sum()) for r, e in pairs) / positions)
-
-
-def logits_of(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-    try:
-        return run_prompts(model, prompts, "cpu")
-    finally:
-        del model
-        free_memory()
+        top1_agreement=sum(int((r.argmax(-1) == e.argmax(-1)).sum()) for r, e in pairs) / positions,
+        greedy=[(agreeing_prefix(r, e), len(r)) for r, e in zip(reference_tokens, exported_tokens, strict=True)])
 
 
 def verify_export(merged_dir: Path, gguf_path: Path, quant: str) -> int:

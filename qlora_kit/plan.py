@@ -410,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--vram-gib must be more than the {DESKTOP_GIB} GiB the planner leaves to the desktop, "
                      f"got {args.vram_gib:g}")
     try:
+        from qlora_kit.gguf_base import prepare_gguf_base
         from qlora_kit.recipe import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
+        prepare_gguf_base(recipe.model, weights=False)  # a GGUF base: its config.json, no weights
         plan = make_plan(read_architecture(recipe.model), recipe, args.vram_gib)
     except UserError as error:
         print_user_error(error)

@@ -44,8 +44,8 @@ def check_model_files(model: ModelSection) -> None:
         raise UserError(f"{folder} needs its own Python code to load (config.json has auto_map, model_type "
                         f"{config.get('model_type')!r} is not built into transformers).",
                         hint="Read that code first; set model.trust_remote_code = true only if you trust it.")
-    if model.init == "random":
-        return
+    if model.init == "random" or model.gguf_file:
+        return  # no weights to check: built from the seed, or dequantized from the GGUF when training starts
     files = [p.name for p in folder.iterdir()]
     if not any(name.endswith(".safetensors") for name in files):
         pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]

@@ -27,7 +27,12 @@ from qlora_kit.errors import UserError
 @dataclass
 class ModelSection:
     name: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
-    """Base model: a hub id or a local directory (relative paths are read from the recipe's folder)."""
+    """Base model: a hub id, a local directory, or a `.gguf` file (llama.cpp / Ollama / LM Studio), which is
+    dequantized once into a 16-bit folder in the cache and quantized to NF4 for training as usual (relative paths
+    are read from the recipe's folder). The resolved recipe names that folder here and the file in `gguf_file`."""
+    gguf_file: str = ""
+    """The GGUF file of the base, when model.name is the folder (or hub id) that holds it. Set from model.name
+    when that names a .gguf file."""
     revision: str = "main"
     """Hub revision (branch, tag or commit) of the base model; ignored for local directories."""
     tokenizer: str = ""
@@ -41,6 +46,11 @@ class ModelSection:
     """Load `.bin`/`.pt` weights (pickle can run arbitrary code). Off: safetensors only."""
     attn_implementation: str = "sdpa"
     """Attention kernel: `sdpa` (PyTorch, works everywhere), `eager`, or `flash_attention_2` if installed."""
+
+    @property
+    def display_name(self) -> str:
+        """What the user named: the GGUF file, else the folder or hub id's last part."""
+        return Path(self.gguf_file or self.name).name
 
 
 @dataclass
@@ -274,6 +284,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     recipe = recipe_from_dict(raw, overrides, where=str(path))
     recipe.source_path = str(path.resolve())
     _resolve_local_paths(recipe, path.resolve().parent)
+    from qlora_kit.gguf_base import normalize_gguf_reference
+
+    normalize_gguf_reference(recipe.model, path.resolve().parent)
     return recipe
 
 

@@ -32,6 +32,9 @@ class Pair:
     prompt: str
     completion: str
     """Everything the model learns to write (EOS is appended as a token id when encoding)."""
+    answer_start: int = 0
+    """Where the answer begins in `completion` (a character offset): before it the reasoning (the think block, or
+    the template's reasoning part), from it on the answer. The eval loss is reported for both parts."""
 
 
 Renderer = Callable[[Row], Pair]
@@ -59,7 +62,9 @@ def _chat_renderer(tokenizer, system_prompt: str) -> Renderer:
         except Exception as e:  # a template error is about the model's files, not our code
             raise UserError(f"The tokenizer's chat template failed on row {row.number}: {e}",
                             hint="Set data.format = 'plain' or a custom template to bypass it.") from None
-        return Pair(prompt, think_completion(prompt, row.cot, row.response))
+        completion = think_completion(prompt, row.cot, row.response)
+        # The answer starts right after </think>: the blank line that follows belongs to it.
+        return Pair(prompt, completion, completion.index(THINK_CLOSE) + len(THINK_CLOSE))
 
     return render
 
@@ -79,8 +84,12 @@ def _template_renderer(template: str) -> Renderer:
     cut = min(i for i in (template.find("{cot}"), template.find("{response}")) if i >= 0)
     prompt_part, completion_part = template[:cut], template[cut:]
 
+    # The answer starts where {response} does (right after the separator, e.g. "### Answer:\n").
+    reasoning_part = completion_part.split("{response}")[0] if "{response}" in completion_part else completion_part
+
     def render(row: Row) -> Pair:
         values = {"question": row.question, "cot": row.cot, "response": row.response}
-        return Pair(prompt_part.format(**values), completion_part.format(**values))
+        return Pair(prompt_part.format(**values), completion_part.format(**values),
+                    len(reasoning_part.format(**values)))
 
     return render

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
@@ -69,15 +70,16 @@ def run(args: argparse.Namespace) -> int:
         artifacts.refuse_finished_run(out, recipe.output.overwrite)
     report.show_recipe(console, recipe_to_toml(recipe), args.recipe)
 
+    use_gguf_base(recipe, console, weights=not args.dry_run, is_main=processes.is_main)
     check_model_files(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     check_model_matches(recipe, tokenizer)
-    train_examples, eval_examples, data_report = build_examples(recipe, tokenizer, console)
-    report.show_example(console, train_examples[0], tokenizer)
+    examples = build_examples(recipe, tokenizer, console)
+    report.show_example(console, examples.train[0], tokenizer)
     plan = check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
-        return write_dry_run(train_examples, recipe, tokenizer, console, processes.is_main)
+        return write_dry_run(examples.train, recipe, tokenizer, console, processes.is_main)
 
     # Every rank checks (so all refuse alike); only rank 0 changes the directory, the others wait for it.
     resume_from, resume_step = artifacts.prepare_output_dir(out, recipe, recipe.output.overwrite, args.restart,
@@ -90,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     from qlora_kit.train import fit
 
-    outcome = fit(recipe, tokenizer, train_examples, eval_examples, out, console, resume_from, resume_step,
-                  processes)
+    outcome = fit(recipe, tokenizer, examples, out, console, resume_from, resume_step, processes)
     if outcome.interrupted:
         # Without --overwrite: the directory now holds an unfinished run, which re-running resumes.
         resume = args.command.replace(" --overwrite", "")
@@ -99,9 +100,23 @@ def run(args: argparse.Namespace) -> int:
                       f"Resume with:\n  {resume}")
         return EXIT_INTERRUPTED
     if processes.is_main:
-        write_run_report(recipe, args.command, data_report, outcome, plan)
+        write_run_report(recipe, args.command, examples.data_report, outcome, plan)
     report.show_summary(console, outcome.summary, out)
     return 0
+
+
+def use_gguf_base(recipe, console, weights: bool, is_main: bool) -> None:
+    """A .gguf base becomes a 16-bit folder in the cache (made once, by rank 0; the other ranks then find it)."""
+    from qlora_kit import distributed
+    from qlora_kit.gguf_base import is_gguf_base, prepare_gguf_base
+
+    if not is_gguf_base(recipe.model):
+        return
+    if is_main:
+        prepare_gguf_base(recipe.model, weights=weights, console=console)
+    distributed.wait_for_everyone()
+    if not is_main:
+        prepare_gguf_base(recipe.model, weights=weights)
 
 
 def write_dry_run(train_examples, recipe, tokenizer, console, is_main: bool) -> int:
@@ -122,44 +137,67 @@ def write_run_report(recipe, command: str, data_report: list[str], outcome, plan
     from qlora_kit.run_report import write_report
 
     label = outcome.summary.get("model_weights", "")
-    write_report(Path(recipe.output.dir), title=f"{Path(recipe.model.name).name} · {label}", command=command,
+    write_report(Path(recipe.output.dir), title=f"{recipe.model.display_name} · {label}", command=command,
                  recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=outcome.summary,
                  samples=outcome.samples, planned_reserved_gib=plan.reserved_gib if plan else None)
 
 
-def build_examples(recipe, tokenizer, console):
+@dataclass
+class Examples:
+    train: list
+    """Training examples (qlora_kit.encode.Example), after the length policy."""
+    eval: list
+    """Held-out examples: rows that fit max_length, never truncated (a loss on cut rows is not theirs)."""
+    sample_rows: list
+    """The rows the end-of-run samples ask about: the held-out ones, else the first training rows."""
+    samples_from: str
+    data_report: list[str]
+
+
+def build_examples(recipe, tokenizer, console) -> Examples:
     """Rows -> prompt/completion pairs -> token ids with the completion mask; reports lengths and drops.
-    Returns (train examples, eval examples, the data report's lines)."""
+    Each row is encoded once; the eval rows are drawn from those that fit max_length, so data.eval_rows counts
+    rows actually evaluated."""
     from qlora_kit import report
-    from qlora_kit.data import load_rows, row_list, split_rows
-    from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
+    from qlora_kit.data import load_rows, split_rows
+    from qlora_kit.encode import Encoder, apply_length_policy
     from qlora_kit.render import make_renderer
 
     data = recipe.data
     rowset = load_rows(data)
-    train_rows, eval_rows = split_rows(rowset.rows, data, recipe.train.seed)
     renderer, layout = make_renderer(tokenizer, data)
     encoder = Encoder(tokenizer, renderer)
-    train_examples, lengths = apply_length_policy(encode_rows(encoder, train_rows), data.max_length, data.over_length)
-    # Eval rows are never truncated: a loss on cut rows would not be the loss of the rows.
-    eval_examples, eval_lengths = apply_length_policy(encode_rows(encoder, eval_rows), data.max_length, "drop")
+    encoded = {}
+
+    def encode(row):
+        if row.number not in encoded:
+            encoded[row.number] = encoder.encode(row)
+        return encoded[row.number]
+
+    train_rows, eval_rows = split_rows(rowset.rows, data, recipe.train.seed,
+                                       usable_for_eval=lambda row: len(encode(row).input_ids) <= data.max_length)
+    train_examples, lengths = apply_length_policy([encode(r) for r in train_rows], data.max_length, data.over_length)
+    eval_examples = [encode(r) for r in eval_rows]
     notes = report.data_notes(rowset, data)
-    if eval_lengths.over_rows:
-        dropped = sorted(eval_lengths.over_rows)
-        notes.append(f"{len(dropped)} of {len(eval_rows)} eval row(s) longer than max_length = {data.max_length}: "
-                     f"left out of the eval loss (rows {row_list(dropped, 5)})")
+    if data.eval_rows and len(eval_rows) < data.eval_rows:
+        notes.append(f"only {len(eval_rows)} of the {data.eval_rows} eval rows asked for fit max_length = "
+                     f"{data.max_length}: the eval loss is over those")
     data_report = report.data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples),
                                     notes)
     report.show_data(console, data_report)
     if not train_examples:
         raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",
                         hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
-    if eval_rows and not eval_examples:
-        raise UserError(f"All {len(eval_rows)} eval rows are longer than data.max_length = {data.max_length} tokens, "
-                        "so there is nothing to evaluate on.",
-                        hint="Raise data.max_length or data.eval_rows, or set data.eval_rows = 0 and "
-                             "train.eval_steps = 0 to train without eval.")
-    return train_examples, eval_examples, data_report
+    if data.eval_rows and not eval_examples:
+        raise UserError(f"Every row is longer than data.max_length = {data.max_length} tokens, so there is nothing "
+                        "to evaluate on.",
+                        hint="Raise data.max_length, or set data.eval_rows = 0 and train.eval_steps = 0 to train "
+                             "without eval.")
+    if eval_rows:
+        sample_rows, samples_from = eval_rows, "held-out eval rows (not trained on)"
+    else:
+        sample_rows, samples_from = train_rows, "training rows (data.eval_rows = 0, so the model has seen these)"
+    return Examples(train_examples, eval_examples, sample_rows[:recipe.samples.count], samples_from, data_report)
 
 
 def check_memory_plan(recipe, console, force: bool):

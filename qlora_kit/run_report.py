@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qlora_kit.artifacts import CURVE_FILE, MEMORY_SPEED_FILE, METRICS_FILE, REPORT_FILE, SAMPLES_FILE, read_records
 from qlora_kit.markdown import fenced, one_line, quoted, table_cell
+from qlora_kit.report import outcome_lines
 from qlora_kit.samples import Sample
 
 
@@ -69,8 +70,9 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
     run_dir = Path(run_dir)
     records = read_records(run_dir / METRICS_FILE)
     has_memory_plot = write_memory_speed(records, run_dir / MEMORY_SPEED_FILE, title)
-    lines = [f"# Run report: {title}", "", f"Command: `{command}`", "", "## Summary", "",
-             "| | |", "| --- | --- |"]
+    lines = [f"# Run report: {title}", "", f"Command: `{command}`", "", "## Summary", ""]
+    lines += [f"**{line.strip()}**  " for line in outcome_lines(summary)]
+    lines += ["", "| | |", "| --- | --- |"]
     lines += [f"| {key.replace('_', ' ')} | {format_value(value)} |" for key, value in summary.items()]
     lines += ["", "## Loss", "", f"![train and eval loss]({CURVE_FILE})", ""]
     lines += loss_lines(records)
@@ -97,6 +99,10 @@ def loss_lines(records: list[dict]) -> list[str]:
     if evals:
         points = ", ".join(f"{r['eval_loss']:.4f} (step {r['step']})" for r in evals)
         lines.append(f"- eval loss on the held-out rows: {points}")
+        answers = [r for r in evals if "eval_answer_loss" in r]
+        if answers:
+            points = ", ".join(f"{r['eval_answer_loss']:.4f} (step {r['step']})" for r in answers)
+            lines.append(f"- eval loss on the answer tokens alone: {points}")
     return [*lines, ""] if lines else []
 
 

@@ -44,27 +44,16 @@ class Sample:
     tuned: Reply
 
 
-def pick_rows(recipe: Recipe, count: int) -> tuple[list[Row], str]:
-    """The first `count` eval rows of the run's own split (same seed: the same rows it held out), else the
-    first training rows. Returns (rows, where they come from)."""
-    from qlora_kit.data import load_rows, split_rows
-
-    train_rows, eval_rows = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
-    if eval_rows:
-        return eval_rows[:count], "held-out eval rows (not trained on)"
-    return train_rows[:count], "training rows (data.eval_rows = 0, so the model has seen these)"
-
-
-def write_run_samples(model, tokenizer, recipe: Recipe, out_dir: Path, console: Console) -> list[Sample]:
-    """The end-of-run step: `recipe.samples.count` questions from the recipe's data, answered base vs
+def write_run_samples(model, tokenizer, recipe: Recipe, rows: list[Row], rows_from: str, out_dir: Path,
+                      console: Console) -> list[Sample]:
+    """The end-of-run step: the run's held-out rows (qlora_kit.run.build_examples picks them), answered base vs
     fine-tuned, into samples.md. Returns the samples (none when the recipe asks for none)."""
     asked = recipe.samples
-    if asked.count <= 0:
+    if asked.count <= 0 or not rows:
         return []
-    rows, rows_from = pick_rows(recipe, asked.count)
     generation = GenerationSettings(max_new_tokens=asked.max_new_tokens, greedy=asked.greedy, seed=recipe.train.seed)
-    return write_samples(model, tokenizer, rows, SampleSettings(recipe.data, generation, rows_from), out_dir,
-                         console)
+    return write_samples(model, tokenizer, rows[:asked.count], SampleSettings(recipe.data, generation, rows_from),
+                         out_dir, console)
 
 
 def write_samples(model, tokenizer, rows: list[Row], settings: SampleSettings, out_dir: Path,
@@ -96,8 +85,29 @@ def write_samples(model, tokenizer, rows: list[Row], settings: SampleSettings, o
     finally:
         model.train(was_training)
     path.write_text(samples_markdown(samples, settings), encoding="utf-8")
+    if samples:
+        console.print(f"[bold]{format_line(samples)}[/]")
     console.print(f"[dim]all of it, reasoning included: {path}")
     return samples
+
+
+# ------------------------------------------------------------------------------------------------ format compliance
+
+
+FORMAT_RULE = "reasoning opened and closed (<think> … </think>), a non-empty answer, EOS within the token limit"
+
+
+def format_counts(samples: list[Sample]) -> dict[str, int]:
+    """Replies in the trained format, per side, and how many questions were asked."""
+    return {"base": sum(s.base.in_format for s in samples), "fine_tuned": sum(s.tuned.in_format for s in samples),
+            "of": len(samples)}
+
+
+def format_line(samples: list[Sample]) -> str:
+    """"format: base 0/8, fine-tuned 7/8" and what counts."""
+    counts = format_counts(samples)
+    return (f"format: base {counts['base']}/{counts['of']}, fine-tuned {counts['fine_tuned']}/{counts['of']} "
+            f"({FORMAT_RULE})")
 
 
 # ------------------------------------------------------------------------------------------------ samples.md
@@ -112,6 +122,10 @@ def samples_markdown(samples: list[Sample], settings: SampleSettings) -> str:
         "",
         f"- questions: {settings.rows_from}",
         f"- decoding: {settings.generation.describe()}",
+        f"- {format_line(samples)}" if samples else "- no samples",
+        "- the trained format is `<think>` reasoning `</think>` answer EOS for every model, whatever its chat "
+        "template: the prompt is the template's own, and a model whose template does not open a think block "
+        "decides by itself whether it opens one",
         "",
     ]
     for number, sample in enumerate(samples, start=1):
@@ -126,15 +140,19 @@ def sample_markdown(number: int, sample: Sample, max_new_tokens: int) -> list[st
     if row.cot:
         lines += details("Reference reasoning", row.cot)
     for title, reply in (("Base (adapter disabled)", sample.base), ("Fine-tuned (adapter enabled)", sample.tuned)):
-        lines += [f"### {title}", ""]
-        lines += details(f"Reasoning ({reply_length(reply)})", reply.think or "(empty)")
+        lines += [f"### {title}", "", f"_{reply_length(reply)}; {'in' if reply.in_format else 'not in'} the trained "
+                  "format_", ""]
+        if reply.opened:
+            lines += details("Reasoning", reply.think or "(empty)")
+        else:
+            lines += ["_(no reasoning block: the model answered directly)_", ""]
         lines += ["**Answer**", "", fenced(reply.answer) if reply.answer else missing_answer(reply, max_new_tokens),
                   ""]
     return lines
 
 
 def reply_length(reply: Reply) -> str:
-    return f"reply of {reply.new_tokens} tokens" + ("" if reply.finished else ", cut at the limit")
+    return f"reply of {reply.new_tokens} tokens" + (", ended with EOS" if reply.finished else ", cut at the limit")
 
 
 def missing_answer(reply: Reply, max_new_tokens: int) -> str:
@@ -165,6 +183,6 @@ def show_sample(console: Console, number: int, sample: Sample) -> None:
 
 
 def reply_view(reply: Reply) -> Group:
-    think = one_line(reply.think, THINK_PREVIEW_CHARS) or "(no reasoning)"
+    think = one_line(reply.think, THINK_PREVIEW_CHARS) or ("(no reasoning)" if reply.opened else "(answered directly)")
     answer = Text(reply.answer, style="bold") if reply.answer else Text("(no answer)", style="yellow")
     return Group(Text(think, style="dim"), answer)

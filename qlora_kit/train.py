@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,13 +92,13 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset,
                   output_dir: Path, callbacks: list):
     from transformers import PrinterCallback
 
-    from qlora_kit.batch_order import resumable_trainer_class
+    from qlora_kit.sft_trainer import trainer_class
 
     if recipe.distributed.fsdp and precision.device == "cpu":
         from qlora_kit.distributed import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()
-    trainer = resumable_trainer_class()(
+    trainer = trainer_class()(
         model=model,
         args=sft_config(recipe, precision, output_dir),
         train_dataset=train_dataset,
@@ -132,10 +131,11 @@ class Outcome:
     """Base vs fine-tuned answers (qlora_kit.samples.Sample), when the recipe asks for them."""
 
 
-def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, console,
-        resume_from: Path | None = None, resume_step: int = 0, processes: Processes | None = None) -> Outcome:
-    """Load the model, train (resuming if asked), and write the artifacts. Survives Ctrl-C and OOM with a
-    checkpoint; a finished run leaves adapter/, loss_curve.png and summary.json."""
+def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Path | None = None,
+        resume_step: int = 0, processes: Processes | None = None) -> Outcome:
+    """Load the model, measure the eval loss, train (resuming if asked), measure it again, write the artifacts and
+    the samples. Survives Ctrl-C and OOM with a checkpoint; a finished run leaves adapter/, loss_curve.png and
+    summary.json. `examples`: qlora_kit.run.Examples."""
     import torch
 
     from qlora_kit import artifacts
@@ -148,7 +148,7 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     model = add_lora(load_model(recipe, precision), recipe.lora)
     trainable, total = count_parameters(model)
     label = "RANDOM-INIT weights (demo/benchmark, not a real model)" if recipe.model.init == "random" else "pretrained"
-    console.print(f"model: {recipe.model.name} ({label}), {precision.describe()}; "
+    console.print(f"model: {recipe.model.display_name} ({label}), {precision.describe()}; "
                   f"LoRA trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     if recipe.memory.tiled_mlp and recipe.data.max_length <= TILED_MLP_SLICE_TOKENS:
@@ -159,7 +159,7 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
                       "is on the CPU.")
     processes = processes or Processes()
     global_batch = recipe.train.batch_size * recipe.train.grad_accum * processes.world_size
-    title = f"qlora_kit · {Path(recipe.model.name).name} · {label}"
+    title = f"qlora_kit · {recipe.model.display_name} · {label}"
     if processes.distributed:
         title += f" · {processes.world_size} processes, global batch {global_batch}"
     stop = GracefulStop(console.print)
@@ -167,20 +167,25 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
     metrics = status = None
     if processes.is_main:  # the other ranks train in silence and write nothing
         metrics = artifacts.MetricsRecorder(out / artifacts.METRICS_FILE, resume_step)
-        status = StatusCallback(title, console)
+        before = next((r for r in metrics.records if r["step"] == 0 and "eval_loss" in r), {})
+        status = StatusCallback(title, console, eval_before={k: v for k, v in before.items() if k.endswith("_loss")})
         callbacks += [metrics, status]
+    train_examples, eval_examples = examples.train, examples.eval
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(train_examples),
                             to_dataset(eval_examples) if eval_examples else None, precision, out, callbacks)
+    trainer.eval_examples = eval_examples
     if trainer.is_fsdp_enabled:
         console.print(f"sharding: FSDP2 over {processes.world_size} processes, each holding 1/{processes.world_size} "
                       "of the 4-bit weights and of the adapter")
     stop.install()
-    started = time.monotonic()
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if eval_examples and not resume_from:  # a resumed run measured its "before" when it first started
+            evaluate_before_training(trainer, len(eval_examples), console)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if stop.signal_name:
             return Outcome(trainer.state.global_step, interrupted=stop.signal_name)
-        final_eval = final_evaluation(trainer) if eval_examples else {}
+        if eval_examples:
+            final_evaluation(trainer)
     except torch.OutOfMemoryError as error:
         if status:
             status.close()
@@ -189,20 +194,25 @@ def fit(recipe: Recipe, tokenizer, train_examples, eval_examples, out: Path, con
         stop.uninstall()
         if status:
             status.close()
-    wall = time.monotonic() - started
     adapter_state = gathered_adapter(trainer.model) if trainer.is_fsdp_enabled else None
     if not processes.is_main:
         return Outcome(trainer.state.global_step)
 
     trainer.model.save_pretrained(out / artifacts.ADAPTER_DIR, state_dict=adapter_state)
     tokenizer.save_pretrained(out / artifacts.ADAPTER_DIR)
-    artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE, f"{Path(recipe.model.name).name} · {label}")
-    summary = artifacts.summarize(metrics.records, trainer.state.global_step, wall, len(train_examples),
-                                  result.training_loss, final_eval.get("eval_loss"), trainable, label, resume_step,
-                                  metrics.token_offset)
+    artifacts.write_loss_curve(metrics.records, out / artifacts.CURVE_FILE, f"{recipe.model.display_name} · {label}")
+    summary = artifacts.summarize(metrics.records, trainer.state.global_step, len(train_examples), trainable, label,
+                                  resume_step)
     summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
-    samples = end_of_run_samples(trainer, tokenizer, recipe, out, console)
+    samples = end_of_run_samples(trainer, tokenizer, recipe, examples, out, console)
+    if samples:  # written again: the adapter and summary were saved first, whatever the sampling does
+        from qlora_kit.samples import format_counts
+
+        counts = format_counts(samples)
+        summary.update(format_base=f"{counts['base']}/{counts['of']}",
+                       format_fine_tuned=f"{counts['fine_tuned']}/{counts['of']}")
+        artifacts.write_json(out / artifacts.SUMMARY_FILE, summary)
     return Outcome(trainer.state.global_step, summary=summary, samples=samples)
 
 
@@ -214,7 +224,7 @@ def gathered_adapter(model) -> dict:
             for name, param in model.named_parameters() if param.requires_grad}
 
 
-def end_of_run_samples(trainer, tokenizer, recipe: Recipe, out: Path, console) -> list:
+def end_of_run_samples(trainer, tokenizer, recipe: Recipe, examples, out: Path, console) -> list:
     """Base vs fine-tuned answers from the model still in memory (the adapter switched off, then on).
 
     The adapter and summary are saved by now: whatever goes wrong here is reported in one line and the run
@@ -225,11 +235,20 @@ def end_of_run_samples(trainer, tokenizer, recipe: Recipe, out: Path, console) -
     from qlora_kit.samples import write_run_samples
 
     try:
-        return write_run_samples(trainer.model, tokenizer, recipe, out, console)
+        return write_run_samples(trainer.model, tokenizer, recipe, examples.sample_rows, examples.samples_from, out,
+                                 console)
     except Exception as error:  # noqa: BLE001 - a failed extra must not turn a finished run into a traceback
         console.print(f"[yellow]samples skipped ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                       "the adapter is saved. Try the model with `python -m qlora_kit.chat` instead.")
         return []
+
+
+def evaluate_before_training(trainer, rows: int, console) -> None:
+    """The eval loss of the base as training starts (LoRA's B matrices are zero: the adapter changes nothing yet),
+    logged as step 0: metrics.jsonl, the loss curve and the summary's "before". Before the first step, so its time
+    counts neither into tokens/s nor into the ETA."""
+    console.print(f"[dim]eval loss before training, on {rows} held-out rows ...")
+    trainer.evaluate()
 
 
 def final_evaluation(trainer) -> dict:

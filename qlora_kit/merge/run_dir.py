@@ -37,4 +37,8 @@ def read_run(run_dir: Path) -> Run:
                         hint="A finished `python -m qlora_kit.run` leaves adapter/ and recipe.toml in output.dir.")
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    return Run(run_dir.resolve(), load_recipe(run_dir / RECIPE_FILE), (run_dir / ADAPTER_DIR).resolve(), summary)
+    recipe = load_recipe(run_dir / RECIPE_FILE)
+    from qlora_kit.gguf_base import prepare_gguf_base
+
+    prepare_gguf_base(recipe.model, weights=True)  # a GGUF base: its 16-bit folder, rebuilt if the cache lost it
+    return Run(run_dir.resolve(), recipe, (run_dir / ADAPTER_DIR).resolve(), summary)

@@ -1,0 +1,47 @@
+"""TRL's SFTTrainer with two changes: the length-grouped batch order is resumable (qlora_kit.batch_order), and
+evaluation is qlora_kit.evaluate's (one token-weighted loss, split into reasoning and answer); nothing else
+differs."""
+
+from __future__ import annotations
+
+import time
+
+from qlora_kit.batch_order import EpochSeededLengthGroupedSampler
+
+
+def trainer_class():
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class QloraKitTrainer(SFTTrainer):
+        eval_examples: list = []
+        """The eval rows as qlora_kit.encode built them (answer_start included); set by train.build_trainer."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or dataset is None:
+                return super()._get_train_sampler(train_dataset)
+            return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                                   [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            # Under FSDP every forward is a collective over sharded weights: transformers' own loop handles that.
+            if self.is_fsdp_enabled or eval_dataset is not None or not self.eval_examples:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            from qlora_kit.evaluate import evaluate_losses
+
+            started = time.monotonic()
+            # The trainer's forward runs under accelerate's autocast (bf16/fp16 on a GPU); ours calls the backbone
+            # directly, so it enters the same autocast itself.
+            with self.accelerator.autocast():
+                losses = evaluate_losses(self.model, self.eval_examples, self.args.per_device_eval_batch_size,
+                                         self.processing_class.pad_token_id or 0)
+            metrics = {**losses.metrics(metric_key_prefix), f"{metric_key_prefix}_rows": losses.rows,
+                       f"{metric_key_prefix}_runtime": round(time.monotonic() - started, 3)}
+            # Trainer.log, not SFTTrainer.log: that one would fold the training metrics TRL is still collecting
+            # (entropy, token accuracy) into this record and clear them.
+            Trainer.log(self, dict(metrics))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return QloraKitTrainer

@@ -160,8 +160,10 @@ class ThinkRouter:
                  on_switch: Callable[[], None] = lambda: None, opener: str | None = None, starts_inside: bool = True):
         self.separator, self.opener = separator, opener
         self.on_think, self.on_answer, self.on_switch = on_think, on_answer, on_switch
-        # "start": not yet known whether the model opens a reasoning block; "think"; "answer".
-        self.state = "answer" if separator is None else "think" if starts_inside else "start"
+        # "start": the reply may still open with the opener (the model's own, or a stray one after a prompt that
+        # opened the block already); then "think" or "answer".
+        self.starts_inside = starts_inside
+        self.state = "answer" if separator is None else "start" if opener else "think"
         self.held = ""
         self.answer_started = False
 
@@ -169,13 +171,13 @@ class ThinkRouter:
         text, self.held = self.held + piece, ""
         if self.state == "start":
             head = text.lstrip()
-            if self.opener and head.startswith(self.opener):
+            if head.startswith(self.opener):
                 self.state, text = "think", head[len(self.opener):]
-            elif self.opener and self.opener.startswith(head):
+            elif self.opener.startswith(head):
                 self.held = text  # still undecided (empty so far, or a part of the opener)
                 return
             else:
-                self.state = "answer"
+                self.state = "think" if self.starts_inside else "answer"
         if self.state == "think":
             before, found, after = text.partition(self.separator)
             if not found:
@@ -194,7 +196,7 @@ class ThinkRouter:
         held, self.held = self.held, ""
         if not held:
             return
-        if self.state == "think":
+        if self.state == "think" or (self.state == "start" and self.starts_inside):
             self._think(held)
         else:
             self._answer(held)

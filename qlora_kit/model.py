@@ -185,9 +185,13 @@ def linear_layer_names(model) -> list[str]:
                    if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__})
 
 
-def add_lora(model, lora: LoraSection):
+def add_lora(model, lora: LoraSection, seed: int):
+    """LoRA on the model, its A matrices drawn from `seed`: nothing else seeds the RNG before peft draws them (the
+    trainer seeds only when it is built, after this), so two fresh runs would start from different adapters."""
     from peft import get_peft_model
+    from transformers import set_seed
 
+    set_seed(seed)
     try:
         return get_peft_model(model, lora_config(lora))
     except ValueError as e:

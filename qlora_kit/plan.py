@@ -98,7 +98,8 @@ def read_architecture(model: ModelSection) -> Architecture:
             raise UserError(f"Could not read config.json of `{model.name}`: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}",
                             hint="Check the id and your connection, or point model.name at a local folder.") from None
-    return Architecture.from_config(json.loads(path.read_text(encoding="utf-8")), model.name)
+    return Architecture.from_config(json.loads(path.read_text(encoding="utf-8")),
+                                    model.display_name if model.gguf_file else model.name)
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,12 @@ class TrainSection:
     eval_steps: int = 0
     """Evaluate every N steps (0 = only at the end; needs data.eval_rows > 0)."""
     seed: int = 42
-    """Seed for shuffling, LoRA initialisation, dropout and random-init models."""
+    """Seed for shuffling, LoRA initialisation, dropout and random-init models. On a CPU, two runs of the same
+    recipe on the same machine give the same losses bit for bit (README: "Repeatable runs")."""
+    deterministic: bool = False
+    """Ask PyTorch for deterministic kernels everywhere (transformers' enable_full_determinism: deterministic
+    algorithms, cuDNN, a fixed cuBLAS workspace). Changes nothing on a CPU, where runs already repeat; on a GPU it
+    is slower, and kernels outside PyTorch (bitsandbytes, flash-attention) are not covered by it."""
     save_steps: int = 50
     """Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps; 0 = only when
     interrupted. Re-running the same command resumes from the newest complete one."""
@@ -443,7 +448,7 @@ _SFT_OWNED = {
     "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
     "optim", "gradient_checkpointing", "seed", "logging_steps", "eval_steps", "bf16", "fp16", "save_steps",
     "save_total_limit", "save_strategy",
-    "completion_only_loss", "use_cpu", "activation_offloading", "fsdp", "fsdp_config",
+    "completion_only_loss", "use_cpu", "activation_offloading", "fsdp", "fsdp_config", "full_determinism",
 }
 
 

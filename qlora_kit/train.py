@@ -60,6 +60,7 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         train_sampling_strategy=sampling_strategy(recipe),
         seed=t.seed,
         data_seed=t.seed,
+        full_determinism=t.deterministic,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if evaluate else "no",
@@ -145,7 +146,11 @@ def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Pa
     from qlora_kit.status import StatusCallback
 
     precision = choose_precision(recipe.quant)
-    model = add_lora(load_model(recipe, precision), recipe.lora)
+    if recipe.train.deterministic:  # before any kernel runs: loading and quantizing the model included
+        from transformers import enable_full_determinism
+
+        enable_full_determinism(recipe.train.seed)
+    model = add_lora(load_model(recipe, precision), recipe.lora, seed=recipe.train.seed)
     trainable, total = count_parameters(model)
     label = "RANDOM-INIT weights (demo/benchmark, not a real model)" if recipe.model.init == "random" else "pretrained"
     console.print(f"model: {recipe.model.display_name} ({label}), {precision.describe()}; "

@@ -108,3 +108,28 @@ def calibrate():
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------------------------------------------ a real model
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's official Q4_1 GGUF (`python -m qlora_kit.smollm2` fetches it; .ci/run does)."""
+    from qlora_kit.smollm2 import default_path, find
+
+    path = find()
+    if path is None:
+        pytest.skip(f"SmolLM2 GGUF not found (offline?): `python -m qlora_kit.smollm2` puts it at {default_path()}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """The 16-bit model folder qlora_kit makes from that GGUF (in its cache: made once, reused by later sessions)."""
+    from qlora_kit.gguf_base import prepare_gguf_base
+    from qlora_kit.recipe import ModelSection
+
+    model = ModelSection(name=str(smollm2_gguf.parent), gguf_file=str(smollm2_gguf))
+    prepare_gguf_base(model, weights=True)
+    return Path(model.name)

@@ -19,7 +19,6 @@ from qlora_kit.generate import (
     GenerationSettings,
     ThinkRouter,
     ask,
-    open_think_block,
     prompt_format,
     split_think,
     template_separator,
@@ -189,19 +188,23 @@ def test_chat_prompt_is_the_training_prompt_ending_inside_the_think_block(demo_t
     assert fmt.prompt(QUESTION).endswith("<｜Assistant｜><think>\n") and fmt.separator == "</think>"
 
 
-def test_older_r1_template_gets_the_think_opener():
+def test_older_r1_template_keeps_its_own_generation_prompt():
     """Older R1 templates end the generation prompt at the assistant tag; training opened the think block in
-    the completion, so generation must start after that same opener."""
+    the completion, so the model learned to open it itself: the prompt is the template's, nothing added."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "qlora_kit" / "demo" / "tiny-qwen2")
     tokenizer.chat_template = tokenizer.chat_template.replace("<think>\\n", "")
     data = DataSection(system_prompt="Be brief.")
-    prompt = prompt_format(tokenizer, data).prompt(QUESTION)
-    assert prompt.endswith("<｜Assistant｜><think>\n") and prompt.count("<think>") == 1 and "Be brief." in prompt
+    fmt = prompt_format(tokenizer, data)
+    prompt = fmt.prompt(QUESTION)
+    assert prompt.endswith("<｜Assistant｜>") and "<think>" not in prompt and "Be brief." in prompt
+    assert not fmt.starts_inside(QUESTION)  # the model decides: a reply opening <think> is reasoning, else answer
     renderer, _ = make_renderer(tokenizer, data)
     pair = renderer(Row(QUESTION, "cot", "answer", 1))
-    assert prompt + "cot" == pair.prompt + pair.completion.split("\n</think>")[0]
+    assert pair.prompt == prompt and pair.completion.startswith("<think>\ncot\n</think>")
+    split = fmt.split(pair.completion, fmt.starts_inside(QUESTION))
+    assert (split.think, split.answer, split.closed) == ("cot", "answer", True)
 
 
 def test_plain_format_prompt_and_separator(demo_tokenizer):
@@ -209,15 +212,12 @@ def test_plain_format_prompt_and_separator(demo_tokenizer):
     fmt = prompt_format(demo_tokenizer, data)
     assert fmt.prompt(QUESTION).endswith("### Reasoning:\n") and fmt.separator == "### Answer:"
     assert fmt.prompt_ids(demo_tokenizer, QUESTION) == training_prompt_ids(demo_tokenizer, data, QUESTION)
-    assert fmt.split("It is 39.8.\n\n### Answer:\nYes.") == ("It is 39.8.", "Yes.")
+    split = fmt.split("It is 39.8.\n\n### Answer:\nYes.", fmt.starts_inside(QUESTION))
+    assert (split.think, split.answer) == ("It is 39.8.", "Yes.")
     assert template_separator(PLAIN_TEMPLATE) == "### Answer:"
     assert template_separator("Q: {question}\nA: {response}") is None
 
 
-def test_open_think_block_for_both_template_variants():
-    assert open_think_block("<｜Assistant｜><think>\n") == "<｜Assistant｜><think>\n"
-    assert open_think_block("<｜Assistant｜><think>") == "<｜Assistant｜><think>\n"
-    assert open_think_block("<｜Assistant｜>") == "<｜Assistant｜><think>\n"
 
 
 # ------------------------------------------------------------------------------------------------ think / answer
@@ -228,39 +228,58 @@ def test_open_think_block_for_both_template_variants():
     ("Still thinking when the tokens ran out", ("Still thinking when the tokens ran out", "")),
     ("<think>\nreasoning\n</think>\n\nanswer", ("reasoning", "answer")),
     ("\n</think>\n\nanswer without reasoning", ("", "answer without reasoning")),
-    ("a</think>b</think>c", ("a", "b</think>c")),  # only the first closer ends the reasoning
+    ("a</think>b</think>c", ("a", "bc")),  # the first closer ends the reasoning; a stray second one is not answer
     ("", ("", "")),
 ])
 def test_split_think(text, expected):
-    assert split_think(text) == expected
+    split = split_think(text)
+    assert (split.think, split.answer) == expected
+    assert split.opened and split.closed == ("</think>" in text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The capital of France is Paris.", ("", "The capital of France is Paris.", False, False)),  # answered directly
+    ("<think>\nFrance.\n</think>\n\nParis.", ("France.", "Paris.", True, True)),  # opened the block itself
+    ("  <think>\nstill thinking", ("still thinking", "", True, False)),
+    ("Paris.</think>", ("", "Paris.", False, False)),  # a closer without an opener is not reasoning
+])
+def test_split_think_when_the_model_decides_whether_to_reason(text, expected):
+    split = split_think(text, starts_inside=False)
+    assert (split.think, split.answer, split.opened, split.closed) == expected
 
 
 def test_split_without_a_reasoning_part():
-    assert split_think("  just an answer\n", separator=None) == ("", "just an answer")
+    split = split_think("  just an answer\n", separator=None)
+    assert (split.think, split.answer, split.opened) == ("", "just an answer", False)
 
 
-def route(pieces: list[str], separator: str | None = "</think>") -> tuple[str, str, int]:
+def route(pieces: list[str], separator: str | None = "</think>", starts_inside: bool = True) -> tuple[str, str, int]:
     think, answer, switches = [], [], []
-    router = ThinkRouter(separator, think.append, answer.append, lambda: switches.append(1))
+    router = ThinkRouter(separator, think.append, answer.append, lambda: switches.append(1), opener="<think>",
+                         starts_inside=starts_inside)
     for piece in pieces:
         router.feed(piece)
     router.close()
     return "".join(think), "".join(answer), len(switches)
 
 
+@pytest.mark.parametrize("starts_inside", [True, False])
 @pytest.mark.parametrize("text", [
     "The temperature is 39.8.\n</think>\n\nYes, a fever.",
     "no closer here, it ends with </thi",
     "x < y <tag> </ </th </think>\n\n  answer with </think> inside",
+    "<think>\nopened by the model\n</think>\n\nanswer",
+    "  <thi",
+    "<the answer starts like a tag",
 ])
-def test_streamed_split_equals_split_think_however_the_text_is_cut(text):
-    expected_think, expected_answer = split_think(text)
+def test_streamed_split_equals_split_think_however_the_text_is_cut(text, starts_inside):
+    expected = split_think(text, starts_inside=starts_inside)
     for size in (1, 2, 3, 7, len(text)):
         pieces = [text[i:i + size] for i in range(0, len(text), size)]
-        think, answer, switches = route(pieces)
-        assert (think.strip(), answer.strip()) == (expected_think, expected_answer), pieces
+        think, answer, switches = route(pieces, starts_inside=starts_inside)
+        assert (think.strip(), answer.strip()) == (expected.think, expected.answer), pieces
         assert answer == answer.lstrip()  # the blank line after </think> is not passed on
-        assert switches == ("</think>" in text)
+        assert switches == expected.closed
 
 
 def test_streamed_text_without_a_reasoning_part_is_all_answer():

@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
                                 "train.logging_steps=1", f"output.dir={out}"])
     tokenizer, _, _, examples = encode_for_training(recipe)
     precision = choose_precision(recipe.quant)
-    model = add_lora(load_model(recipe, precision), recipe.lora)
+    model = add_lora(load_model(recipe, precision), recipe.lora, seed=recipe.train.seed)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(examples), None, precision, out, [])
     dataset_labels = {tuple(r["input_ids"]): r["labels"] for r in trainer.train_dataset}
@@ -82,9 +82,17 @@ def test_demo_run_from_the_command_line(tmp_path):
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 4, 6]
-    assert [m["step"] for m in metrics if "eval_loss" in m] == [3, 6]
+    # The eval before training is step 0, then every eval_steps and at the end; each split into answer and reasoning.
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 3, 6] and metrics[0]["time_s"] == 0.0
+    assert all({"eval_answer_loss", "eval_reasoning_loss", "eval_runtime"} <= m.keys() for m in evals)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["final_eval_loss"] is not None
+    assert summary["steps"] == 6 and summary["final_eval_loss"] == round(evals[-1]["eval_loss"], 4)
+    assert summary["eval_loss_before"] == round(evals[0]["eval_loss"], 4) and summary["eval_rows"] == 16
+    assert summary["eval_time_s"] == round(evals[1]["eval_runtime"] + evals[2]["eval_runtime"], 1)
+    assert summary["format_base"].endswith("/1") and summary["format_fine_tuned"].endswith("/1")
+    assert "eval loss before training: " in result.stdout
+    assert f"eval loss {evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} on 16 held-out rows" in result.stdout
     assert summary["tokens_per_s"] > 0 and summary["model_weights"].startswith("RANDOM-INIT")
     for picture in ("loss_curve.png", "memory_speed.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,6 +104,7 @@ def test_demo_run_from_the_command_line(tmp_path):
                         "## Recipe"]
     assert "![train and eval loss](loss_curve.png)" in report and "(memory_speed.png)" in report
     assert "| steps | 6 |" in report and "eval loss on the held-out rows: " in report
+    assert f"**eval loss {evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f}" in report
     assert "training on 224 rows" in report and report.count("| fine-tuned | ") == 1
     assert "RAM: peak resident memory" in report and "tokens/s (min " in report
 
@@ -156,3 +165,25 @@ def test_bad_recipe_exits_2_without_traceback(tmp_path, write_recipe):
     assert "did you mean `train.max_steps`" in result.stderr
     assert "`train.batch_size` must be at least 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_lora_starts_from_the_seed_on_a_pretrained_base(tiny_model_dir, tmp_path):
+    """Nothing seeds the RNG between loading a pretrained base and peft drawing LoRA's A matrices (the trainer
+    seeds later): unseeded, two fresh runs of the same recipe started from different adapters."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_kit.recipe import recipe_from_dict
+
+    folder = tmp_path / "pretrained"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).save_pretrained(folder)
+
+    def lora_a(seed: int) -> dict:
+        recipe = recipe_from_dict({"model": {"name": str(folder)}, "train": {"seed": seed}})
+        model = add_lora(load_model(recipe, choose_precision(recipe.quant)), recipe.lora, seed=seed)
+        torch.rand(3)  # whatever ran in between
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, again, other = lora_a(7), lora_a(7), lora_a(8)
+    assert first.keys() == again.keys() and all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)

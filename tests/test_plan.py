@@ -31,7 +31,7 @@ def test_weight_and_lora_terms_match_a_loaded_model(mid_model_dir, double_quant)
 
     recipe = recipe_from_dict({"model": {"name": str(mid_model_dir), "init": "random"},
                                "quant": {"double_quant": double_quant}, "lora": {"r": 8}})
-    model = add_lora(load_model(recipe, choose_precision(recipe.quant)), recipe.lora)
+    model = add_lora(load_model(recipe, choose_precision(recipe.quant)), recipe.lora, seed=recipe.train.seed)
     arch = Architecture.from_config(json.loads((mid_model_dir / "config.json").read_text()))
     planned = estimate(arch, recipe, device="cpu").terms  # fp32 on CPU
 

@@ -162,3 +162,36 @@ def test_real_rows_over_the_tutorials_512_limit(r1_tokenizer, lang, over_512):
     assert all(e.input_ids[-1] == r1_tokenizer.eos_token_id for e in examples)
     kept_2048, _ = apply_length_policy(examples, 2048, "drop")
     assert len(kept_2048) == 500  # recipes/medical.toml's max_length keeps every row
+
+
+# ------------------------------------------------------------------------------------------------ answer boundary
+
+
+@pytest.mark.parametrize("variant", ["new", "old"])
+def test_answer_starts_right_after_the_reasoning(tokenizer, variant):
+    """The eval loss is split at answer_start: before it the think block, from it the answer (with EOS)."""
+    tok = tokenizer if variant == "new" else old_template_variant(tokenizer)
+    example = encode(tok)
+    ids, start = example.input_ids, example.answer_start
+    assert example.prompt_length < start < len(ids)
+    assert tok.decode(ids[start:]) == "\n\n" + ROW.response + tok.eos_token
+    assert tok.decode(ids[example.prompt_length:start]).rstrip().endswith("</think>")
+
+
+def test_answer_starts_at_the_response_of_a_custom_template(demo_tokenizer):
+    example = encode(demo_tokenizer, format="Q: {question}\nThinking: {cot}\nAnswer: {response}")
+    assert demo_tokenizer.decode(example.input_ids[example.answer_start:]).lstrip() == \
+        ROW.response + demo_tokenizer.eos_token
+    assert demo_tokenizer.decode(example.input_ids[example.prompt_length:example.answer_start]).rstrip().endswith(
+        "Answer:")
+    without_reasoning = encode(demo_tokenizer, format="Q: {question}\nA: {response}")
+    assert without_reasoning.answer_start == without_reasoning.prompt_length  # all of the completion is answer
+
+
+def test_real_rows_split_into_reasoning_and_answer(r1_tokenizer):
+    rows = load_rows(DataSection(source=str(medical_rows_path("en")))).rows[:20]
+    renderer, _ = make_renderer(r1_tokenizer, DataSection())
+    for row in rows:
+        example = Encoder(r1_tokenizer, renderer).encode(row)
+        assert r1_tokenizer.decode(example.input_ids[example.answer_start:]) == \
+            "\n\n" + row.response + r1_tokenizer.eos_token

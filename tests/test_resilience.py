@@ -56,17 +56,40 @@ def test_out_of_memory_saves_and_resume_reproduces_the_curve(uninterrupted, tmp_
     assert sorted(pieced) == list(range(1, 13))
     for step in whole:
         assert pieced[step] == pytest.approx(whole[step], abs=1e-5), step
-    # The summary's speed is this process's: tokens trained since the checkpoint over its own wall time.
+    # The summary covers the whole run, both processes: every token, the whole clock, the mean over all 12 steps.
     summary = json.loads((out / "summary.json").read_text())
-    tokens = {r["step"]: r["num_tokens"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-              if "num_tokens" in r}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens = {r["step"]: r["num_tokens"] for r in records if "num_tokens" in r}
     assert summary["resumed_from_step"] == 6
     assert tokens[7] > tokens[6] and tokens[12] > tokens[7]  # metrics.jsonl counts over the whole run
-    times = [r["time_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    times = [r["time_s"] for r in records]
     assert times == sorted(times)  # and its clock runs on from the checkpoint
+    assert summary["wall_time_s"] == round(times[-1], 1)
     # wall_time_s is rounded to 0.1 s: the product may be off by up to 0.05 s worth of tokens.
     trained = summary["tokens_per_s"] * summary["wall_time_s"]
-    assert abs(trained - (tokens[12] - tokens[6])) <= 0.05 * summary["tokens_per_s"] + 1
+    assert abs(trained - tokens[12]) <= 0.05 * summary["tokens_per_s"] + 1
+    whole_summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["mean_train_loss"] == pytest.approx(whole_summary["mean_train_loss"], abs=1e-4)
+    assert summary["mean_train_loss"] == pytest.approx(sum(whole.values()) / 12, abs=1e-4)
+
+
+def test_a_resumed_run_keeps_its_eval_before_training(tmp_path):
+    """The "before" is measured once, when the run first starts: a resume neither redoes nor loses it."""
+    out = tmp_path / "run"
+    with_eval = [*SHORT, "data.eval_rows=8", "train.max_steps=6", f"output.dir={out}"]
+    crashed = run_cli(DEMO, *with_eval, env={"QLORA_KIT_FAULT_OOM_AT_STEP": "4"})
+    assert crashed.returncode == 3 and "eval loss before training: " in crashed.stdout
+    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+    assert before["step"] == 0 and before["time_s"] == 0.0
+
+    resumed = run_cli(DEMO, *with_eval)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "eval loss before training" not in resumed.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 6]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss_before"] == round(before["eval_loss"], 4) and summary["final_eval_loss"] is not None
+    assert f"eval loss {before['eval_loss']:.4f} → " in resumed.stdout
 
 
 def test_a_half_written_checkpoint_is_skipped(uninterrupted, tmp_path):

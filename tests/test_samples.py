@@ -18,7 +18,8 @@ from qlora_kit.encode import Encoder, to_dataset
 from qlora_kit.markdown import fenced
 from qlora_kit.model import add_lora, choose_precision, load_model
 from qlora_kit.recipe import load_recipe
-from qlora_kit.samples import pick_rows, write_run_samples
+from qlora_kit.run import build_examples
+from qlora_kit.samples import format_counts, write_run_samples
 from qlora_kit.train import build_trainer
 
 DEMO = REPO / "recipes" / "demo.toml"
@@ -43,7 +44,7 @@ def sampled(tmp_path_factory):
                                 f"samples.count={COUNT}", "samples.max_new_tokens=48"])
     tokenizer, train_rows, renderer, examples = encode_for_training(recipe)
     precision = choose_precision(recipe.quant)
-    model = add_lora(load_model(recipe, precision), recipe.lora)
+    model = add_lora(load_model(recipe, precision), recipe.lora, seed=recipe.train.seed)
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(examples), None, precision, out, [])
     trainer.train()
     model = trainer.model
@@ -51,9 +52,10 @@ def sampled(tmp_path_factory):
     probe = torch.tensor([Encoder(tokenizer, renderer).encode(train_rows[0]).input_ids])
     before = model_logits(model, probe)
     console = Console(file=io.StringIO(), width=120, soft_wrap=False)
-    samples = write_run_samples(model, tokenizer, recipe, out, console)
+    chosen = build_examples(recipe, tokenizer, Console(file=io.StringIO()))
+    samples = write_run_samples(model, tokenizer, recipe, chosen.sample_rows, chosen.samples_from, out, console)
     path = out / SAMPLES_FILE
-    return {"recipe": recipe, "model": model, "path": path, "samples": samples,
+    return {"recipe": recipe, "model": model, "path": path, "samples": samples, "rows": chosen.sample_rows,
             "text": path.read_text(encoding="utf-8"), "terminal": console.file.getvalue(),
             "probe": probe, "before": before}
 
@@ -67,7 +69,7 @@ def test_samples_md_has_every_part_of_every_question(sampled):
     text = sampled["text"]
     assert text.startswith("# Samples: base vs fine-tuned\n")
     assert "held-out eval rows" in text and "sampling (temperature 0.6, top_p 0.95, seed 42)" in text
-    rows, _ = pick_rows(sampled["recipe"], COUNT)
+    rows = sampled["rows"]
     parts = sections(text)
     assert len(parts) == COUNT == len(sampled["samples"])
     assert [sample.row for sample in sampled["samples"]] == rows
@@ -76,7 +78,8 @@ def test_samples_md_has_every_part_of_every_question(sampled):
         assert f"**Reference answer**\n\n> {row.response}" in part
         assert f"<details><summary>Reference reasoning</summary>\n\n```text\n{row.cot}\n```" in part
         assert part.index("### Base (adapter disabled)") < part.index("### Fine-tuned (adapter enabled)")
-        assert part.count("<details><summary>Reasoning (") == 2 and part.count("**Answer**") == 2
+        assert part.count("<details><summary>Reasoning</summary>") == 2 and part.count("**Answer**") == 2
+        assert part.count("the trained format_") == 2 and part.count("tokens, ") == 2
 
 
 def test_base_and_fine_tuned_replies_differ(sampled):
@@ -105,11 +108,29 @@ def test_terminal_shows_both_columns(sampled):
     assert terminal.count("reference:") == COUNT and str(sampled["path"]) in terminal.replace("\n", "")
 
 
-def test_without_eval_rows_the_first_training_rows_are_used():
-    recipe = load_recipe(DEMO, ["data.eval_rows=0", "train.eval_steps=0"])
-    rows, where = pick_rows(recipe, 2)
+def test_format_compliance_is_counted_per_side(sampled):
+    counts = format_counts(sampled["samples"])
+    assert counts == {"base": sum(s.base.in_format for s in sampled["samples"]),
+                      "fine_tuned": sum(s.tuned.in_format for s in sampled["samples"]), "of": COUNT}
+    line = f"format: base {counts['base']}/{COUNT}, fine-tuned {counts['fine_tuned']}/{COUNT}"
+    assert line in sampled["text"] and line in sampled["terminal"]
+
+
+def test_samples_ask_the_run_s_own_held_out_rows_and_without_them_the_first_training_rows(demo_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "qlora_kit" / "demo" / "tiny-qwen2")
+    quiet = Console(file=io.StringIO())
+    recipe = load_recipe(DEMO, ["samples.count=2"])
+    train_rows, eval_rows = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
+    chosen = build_examples(recipe, tokenizer, quiet)
+    assert chosen.sample_rows == eval_rows[:2] and "held-out" in chosen.samples_from
+    assert [e.row for e in chosen.eval] == [r.number for r in eval_rows]  # every demo row fits max_length
+
+    recipe = load_recipe(DEMO, ["data.eval_rows=0", "train.eval_steps=0", "samples.count=2"])
     train_rows, _ = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
-    assert rows == train_rows[:2] and "the model has seen these" in where
+    chosen = build_examples(recipe, tokenizer, quiet)
+    assert chosen.sample_rows == train_rows[:2] and "the model has seen these" in chosen.samples_from
 
 
 def test_fenced_keeps_any_model_output_verbatim_and_the_file_text():

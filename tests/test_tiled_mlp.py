@@ -23,7 +23,7 @@ def train_demo(tmp_path, slice_tokens: int | None, steps: int = 4, overrides: tu
                                 "train.logging_steps=1", "train.save_steps=0", f"output.dir={tmp_path}", *overrides])
     tokenizer, _, _, examples = encode_for_training(recipe)
     precision = choose_precision(recipe.quant)
-    model = add_lora(load_model(recipe, precision), recipe.lora)
+    model = add_lora(load_model(recipe, precision), recipe.lora, seed=recipe.train.seed)
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(examples), None, precision, tmp_path, [])
     if slice_tokens:
         # Demo rows are shorter than a slice (1,024 tokens): slices of 16 make every MLP really tile.
@@ -49,7 +49,7 @@ def test_the_recipe_switch_tiles_every_decoder_mlp(tmp_path):
                                 f"output.dir={tmp_path}"])
     tokenizer, _, _, examples = encode_for_training(recipe)
     precision = choose_precision(recipe.quant)
-    model = add_lora(load_model(recipe, precision), recipe.lora)
+    model = add_lora(load_model(recipe, precision), recipe.lora, seed=recipe.train.seed)
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(examples), None, precision, tmp_path, [])
     tiled = [name for name, module in trainer.model.named_modules() if getattr(module, "_qlora_kit_tiled", False)]
     assert len(tiled) == 2 and all(name.endswith("mlp") for name in tiled)

@@ -1044,7 +1044,7 @@ def build_model(spec: dict):
 
             recipe = bench_recipe(setup, spec["length"], spec["warmup"] + spec["steps"], spec["settings"], name)
             model = load_model(recipe, trial_precision(spec, recipe))
-            return add_lora(model, recipe.lora)
+            return add_lora(model, recipe.lora, seed=recipe.train.seed)
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         # The usual QLoRA snippet (HF blog / TRL docs): NF4, double quant, bf16 compute, one GPU.

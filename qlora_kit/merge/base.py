@@ -71,7 +71,12 @@ def locate_base(recipe, base_override: str | None, revision: str, stack: context
         return rebuild_random_base(recipe, stack, console)
     name, rev = (base_override, revision) if base_override else (model.name, model.revision)
     folder = resolve_model_folder(name, rev, model.allow_pickle_weights)
-    return read_checkpoint(folder, model.allow_pickle_weights, origin=name)
+    origin = name
+    if model.gguf_file and not base_override:
+        origin = f"{Path(model.gguf_file).name} dequantized ({folder})"
+        console.print(f"[bold yellow]base:[/] the run's base is the GGUF file {Path(model.gguf_file).name}: merging "
+                      "into its dequantized weights, the only 16-bit base there is (they carry that file's rounding).")
+    return read_checkpoint(folder, model.allow_pickle_weights, origin=origin)
 
 
 def rebuild_random_base(recipe, stack: contextlib.ExitStack, console) -> Checkpoint:

@@ -52,6 +52,12 @@ def random_warning(base) -> str:
 
 
 def base_section(recipe, base) -> str:
+    if recipe.model.gguf_file:
+        return (f"- model: the GGUF file `{Path(recipe.model.gguf_file).name}`, dequantized by transformers' GGUF "
+                "reader. Its weights were already rounded by that file's quantization: there is no other 16-bit base, "
+                "so this merge starts from those rounded values.\n"
+                f"- weights merged into: {base.origin}\n"
+                f"- architecture: {', '.join(base.config.get('architectures') or [base.config.get('model_type')])}\n")
     revision = f" (revision `{recipe.model.revision}`)" if not is_local_reference(recipe.model.name, Path.cwd()) else ""
     return (f"- model: `{recipe.model.name}`{revision}\n"
             f"- weights merged into: {base.origin}\n"
@@ -100,7 +106,10 @@ def verification_section(verification) -> str:
             f"| largest \\|logit\\| | {v.max_abs_logit:.4g} |\n"
             f"| top-1 token agreement | {100 * v.top1_agreement:.1f}% |\n"
             f"| adapter effect (max \\|logit change\\| vs base alone) | {v.adapter_effect:.4g} |\n"
-            f"| result | **{'PASS' if v.passed else 'FAIL'}** |\n")
+            f"| result | **{'PASS' if v.passed else 'FAIL'}** |\n"
+            f"| against the trained model (NF4 base + adapter) | {v.describe_trained()} |\n"
+            + "".join(f"| eval loss, {name} ({v.eval_rows} held-out rows) | {loss:.4f} |\n"
+                      for name, loss in v.eval_losses.items()))
 
 
 def usage_section() -> str:

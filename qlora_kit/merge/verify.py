@@ -1,11 +1,18 @@
 """Verification: the merged folder must compute what PEFT computes with the unmerged adapter. A few sample
 prompts go through both, one model at a time, and the largest logit difference must stay within a tolerance
-relative to the largest logit, set per output dtype."""
+relative to the largest logit, set per output dtype.
+
+Which reference: the default merge folds the update into the original 16-bit weights, so PEFT on those is its
+reference; --into dequantized folds it into the NF4 round trip the run trained against. Either way the merged
+folder is also set against the model the run trained (PEFT on the NF4 base): its logits, its greedy text, and,
+beside them, the eval loss on the run's held-out rows of the 16-bit base, the NF4 base, the trained model and the
+merged folder. Which merge is the right default is measured on a real model in the README."""
 
 from __future__ import annotations
 
+import functools
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +21,7 @@ import torch
 from qlora_kit.merge.shards import DTYPES
 
 if TYPE_CHECKING:
+    from qlora_kit.evaluate import EvalLosses
     from qlora_kit.merge.adapter import Adapter
     from qlora_kit.merge.base import Checkpoint
     from qlora_kit.merge.plan import MergePlan
@@ -39,6 +47,12 @@ SAMPLE_PROMPTS = (
 MAX_PROMPT_TOKENS = 96
 
 
+GREEDY_TOKENS = 24
+"""New tokens generated greedily per sample prompt, to see whether the merged model writes what the trained one does."""
+EVAL_ROWS = 32
+"""Held-out rows of the run on which the models' eval losses are set side by side (the first ones of its split)."""
+
+
 @dataclass
 class Verification:
     dtype: str
@@ -50,6 +64,13 @@ class Verification:
     max_abs_logit: float
     adapter_effect: float
     top1_agreement: float
+    against_trained: Verification | None = None
+    """The merged folder against the model the run trained (PEFT on the NF4 base), when that is not the reference."""
+    greedy_equal: tuple[int, int] = (0, 0)
+    """Greedy tokens of the merged folder equal to the trained model's (before the first difference), of all."""
+    eval_losses: dict[str, float] = field(default_factory=dict)
+    """Eval loss on the run's held-out rows: "16-bit base", "NF4 base", "trained (NF4 base + adapter)", "merged"."""
+    eval_rows: int = 0
 
     @property
     def tolerance(self) -> float:
@@ -65,6 +86,16 @@ class Verification:
                 f"(tolerance {self.tolerance:.3g} = {RELATIVE_TOLERANCE[self.dtype]:g} x largest logit "
                 f"{self.max_abs_logit:.3g}), top-1 agreement {100 * self.top1_agreement:.1f}%, "
                 f"adapter effect {self.adapter_effect:.3g} → {verdict}")
+
+    def describe_trained(self) -> str:
+        """The merged folder against the trained model: logits, and the greedy text."""
+        equal, total = self.greedy_equal
+        greedy = f"greedy continuations equal for {equal} of {total} tokens"
+        if self.against_trained is None:
+            return greedy
+        t = self.against_trained
+        return (f"max |Δlogit| {t.max_abs_diff:.3g} (the adapter's whole effect: {t.adapter_effect:.3g}), top-1 "
+                f"agreement {100 * t.top1_agreement:.1f}%, {greedy}")
 
 
 def memory_for_verification(merged_dir: Path) -> tuple[float, float, str]:
@@ -93,25 +124,107 @@ def verify_if_it_fits(run: Run, base: Checkpoint, adapter: Adapter, plan: MergeP
 
 def verify(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged_dir: Path, dtype_name: str,
            console) -> Verification:
+    """Each model once, one at a time: the 16-bit base + adapter (the reference of the default merge), the NF4 base +
+    adapter (the model the run trained, the reference of --into dequantized), the merged folder. Each gives its
+    logits on the sample prompts, its greedy continuations and its eval loss on the run's held-out rows."""
     from transformers import AutoTokenizer
 
     trust = run.recipe.model.trust_remote_code
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust)
     prompts = [encode_prompt(tokenizer, p) for p in SAMPLE_PROMPTS]
-    console.print(f"verifying on {device}: {len(prompts)} prompts through base + adapter (PEFT) and the merged "
-                  f"folder, one model at a time, in {dtype_name}")
-    reference, without_adapter = reference_logits(run, base, adapter, plan, dtype_name, prompts, device)
-    merged = merged_logits(merged_dir, trust, prompts, device)
-    result = compare_logits(reference, merged, without_adapter, dtype_name, device,
-                            "PEFT on the NF4 base, as trained" if plan.into == "dequantized"
-                            else "PEFT on the original 16-bit base")
+    examples = held_out_examples(run, tokenizer)
+    console.print(f"verifying on {device}, in {dtype_name}: {len(prompts)} prompts and {len(examples)} held-out rows "
+                  "through base + adapter (PEFT) and the merged folder, one model at a time")
+    read = functools.partial(read_model, prompts=prompts, device=device, examples=examples)
+    trained = read(adapter_model(run, base, adapter, plan, dtype_name, device, quantized=True), with_base=True)
+    original = None
+    if not plan.prequantized and run.recipe.quant.load_in_4bit:
+        original = read(adapter_model(run, base, adapter, plan, dtype_name, device, quantized=False), with_base=True)
+    elif not run.recipe.quant.load_in_4bit:  # 16-bit LoRA: the run trained on the original weights
+        original, trained = trained, None
+    merged = read(merged_model(merged_dir, trust, device), with_base=False)
+
+    if plan.into == "dequantized" or original is None:
+        reference, what = trained, "PEFT on the NF4 base, as trained"
+    else:
+        reference, what = original, "PEFT on the original 16-bit base"
+    result = compare_logits(reference.logits, merged.logits, reference.base_logits, dtype_name, device, what)
+    if trained is not None and reference is not trained:
+        result.against_trained = compare_logits(trained.logits, merged.logits, trained.base_logits, dtype_name,
+                                                device, "PEFT on the NF4 base, as trained")
+    result.greedy_equal = greedy_agreement((trained or original).greedy, merged.greedy)
+    result.eval_rows = len(examples)
+    for name, reading, losses in (("16-bit base", original, "base_eval"), ("NF4 base", trained, "base_eval"),
+                                  ("trained (NF4 base + adapter)", trained, "eval"), ("merged", merged, "eval")):
+        if reading is not None and getattr(reading, losses) is not None:
+            result.eval_losses[name] = getattr(reading, losses).loss
     style = "green" if result.passed else "red"
     console.print(f"[bold {style}]verification:[/] {result.describe()}")
+    console.print(f"[bold]against the trained model[/] (NF4 base + adapter): {result.describe_trained()}")
+    if result.eval_losses:
+        console.print(f"[bold]eval loss[/] on {len(examples)} held-out rows: " +
+                      ", ".join(f"{name} {loss:.4f}" for name, loss in result.eval_losses.items()))
     if result.passed and result.max_abs_diff > 0.5 * result.adapter_effect > 0:
         console.print(f"[yellow]note:[/] the merge error is comparable to the adapter's whole effect: {dtype_name} "
                       "rounding swallows part of this (small) update; --dtype float32 keeps it.")
     return result
+
+
+@dataclass
+class Reading:
+    """What one model computes on the verification inputs."""
+
+    logits: list[torch.Tensor]
+    base_logits: list[torch.Tensor] | None
+    """With the adapter switched off (the adapter's effect is the difference)."""
+    greedy: list[list[int]]
+    eval: EvalLosses | None
+    base_eval: EvalLosses | None
+
+
+def read_model(model, *, prompts: list[torch.Tensor], device: str, examples: list, with_base: bool) -> Reading:
+    from qlora_kit.evaluate import evaluate_losses
+
+    try:
+        model.eval()
+        logits, greedy = run_prompts(model, prompts, device), greedy_ids(model, prompts, device)
+        losses = evaluate_losses(model, examples) if examples else None
+        base_logits = base_losses = None
+        if with_base:
+            with model.disable_adapter():
+                base_logits = run_prompts(model, prompts, device)
+                base_losses = evaluate_losses(model, examples) if examples else None
+        return Reading(logits, base_logits, greedy, losses, base_losses)
+    finally:
+        del model
+        free_memory()
+
+
+def held_out_examples(run: Run, tokenizer) -> list:
+    """The first EVAL_ROWS of the run's own held-out rows, encoded as training encoded them (none without)."""
+    import io
+
+    from rich.console import Console
+
+    from qlora_kit.run import build_examples
+
+    if not run.recipe.data.eval_rows:
+        return []
+    try:
+        examples = build_examples(run.recipe, tokenizer, Console(file=io.StringIO()))
+    except Exception:  # noqa: BLE001 - the data moved or is offline: the logit checks still stand without it
+        return []
+    return examples.eval[:EVAL_ROWS]
+
+
+def greedy_agreement(reference: list[list[int]], other: list[list[int]]) -> tuple[int, int]:
+    """Tokens equal before the first difference, summed over the prompts, and all tokens of the reference."""
+    equal = 0
+    for ref, out in zip(reference, other, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ref, out, strict=False)) if a != b), min(len(ref), len(out)))
+        equal += same
+    return equal, sum(len(ref) for ref in reference)
 
 
 def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
@@ -125,20 +238,20 @@ def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([ids[:MAX_PROMPT_TOKENS]])
 
 
-def reference_logits(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, dtype_name: str,
-                     prompts: list[torch.Tensor], device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Logits of base + unmerged adapter as PEFT applies it, and of the base alone (the adapter's effect)."""
+def adapter_model(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, dtype_name: str, device: str,
+                  quantized: bool):
+    """Base + unmerged adapter as PEFT applies it: on the original 16-bit weights, or (quantized) on the run's own
+    4-bit model, quantized exactly as it trained (bitsandbytes dequantizes each weight inside the forward pass)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype, recipe = DTYPES[dtype_name], run.recipe
     kwargs = dict(dtype=dtype, device_map={"": device}, trust_remote_code=recipe.model.trust_remote_code,
                   use_safetensors=not base.pickled)
-    if plan.into == "dequantized" and not plan.prequantized:
-        # The run's own 4-bit model: bitsandbytes dequantizes each weight inside the forward pass.
+    if quantized and not plan.prequantized and recipe.quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=plan.quant_type, bnb_4bit_use_double_quant=plan.double_quant,
-            bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_quant_type=recipe.quant.quant_type,
+            bnb_4bit_use_double_quant=recipe.quant.double_quant, bnb_4bit_compute_dtype=dtype)
     base_model = AutoModelForCausalLM.from_pretrained(base.folder, **kwargs)
     if device == "cpu":
         # bitsandbytes' CPU inference path would repack the 4-bit weights and compute in bfloat16 whatever the
@@ -146,28 +259,26 @@ def reference_logits(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePl
         from qlora_kit.model import keep_cpu_weights_trainable
 
         keep_cpu_weights_trainable(base_model)
-    model = PeftModel.from_pretrained(base_model, adapter.folder)
-    try:
-        with_adapter = run_prompts(model, prompts, device)
-        with model.disable_adapter():
-            without_adapter = run_prompts(model, prompts, device)
-    finally:
-        del model
-        free_memory()
-    return with_adapter, without_adapter
+    return PeftModel.from_pretrained(base_model, adapter.folder)
 
 
-def merged_logits(merged_dir: Path, trust_remote_code: bool, prompts: list[torch.Tensor], device: str):
+def merged_model(merged_dir: Path, trust_remote_code: bool, device: str):
     from transformers import AutoModelForCausalLM
 
     # Plain loading, dtype from config.json: exactly what a user of the merged folder does.
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map={"": device},
-                                                 trust_remote_code=trust_remote_code)
-    try:
-        return run_prompts(model, prompts, device)
-    finally:
-        del model
-        free_memory()
+    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map={"": device},
+                                                trust_remote_code=trust_remote_code)
+
+
+@torch.inference_mode()
+def greedy_ids(model, prompts: list[torch.Tensor], device: str) -> list[list[int]]:
+    out = []
+    for ids in prompts:
+        generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                                   max_new_tokens=GREEDY_TOKENS, do_sample=False, temperature=None, top_p=None,
+                                   top_k=None, use_cache=True)
+        out.append(generated[0, ids.shape[1]:].tolist())
+    return out
 
 
 @torch.inference_mode()

@@ -5,9 +5,10 @@ tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an 
 
     MERGED_DIR ─► config.json ─► hyper-parameters      (Qwen2 and Llama decoders only)
                ─► tokenizer.json, tokenizer_config.json, chat template ─► tokenizer metadata  (gguf_tokenizer)
-               ─► safetensors, one tensor at a time ─► llama.cpp names, Llama q/k permuted, f16 or q8_0
+               ─► safetensors, one tensor at a time ─► llama.cpp names and layouts, f16 or q8_0 (gguf_tensors)
                ─► FILE.gguf (written as FILE.gguf.partial, renamed when complete)
                ─► the chat template's format ─► FILE.Modelfile for Ollama                   (gguf_modelfile)
+               ─► --verify: the file read back by transformers, compared with MERGED_DIR    (gguf_verify)
 
 What is written follows llama.cpp's own converter (convert_hf_to_gguf.py) so that llama.cpp reads the file
 exactly as it reads one converted there:
@@ -21,18 +22,13 @@ exactly as it reads one converted there:
     or shaped like `<|...|>` / `<｜...｜>`, else USER_DEFINED (`<think>`), unused padding rows `[PAD{id}]`.
   * merges, bos/eos/pad ids, add_bos and the chat template: gguf's `SpecialVocab`, the converter's reader.
   * `tokenizer.ggml.pre`: found as llama.cpp's converter finds it, by a hash of the tokenizer's output.
-
-Tensors are read, converted and written one at a time: memory holds the largest tensor (the embedding) and its
-conversion temporaries, never the whole model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -42,15 +38,14 @@ from typing import TYPE_CHECKING
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
 from qlora_kit.gguf_modelfile import chat_trained, modelfile_path, write_modelfile
+from qlora_kit.gguf_tensors import encode_tensor, load_tensor, plan_tensors, stored_bytes, weight_files
 from qlora_kit.gguf_tokenizer import load_tokenizer, write_tokenizer
 
-if TYPE_CHECKING:  # gguf and numpy are imported where used: `--help` and the error paths stay instant
+if TYPE_CHECKING:  # gguf is imported where used: `--help` and the error paths stay instant
     import gguf
-    import numpy as np
 
 QUANT_TYPES = ("f16", "q8_0")
-F16_MAX = 65504.0
-EMBEDDING, OUTPUT = "model.embed_tokens.weight", "lm_head.weight"  # the safetensors keys of both decoders
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -80,18 +75,6 @@ class HyperParameters:
     tied_embeddings: bool = False  # the output layer is the embedding matrix (SmolLM2, Qwen2.5 <= 3B)
 
 
-@dataclass(frozen=True)
-class TensorPlan:
-    """One GGUF tensor: where its data comes from and how it is stored."""
-
-    gguf_name: str
-    source: str | None        # safetensors key; None for a tensor computed here (Llama 3 rope factors)
-    shard: Path | None
-    shape: tuple[int, ...]    # numpy order (rows, columns)
-    qtype: str                # "F32", "F16" or "Q8_0" (gguf.GGMLQuantizationType member name)
-    permute_heads: int = 0    # Llama q/k: the head count to permute rows by; 0 = no permutation
-
-
 @dataclass
 class ExportResult:
     gguf_path: Path
@@ -100,6 +83,7 @@ class ExportResult:
     tensor_count: int
     size_bytes: int
     seconds: float
+    pre_tokenizer_source: str = ""  # "hash" (llama.cpp's table) or "split regex" (a retrained vocabulary)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,184 +165,6 @@ def write_hyper_parameters(writer: gguf.GGUFWriter, hp: HyperParameters) -> None
                         ["supported: none, llama3, linear, yarn"])
 
 
-def llama3_rope_factors(hp: HyperParameters) -> np.ndarray:
-    """Per-frequency divisors for Llama 3.1's rope scaling, as llama.cpp's converter computes them (llama.cpp
-    divides each rope frequency by its factor: 1 for short wavelengths, `factor` for long ones, a blend between)."""
-    import numpy as np
-
-    scaling = hp.rope_scaling
-    factor = scaling.get("factor", 8.0)
-    low_freq_factor = scaling.get("low_freq_factor", 1.0)
-    high_freq_factor = scaling.get("high_freq_factor", 4.0)
-    old_context = scaling.get("original_max_position_embeddings", 8192)
-    low_freq_wavelen, high_freq_wavelen = old_context / low_freq_factor, old_context / high_freq_factor
-    frequencies = 1.0 / (hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float32) / hp.head_dim))
-    factors = []
-    for frequency in frequencies:
-        wavelen = 2 * math.pi / frequency
-        if wavelen < high_freq_wavelen:
-            factors.append(1.0)
-        elif wavelen > low_freq_wavelen:
-            factors.append(factor)
-        else:
-            smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tensors
-
-
-def weight_files(folder: Path) -> dict[str, Path]:
-    """safetensors key -> shard file, from the index when there is one."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {name: folder / shard for name, shard in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise UserError(f"{folder} has no safetensors weights (model.safetensors or an index)",
-                        hint="tools/merge.py writes safetensors shards with an index.")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
-
-
-def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    """Shapes from the safetensors headers, without reading any data."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for shard in sorted(set(files.values())):
-        with safe_open(shard, framework="pt") as f:
-            names = list(f.keys())
-            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
-    missing = sorted(set(files) - set(shapes))
-    if missing:
-        raise UserError("the safetensors index lists tensors its shards do not hold", missing[:5])
-    return shapes
-
-
-def storage_type(shape: tuple[int, ...], quant: str) -> str:
-    """F32 for 1-D tensors (llama.cpp's kernels for norms and biases want f32), else the requested type;
-    q8_0 packs rows in blocks of 32, so a row length that is not a multiple of 32 stays f16 (as in llama.cpp)."""
-    if len(shape) == 1:
-        return "F32"
-    if quant == "q8_0" and shape[-1] % 32 == 0:
-        return "Q8_0"
-    return "F16"
-
-
-def embedding_sources(files: dict[str, Path], tied: bool) -> tuple[dict[str, Path], dict[str, str]]:
-    """(the safetensors tensors to write, {key: GGUF name} where a key is written under another tensor's name).
-
-    Tied (config.json `tie_word_embeddings`): the output layer *is* the embedding, so one matrix is written, as
-    token_embd.weight, and no output.weight; llama.cpp then computes the output with token_embd, exactly as for
-    the files its own converter writes. transformers saves a tied pair under either key (5.x may keep only
-    lm_head.weight), so whichever is there is used; an lm_head.weight saved beside the embedding is dropped, as
-    transformers' loader ignores it for a tied model. Untied: both matrices are needed and written."""
-    import gguf
-
-    token_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
-    files = dict(files)
-    present = [key for key in (EMBEDDING, OUTPUT) if key in files]
-    if tied and EMBEDDING in files:
-        files.pop(OUTPUT, None)
-        return files, {}
-    if tied and OUTPUT in files:
-        return files, {OUTPUT: token_embd}
-    if not tied and len(present) == 2:
-        return files, {}
-    raise UserError(f"the weights lack {' and '.join(k for k in (EMBEDDING, OUTPUT) if k not in files)}",
-                    [f"config.json tie_word_embeddings = {str(tied).lower()}: "
-                     + ("one of the two is needed" if tied else "both the embedding and lm_head are needed")],
-                    hint="The folder is incomplete, or its config.json does not belong to its weights.")
-
-
-def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, quant: str) -> list[TensorPlan]:
-    import gguf
-
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name], hp.block_count)
-    files, renamed = embedding_sources(files, hp.tied_embeddings)
-    shapes = tensor_shapes(files)
-    plans, unknown = [], []
-    for source in sorted(files, key=natural_key):
-        if source.endswith("rotary_emb.inv_freq"):  # recomputed by every runtime; llama.cpp's converter drops it
-            continue
-        gguf_name = renamed.get(source) or name_map.get_name(source, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            unknown.append(source)
-            continue
-        heads = 0
-        if arch.permute_qk and gguf_name.startswith("blk.") and ".attn_q." in gguf_name:
-            heads = hp.head_count
-        elif arch.permute_qk and gguf_name.startswith("blk.") and ".attn_k." in gguf_name:
-            heads = hp.head_count_kv
-        shape = shapes[source]
-        plans.append(TensorPlan(gguf_name, source, files[source], shape, storage_type(shape, quant), heads))
-    if unknown:
-        raise UserError(f"{len(unknown)} tensor(s) have no GGUF name for this architecture", unknown[:5],
-                        hint="The folder holds more than a plain decoder (an adapter, a value head?).")
-    if hp.rope_scaling["rope_type"] == "llama3":
-        plans.append(TensorPlan(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], None, None, (hp.head_dim // 2,),
-                                "F32"))
-    return plans
-
-
-def natural_key(name: str) -> list:
-    """layers.2 before layers.10: llama.cpp does not care, but people reading `gguf-dump` do."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def permute_for_llama(weights: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's converter's `LlamaModel.permute`: within each head, rows [first half | second half] become
-    interleaved pairs, because llama.cpp rotates adjacent dimensions where transformers rotates halves."""
-    head_rows = weights.shape[0] // heads
-    return (weights.reshape(heads, 2, head_rows // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
-
-
-def stored_bytes(plan: TensorPlan) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, numpy dtype, byte count) of the tensor as written: GGUFWriter needs them before any data."""
-    import gguf
-    import numpy as np
-
-    if plan.qtype == "Q8_0":
-        shape = gguf.quants.quant_shape_to_byte_shape(plan.shape, gguf.GGMLQuantizationType.Q8_0)
-        return shape, np.dtype(np.uint8), math.prod(shape)
-    dtype = np.dtype(np.float32 if plan.qtype == "F32" else np.float16)
-    return plan.shape, dtype, math.prod(plan.shape) * dtype.itemsize
-
-
-def load_tensor(plan: TensorPlan, hp: HyperParameters) -> np.ndarray:
-    """The tensor in float32 (bf16 has no numpy type), permuted where llama.cpp expects it."""
-    if plan.source is None:
-        return llama3_rope_factors(hp)
-    from safetensors import safe_open
-
-    with safe_open(plan.shard, framework="pt") as f:
-        data = f.get_tensor(plan.source).float().numpy()
-    return permute_for_llama(data, plan.permute_heads) if plan.permute_heads else data
-
-
-def encode_tensor(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
-    import gguf
-    import numpy as np
-
-    if plan.qtype == "F32":
-        return data.astype(np.float32)
-    if plan.qtype == "F16":
-        largest = float(np.abs(data).max()) if data.size else 0.0
-        if largest > F16_MAX:  # a cast would store inf: fail loudly rather than write a broken model
-            raise UserError(f"{plan.source} has values up to {largest:.3g}, beyond float16's range",
-                            hint="Export with --type q8_0 (its per-block scales cover this range).")
-        return data.astype(np.float16)
-    return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -420,8 +226,10 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
     written_modelfile = None
     if modelfile and chat_trained(folder, log):
         written_modelfile = write_modelfile(out, folder, hf_tokenizer, tokenizer, log)
+    if modelfile and written_modelfile is None:  # an earlier export's Modelfile would not fit this file (--overwrite)
+        modelfile_path(out).unlink(missing_ok=True)
     return ExportResult(out, written_modelfile, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
-                        time.monotonic() - started)
+                        time.monotonic() - started, tokenizer.identified_by)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print_user_error(error)
         return getattr(error, "exit_code", EXIT_USER_ERROR)
-    print(f"wrote {result.gguf_path} ({result.size_bytes / 1e6:.1f} MB, {result.tensor_count} tensors, "
-          f"{args.type}, pre-tokenizer {result.pre_tokenizer}) in {result.seconds:.1f} s")
+    print(f"wrote {result.gguf_path} ({result.size_bytes / 1e6:.1f} MB, {result.tensor_count} tensors, {args.type}, "
+          f"pre-tokenizer {result.pre_tokenizer} by {result.pre_tokenizer_source}) in {result.seconds:.1f} s")
     if result.modelfile_path:
         print(f"wrote {result.modelfile_path}: ollama create NAME -f {result.modelfile_path}")
     if args.verify:

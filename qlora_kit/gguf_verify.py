@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from qlora_kit.merge.verify import SAMPLE_PROMPTS, encode_prompt, free_memory, memory_for_verification, run_prompts
+from qlora_kit.merge.verify import (
+    SAMPLE_PROMPTS,
+    encode_prompt,
+    free_memory,
+    greedy_agreement,
+    memory_for_verification,
+)
 
 # Max |Δlogit| allowed, relative to the largest |logit| of the merged model. Measured on tiny random Qwen2 and
 # Llama models (tests/test_export_gguf.py): f16 ~1.3e-3, q8_0 ~3e-2 (q8_0's rounding amplified through the
@@ -113,38 +119,39 @@ def load_merged(merged_dir: Path):
 # Measures
 
 
-@torch.no_grad()
 def greedy_tokens(model, tokenizer, prompt: str, n: int = GREEDY_TOKENS) -> list[int]:
     """The ids `model` generates greedily (argmax, no sampling settings) after `prompt` rendered with the chat
-    template: n of them, fewer where it ends its turn (EOS, included). The same loop for both models, so that
-    nothing but their logits can make the continuations differ."""
-    ids = encode_prompt(tokenizer, prompt)
+    template: n of them, fewer where it ends its turn (EOS, included)."""
+    return continuation(model, encode_prompt(tokenizer, prompt), tokenizer.eos_token_id, n)[1]
+
+
+@torch.no_grad()
+def continuation(model, ids: torch.Tensor, eos_id: int | None, n: int) -> tuple[torch.Tensor, list[int]]:
+    """(the logits at every prompt position, the greedy continuation): one loop for both models, so that nothing
+    but their logits can make the continuations differ, and the prompt's pass serves both measures."""
     out = model(input_ids=ids, use_cache=True)
-    generated = []
+    logits, generated = out.logits[0].float(), []
     while True:
         next_id = int(out.logits[0, -1].argmax())
         generated.append(next_id)
-        if len(generated) == n or next_id == tokenizer.eos_token_id:
-            return generated
-        out = model(input_ids=torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True)
+        if len(generated) == n or next_id == eos_id:
+            return logits, generated
+        out = model(input_ids=torch.tensor([[next_id]]), use_cache=True, **cache_of(out))
 
 
-def agreeing_prefix(reference: list[int], candidate: list[int]) -> int:
-    """How many tokens the continuations share from the start (after the first difference they see different
-    text, so later matches mean nothing)."""
-    count = 0
-    for expected, got in zip(reference, candidate, strict=False):
-        if expected != got:
-            break
-        count += 1
-    return count
+def cache_of(output) -> dict:
+    """The key/value cache to pass back: `cache` in transformers >= 5.24, `past_key_values` before."""
+    if getattr(output, "cache", None) is not None:
+        return {"cache": output.cache}
+    return {"past_key_values": output.past_key_values}
 
 
 def outputs_of(model, tokenizer, prompts: list[str], greedy: int) -> tuple[list[torch.Tensor], list[list[int]]]:
     """(logits per prompt, greedy continuation per prompt); the model is freed afterwards."""
     try:
-        logits = run_prompts(model, [encode_prompt(tokenizer, prompt) for prompt in prompts], "cpu")
-        return logits, [greedy_tokens(model, tokenizer, prompt, greedy) for prompt in prompts]
+        results = [continuation(model, encode_prompt(tokenizer, prompt), tokenizer.eos_token_id, greedy)
+                   for prompt in prompts]
+        return [logits for logits, _ in results], [tokens for _, tokens in results]
     finally:
         del model
         free_memory()
@@ -164,7 +171,7 @@ def check_gguf(merged_dir: Path, gguf_path: Path, quant: str, prompts: tuple[str
         max_abs_diff=max(float((r - e).abs().max()) for r, e in pairs),
         max_abs_logit=max(float(r.abs().max()) for r in reference),
         top1_agreement=sum(int((r.argmax(-1) == e.argmax(-1)).sum()) for r, e in pairs) / positions,
-        greedy=[(agreeing_prefix(r, e), len(r)) for r, e in zip(reference_tokens, exported_tokens, strict=True)])
+        greedy=[greedy_agreement([r], [e]) for r, e in zip(reference_tokens, exported_tokens, strict=True)])
 
 
 def verify_export(merged_dir: Path, gguf_path: Path, quant: str) -> int:

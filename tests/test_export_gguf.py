@@ -4,7 +4,10 @@ own GGUF loader (which undoes llama.cpp's converter, Llama q/k permutation inclu
 What transformers 5.23 cannot check is checked from the file itself: its GGUF tokenizer loader skips control
 tokens spelled outside the byte-level alphabet (R1's `<｜...｜>` tokens) and appends a new BOS, so special tokens
 are round-tripped through a tokenizer rebuilt from the GGUF metadata alone, the way llama.cpp uses it.
-Offline, CPU only.
+Also: the pre-tokenizer name found as llama.cpp's converter finds it (hash table, split-regex fallback, refusal),
+tied embeddings (no output.weight), the Ollama Modelfile per chat format (its Go template rendered by a small
+emulator and compared with the Jinja template's text), greedy agreement, and one real model (SmolLM2-135M,
+`real_model`, skipped where the `smollm2_dir` fixture has no folder). Offline, CPU only.
 """
 
 from __future__ import annotations
@@ -20,15 +23,9 @@ from conftest import R1_TOKENIZER
 
 from qlora_kit.demo_assets import build_tokenizer, make_rows, row_texts
 from qlora_kit.errors import UserError
-from qlora_kit.gguf_export import (
-    export_gguf,
-    hyper_parameters,
-    llama3_rope_factors,
-    main,
-    permute_for_llama,
-    pre_tokenizer_name,
-    write_tokenizer,
-)
+from qlora_kit.gguf_export import export_gguf, hyper_parameters, main
+from qlora_kit.gguf_tensors import llama3_rope_factors, permute_for_llama
+from qlora_kit.gguf_tokenizer import CHKTXT, pre_tokenizer_name, tokenizer_hash, write_tokenizer
 
 gguf = pytest.importorskip("gguf")  # the optional `export` extra; qlora_kit.gguf_export imports it lazily
 
@@ -56,13 +53,13 @@ def make_tokenizer(split: str | None):
     return tokenizer
 
 
-def make_model(arch: str, tokenizer):
+def make_model(arch: str, tokenizer, tie_word_embeddings: bool = False):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
     config = config_class(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1,
+                          max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings, initializer_range=0.1,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -105,9 +102,9 @@ def exported(request, build):
 
 
 def load_gguf_model(path: Path):
-    from transformers import AutoModelForCausalLM
+    from qlora_kit.gguf_verify import load_gguf  # transformers' GGUF loader, without its progress bar
 
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return load_gguf(path)
 
 
 def compare_logits(reference, candidate, tokenizer) -> tuple[float, float, float]:
@@ -303,6 +300,8 @@ def test_real_r1_tokenizer_metadata(tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
+    from qlora_kit.gguf_tokenizer import load_tokenizer
+
     spec = json.loads((R1_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))
     chktxt = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ "
               "(multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 "
@@ -310,8 +309,12 @@ def test_real_r1_tokenizer_metadata(tmp_path):
               "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? "
               "I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
     ids = Tokenizer.from_file(str(R1_TOKENIZER / "tokenizer.json")).encode(chktxt).ids
-    assert sha256(str(ids).encode()).hexdigest() == "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5"
-    assert pre_tokenizer_name(spec) == "deepseek-r1-qwen"
+    r1_hash = "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5"  # llama.cpp's, for R1-Distill-Qwen
+    assert sha256(str(ids).encode()).hexdigest() == r1_hash
+    # the module's copy of llama.cpp's text, through AutoTokenizer as llama.cpp's converter runs it: the fixture
+    # is byte-identical to DeepSeek's tokenizer, so it is found by its hash, not by the split-regex fallback
+    assert chktxt == CHKTXT and tokenizer_hash(load_tokenizer(R1_TOKENIZER)) == r1_hash
+    assert pre_tokenizer_name(load_tokenizer(R1_TOKENIZER), spec) == ("deepseek-r1-qwen", "hash")
 
     writer = gguf.GGUFWriter(path=None, arch="qwen2")
     write_tokenizer(writer, R1_TOKENIZER, 151936)  # the 1.5B model's embedding rows (151,665 tokens + spare)
@@ -376,9 +379,12 @@ def test_verify_passes_on_the_export_and_fails_on_another_model(build, tmp_path,
     arch, folder, model, tokenizer, files = build("qwen2")
     assert main([str(folder), "--type", "f16", "--no-modelfile", "--overwrite", "--out",
                  str(tmp_path / "a.gguf"), "--verify"]) == 0
-    assert "top-1 agreement" in capsys.readouterr().out.split("verification")[1]
+    printed = capsys.readouterr()
+    assert "top-1 agreement" in printed.out.split("verification")[1] and "greedy tokens agreeing" in printed.out
+    assert "Converting and de-quantizing" not in printed.out + printed.err  # transformers' GGUF progress bar
     exact = check_gguf(folder, files["f16"], "f16")
     assert exact.passed and exact.max_abs_diff > 0 and exact.top1_agreement >= 0.99  # f16 rounding, no more
+    assert exact.greedy_agreeing == exact.greedy_total > 0 and len(exact.greedy) == exact.prompts
 
     # One attention weight changed: the check must see it.
     altered = copy.deepcopy(model)
@@ -390,10 +396,25 @@ def test_verify_passes_on_the_export_and_fails_on_another_model(build, tmp_path,
     wrong = export_gguf(other, tmp_path / "altered.gguf", "f16", log=lambda *_: None).gguf_path
     failed = check_gguf(folder, wrong, "f16")
     assert not failed.passed and "FAIL" in failed.describe()
+    assert failed.greedy_agreeing < failed.greedy_total
+
+
+def test_greedy_tokens_stop_at_n_or_at_the_end_of_turn(build):
+    from qlora_kit.gguf_verify import greedy_tokens
+
+    _, _, model, tokenizer, _ = build("qwen2")
+    tokens = greedy_tokens(model, tokenizer, "Is 38.5 °C a fever?", 5)
+    assert 1 <= len(tokens) <= 5 and (len(tokens) == 5 or tokens[-1] == tokenizer.eos_token_id)
+    with torch.no_grad():  # the same ids as argmax over a full forward pass of prompt + continuation
+        from qlora_kit.merge.verify import encode_prompt
+
+        ids = encode_prompt(tokenizer, "Is 38.5 °C a fever?")
+        full = torch.cat([ids, torch.tensor([tokens[:-1]], dtype=torch.long)], dim=1)
+        assert model(full).logits[0, ids.shape[1] - 1:].argmax(-1).tolist() == tokens
 
 
 def test_no_modelfile_for_a_model_trained_on_a_custom_format(tmp_path):
-    from qlora_kit.gguf_export import chat_trained
+    from qlora_kit.gguf_modelfile import chat_trained
 
     said = []
     assert chat_trained(tmp_path, said.append)  # a folder from elsewhere: its chat template
@@ -402,3 +423,374 @@ def test_no_modelfile_for_a_model_trained_on_a_custom_format(tmp_path):
     (tmp_path / "qlora_kit_recipe.toml").write_text('[data]\nformat = "Q: {question}\\nA: {response}"\n',
                                                    encoding="utf-8")
     assert not chat_trained(tmp_path, said.append) and "no Modelfile written" in said[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-tokenizer identification (llama.cpp's hash table, and the split-regex fallback)
+
+
+def saved_tokenizer(tokenizer, folder: Path) -> tuple[object, dict]:
+    """(the tokenizer as the exporter loads it from a folder, its tokenizer.json)."""
+    from qlora_kit.gguf_tokenizer import load_tokenizer
+
+    tokenizer.save_pretrained(folder)
+    return load_tokenizer(folder), json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+def test_pre_tokenizer_of_retrained_vocabularies_is_named_by_their_split(tmp_path):
+    """The demo tokenizer's merges are its own, so llama.cpp's table cannot know its hash; its split regex is
+    exactly Qwen2's (Llama 3's for the variant), which llama.cpp runs under the names written."""
+    from qlora_kit.gguf_tokenizer import PRE_TOKENIZER_BY_HASH
+
+    for split, expected in ((None, "deepseek-r1-qwen"), (LLAMA3_SPLIT_FOR_TESTS, "llama-bpe")):
+        folder = tmp_path / expected
+        tokenizer, spec = saved_tokenizer(make_tokenizer(split), folder)
+        assert tokenizer_hash(tokenizer) not in PRE_TOKENIZER_BY_HASH
+        assert pre_tokenizer_name(tokenizer, spec) == (expected, "split regex")
+
+
+def test_unknown_pre_tokenizer_is_refused_with_what_is_missing(tmp_path):
+    """A split llama.cpp has no name for (digits in pairs) must not be exported under a guessed name."""
+    tokenizer, spec = saved_tokenizer(make_tokenizer(LLAMA3_SPLIT_FOR_TESTS.replace(r"\p{N}{1,3}", r"\p{N}{1,2}")),
+                                      tmp_path / "pairs")
+    with pytest.raises(UserError) as refused:
+        pre_tokenizer_name(tokenizer, spec)
+    message = str(refused.value)
+    assert "tokenizer.ggml.pre" in message and tokenizer_hash(tokenizer) in message and r"\p{N}{1,2}" in message
+
+
+def test_the_hash_table_is_llama_cpps():
+    """Spot checks of the copied table: names of the tokenizers qlora_kit meets, and the converter's semantics
+    for a hash listed twice (its chain of `if`s keeps the later name)."""
+    from qlora_kit.gguf_tokenizer import LLAMA_CPP_PRE_TOKENIZERS, PRE_TOKENIZER_BY_HASH
+
+    names = {name for _, name in LLAMA_CPP_PRE_TOKENIZERS}
+    assert {"llama-bpe", "qwen2", "deepseek-r1-qwen", "smollm", "gpt-4o", "qwen35"} <= names
+    assert PRE_TOKENIZER_BY_HASH["855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"] == "smollm"
+    assert PRE_TOKENIZER_BY_HASH["b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166"] == "olmo"
+    assert all(len(digest) == 64 and int(digest, 16) >= 0 for digest, _ in LLAMA_CPP_PRE_TOKENIZERS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tied embeddings
+
+
+def test_tied_embeddings_write_no_output_tensor_and_read_back_equal(tmp_path):
+    """tie_word_embeddings: one matrix, as token_embd.weight, no output.weight (llama.cpp then uses token_embd
+    for the output, as in files from its own converter); transformers reads the file back tied, same logits."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = make_tokenizer(LLAMA3_SPLIT_FOR_TESTS)
+    model = make_model("llama", tokenizer, tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    folder = tmp_path / "tied"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = export_gguf(folder, tmp_path / "tied.gguf", "f16", log=lambda *_: None).gguf_path
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+    loaded = load_gguf_model(path)
+    assert loaded.config.tie_word_embeddings
+    _, relative, top1 = compare_logits(model, loaded, tokenizer)
+    assert relative < F16_RELATIVE_TOLERANCE and top1 >= 0.99
+
+    # transformers 5 may save a tied pair as lm_head.weight alone: the same file comes out
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight", weights.get("lm_head.weight"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    again = export_gguf(folder, tmp_path / "again.gguf", "f16", log=lambda *_: None).gguf_path
+    embedding = {t.name: t for t in gguf.GGUFReader(again).tensors}["token_embd.weight"].data
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(again).tensors}
+    assert abs(embedding.astype("float32") - model.model.embed_tokens.weight.detach().numpy()).max() < 1e-2
+
+
+def test_tied_or_not_follows_config_json(tmp_path):
+    from qlora_kit.gguf_tensors import EMBEDDING, OUTPUT, embedding_sources
+
+    both = {EMBEDDING: tmp_path, OUTPUT: tmp_path, "model.norm.weight": tmp_path}
+    assert embedding_sources(both, tied=True) == ({EMBEDDING: tmp_path, "model.norm.weight": tmp_path}, {})
+    assert embedding_sources(both, tied=False) == (both, {})  # untied: output.weight written, even if equal
+    only_head = {OUTPUT: tmp_path}
+    assert embedding_sources(only_head, tied=True) == (only_head, {OUTPUT: "token_embd.weight"})
+    with pytest.raises(UserError, match="lack lm_head.weight"):
+        embedding_sources({EMBEDDING: tmp_path}, tied=False)  # an untied model without its output layer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modelfile: chat formats, and the Ollama template rendered as Ollama renders it
+
+SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's chat_template.jinja
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_TEMPLATE = (  # Qwen2-Instruct's: a default system message, no BOS
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CONVERSATIONS = (
+    [{"role": "user", "content": "Is 38.5 °C a fever?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is 38.5 °C a fever?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Is 38.5 °C a fever?"}],
+)
+
+
+def chat_tokenizer(template: str, specials: list[str], bos: str, eos: str):
+    """The demo BPE with another chat format's special tokens and Jinja template."""
+    tokenizer = make_tokenizer(None)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = bos, eos, eos
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def info_for(tokenizer, add_bos: bool):
+    from qlora_kit.gguf_tokenizer import TokenizerInfo
+
+    return TokenizerInfo("qwen2", "split regex", {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token},
+                         add_bos, frozenset(tokenizer.get_vocab()))
+
+
+def go_template(template: str, messages: list[dict]) -> str:
+    """Render an Ollama TEMPLATE as Ollama does (Go text/template: trim markers, if / else if / else, range with
+    variables, eq / ne / and / not / len / slice), with Ollama's values: .System is the system messages joined,
+    .Messages every message. Just the subset the Modelfiles use, so that a test can compare with the Jinja text."""
+    import re
+
+    pieces, position = [], 0
+    for match in re.finditer(r"\{\{(.*?)\}\}", template, flags=re.S):
+        pieces += [("text", template[position:match.start()]), ("action", match.group(1))]
+        position = match.end()
+    pieces.append(("text", template[position:]))
+    for index, (kind, body) in enumerate(pieces):  # `{{- ` eats the whitespace before, ` -}}` the whitespace after
+        if kind == "action" and body.startswith("- "):
+            pieces[index - 1] = ("text", pieces[index - 1][1].rstrip(" \t\r\n"))
+        if kind == "action" and body.endswith(" -"):
+            pieces[index + 1] = ("text", pieces[index + 1][1].lstrip(" \t\r\n"))
+    actions = [(kind, body.strip(" -") if kind == "action" else body) for kind, body in pieces]
+
+    def parse(index: int):
+        nodes = []
+        while index < len(actions):
+            kind, body = actions[index]
+            if kind == "text":
+                nodes.append(("text", body))
+            elif body == "end" or body.startswith("else"):
+                return nodes, index
+            elif body.startswith("if "):
+                branches, orelse = [], []
+                condition = body[3:]
+                while True:
+                    block, index = parse(index + 1)
+                    branches.append((condition, block))
+                    if actions[index][1].startswith("else if "):
+                        condition = actions[index][1][8:]
+                        continue
+                    if actions[index][1] == "else":
+                        orelse, index = parse(index + 1)
+                    break
+                nodes.append(("if", branches, orelse))
+            elif body.startswith("range "):
+                names, source = body[6:].split(":=")
+                block, index = parse(index + 1)
+                nodes.append(("range", [n.strip() for n in names.split(",")], source.strip(), block))
+            elif ":=" in body:
+                name, expression = body.split(":=")
+                nodes.append(("set", name.strip(), expression.strip()))
+            else:
+                nodes.append(("out", body))
+            index += 1
+        return nodes, index
+
+    def evaluate(expression: str, dot, scope: dict):
+        tokens = re.findall(r'\(|\)|"[^"]*"|[^\s()]+', expression)
+
+        def operand(at: int):
+            token = tokens[at]
+            if token == "(":
+                value, at = command(at + 1)
+                return value, at + 1  # past ")"
+            if token.startswith('"'):
+                return token[1:-1], at + 1
+            if token.isdigit():
+                return int(token), at + 1
+            if token.startswith("$."):
+                return scope["$"][token[2:]], at + 1
+            if token.startswith("$"):
+                return scope[token], at + 1
+            return dot[token[1:]], at + 1
+
+        functions = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "and": lambda a, b: a and b,
+                     "not": lambda a: not a, "len": len, "slice": lambda a, i: a[i:]}
+
+        def command(at: int):
+            if tokens[at] in functions:
+                name, arguments, at = tokens[at], [], at + 1
+                while at < len(tokens) and tokens[at] != ")":
+                    value, at = operand(at)
+                    arguments.append(value)
+                return functions[name](*arguments), at
+            return operand(at)
+
+        return command(0)[0]
+
+    def run(nodes, dot, scope: dict) -> str:
+        out = []
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "out":
+                out.append(str(evaluate(node[1], dot, scope)))
+            elif node[0] == "set":
+                scope[node[1]] = evaluate(node[2], dot, scope)
+            elif node[0] == "if":
+                chosen = next((block for condition, block in node[1] if evaluate(condition, dot, scope)), node[2])
+                out.append(run(chosen, dot, scope))
+            else:
+                (index_name, value_name), items = node[1], evaluate(node[2], dot, scope)
+                for index, item in enumerate(items):
+                    out.append(run(node[3], item, {**scope, index_name: index, value_name: item}))
+        return "".join(out)
+
+    root = {"System": "\n\n".join(m["content"] for m in messages if m["role"] == "system"),
+            "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+    return run(parse(0)[0], root, {"$": root})
+
+
+LLAMA3_SPLIT_FOR_TESTS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+                          r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("template, specials, bos, eos, add_bos, name, default", [
+    (SMOLLM2_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>", False, "ChatML",
+     "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|endoftext|>", False, "ChatML",
+     "You are a helpful assistant."),
+    (LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+     "<|begin_of_text|>", "<|eot_id|>", True, "Llama 3", None),
+], ids=["smollm2", "qwen2-chatml", "llama3"])
+def test_modelfile_speaks_the_models_own_chat_format(template, specials, bos, eos, add_bos, name, default):
+    """The Ollama TEMPLATE renders every conversation as the Jinja template does (less the BOS llama.cpp adds
+    itself where add_bos is set); the generation prompt is the template's own (no forced `<think>`: qlora_kit's
+    completions start the think block themselves on non-R1 models); the end-of-turn tokens stop generation."""
+    from qlora_kit.gguf_modelfile import chat_format, modelfile_text
+
+    tokenizer = chat_tokenizer(template, specials, bos, eos)
+    fmt, reason = chat_format(tokenizer, info_for(tokenizer, add_bos), {})
+    assert fmt is not None, reason
+    assert fmt.name == name and "<think>" not in fmt.template and "<｜" not in fmt.template
+    for conversation in CONVERSATIONS:
+        jinja = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        if add_bos:
+            jinja = jinja.removeprefix(bos)
+        assert go_template(fmt.template, conversation) == jinja
+    if default:
+        assert default in fmt.template
+
+    # a reply being continued (last message from the assistant) stays open
+    prefill = [*CONVERSATIONS[0], {"role": "assistant", "content": "<think>\nA fever is"}]
+    assert go_template(fmt.template, prefill).endswith("<think>\nA fever is")
+
+    text = modelfile_text("model-q8_0.gguf", fmt)
+    stops = {"ChatML": ["<|im_end|>", "<|im_start|>"], "Llama 3": ["<|eot_id|>", "<|start_header_id|>"]}[name]
+    for stop in [*stops, eos]:
+        assert f'PARAMETER stop "{stop}"\n' in text
+    assert "FROM ./model-q8_0.gguf\n" in text and 'TEMPLATE """' in text
+
+
+def test_r1_ollama_template_renders_as_the_r1_jinja_template(r1_tokenizer):
+    from qlora_kit.gguf_modelfile import chat_format
+
+    fmt, _ = chat_format(r1_tokenizer, info_for(r1_tokenizer, True), {})
+    assert fmt.name == "R1" and fmt.parameters == {"temperature": 0.6, "top_p": 0.95}
+    for conversation in CONVERSATIONS:
+        jinja = r1_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert go_template(fmt.template, conversation) == jinja.removeprefix(r1_tokenizer.bos_token)
+
+
+def test_no_modelfile_for_an_unknown_chat_format_and_none_that_lacks_its_stop_token(tmp_path):
+    from qlora_kit.gguf_modelfile import chat_format, write_modelfile
+
+    alpaca = chat_tokenizer("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+                            "{% if add_generation_prompt %}### assistant:\n{% endif %}", [], None, EOS)
+    said = []
+    assert write_modelfile(tmp_path / "m.gguf", tmp_path, alpaca, info_for(alpaca, False), said.append) is None
+    assert not (tmp_path / "m.Modelfile").exists()
+    assert len(said) == 1 and said[0].startswith("no Modelfile written: ") and "R1, ChatML or Llama 3" in said[0]
+
+    # ChatML text, but <|im_end|> is not a token: Ollama could not stop on it
+    plain = chat_tokenizer(CHATML_TEMPLATE, [], None, EOS)
+    fmt, reason = chat_format(plain, info_for(plain, False), {})
+    assert fmt is None and "<|im_end|>" in reason
+
+    # R1's special tokens in the vocabulary, ChatML template: ChatML, never R1's template
+    mixed = chat_tokenizer(SMOLLM2_TEMPLATE, ["<|im_start|>", "<|im_end|>"], BOS, EOS)
+    fmt, _ = chat_format(mixed, info_for(mixed, True), {})
+    assert fmt.name == "ChatML" and USER not in fmt.template
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real model: SmolLM2-135M-Instruct (Llama, tied embeddings, ChatML, `smollm` pre-tokenizer)
+
+SMOLLM2_PROMPTS = ("What is the capital of France?", "Explain in one sentence why the sky is blue.")
+# Greedy tokens that q8_0 must share with the 16-bit model, counted per prompt up to the first difference.
+# Measured: 16 of 24 (8/8 "The capital of France is Paris.<|im_end|>"; 8/16 on the sky, where "a process of
+# atmospheric absorption" and "a process called Rayleigh scattering" are a near-tie that q8_0's rounding flips).
+# f16 agrees on all 24 (bf16 weights are exact in f16). A little below the measure, so that a near-tie flipped
+# earlier by another torch build does not fail the test, while a wrong layout (garbage from token 1) does.
+SMOLLM2_Q8_MIN_AGREEING = 14
+
+
+@pytest.mark.real_model
+def test_smollm2_exports_as_llama_cpp_converts_it_and_generates_the_same(smollm2_dir, smollm2_gguf, tmp_path):
+    """SmolLM2-135M-Instruct's 16-bit folder (made from its official GGUF, `smollm2_gguf`, which llama.cpp's own
+    converter wrote): exported f16 and q8_0, the tokenizer metadata and tensor names are the official file's,
+    and both files read back compute and generate what the folder does."""
+    from transformers import AutoTokenizer
+
+    from qlora_kit.gguf_verify import load_gguf, load_merged, outputs_of
+    from qlora_kit.merge.verify import greedy_agreement
+
+    said = []
+    results = {quant: export_gguf(smollm2_dir, tmp_path / f"smollm2-{quant}.gguf", quant, log=said.append)
+               for quant in ("f16", "q8_0")}
+    assert not [line for line in said if line.startswith("no Modelfile")]
+
+    reader, fields = read_gguf(results["f16"].gguf_path)
+    tensors = {t.name for t in reader.tensors}
+    assert fields["tokenizer.ggml.pre"] == "smollm" and results["f16"].pre_tokenizer == "smollm"
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors and len(tensors) == 272  # tied
+    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
+            fields["tokenizer.ggml.padding_token_id"], fields["tokenizer.ggml.add_bos_token"]) == (1, 2, 2, False)
+    official_reader, official = read_gguf(smollm2_gguf)  # llama.cpp's own conversion of the same model
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.chat_template", "tokenizer.ggml.add_bos_token", "llama.vocab_size",
+                "llama.rope.dimension_count", "llama.attention.head_count_kv"):
+        assert fields[key] == official[key], key
+    assert tensors == {t.name for t in official_reader.tensors}
+
+    modelfile = results["q8_0"].modelfile_path.read_text(encoding="utf-8")
+    assert "(ChatML chat format)" in modelfile and "<|im_start|>assistant\n{{ end -}}" in modelfile
+    assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"\n' in modelfile and 'PARAMETER stop "<|im_start|>"\n' in modelfile
+    assert "<think>" not in modelfile and USER not in modelfile
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    reference_logits, reference_tokens = outputs_of(load_merged(smollm2_dir), tokenizer, list(SMOLLM2_PROMPTS), 16)
+    for quant, least in (("f16", sum(map(len, reference_tokens))), ("q8_0", SMOLLM2_Q8_MIN_AGREEING)):
+        logits, tokens = outputs_of(load_gguf(results[quant].gguf_path), tokenizer, list(SMOLLM2_PROMPTS), 16)
+        agreeing, _ = greedy_agreement(reference_tokens, tokens)
+        worst = max(float((r - g).abs().max()) for r, g in zip(reference_logits, logits, strict=True))
+        scale = max(float(r.abs().max()) for r in reference_logits)
+        print(f"\nSmolLM2 {quant}: {results[quant].size_bytes / 1e6:.1f} MB in {results[quant].seconds:.1f} s, "
+              f"max |Δlogit| {worst:.3g} ({worst / scale:.2e} of max), greedy {agreeing}/"
+              f"{sum(map(len, reference_tokens))} tokens agree")
+        assert worst / scale < {"f16": F16_RELATIVE_TOLERANCE, "q8_0": Q8_RELATIVE_TOLERANCE}[quant]
+        assert agreeing >= least

@@ -88,14 +88,17 @@ def chat(args: argparse.Namespace) -> int:
         loaded = load_run(source.dir) if source.kind == "run" else load_merged(source.dir)
     notes.print(f"[dim]{loaded.description}")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
-    if args.prompt is not None:
-        try:
-            answer(loaded, args.prompt, settings, console, args.show_think)
-        except KeyboardInterrupt:
-            console.print()
-            return EXIT_INTERRUPTED
-        return 0
-    interactive(loaded, settings, console, args.show_think)
+    from qlora_kit.cpu_inference import dequantized_weights
+
+    with dequantized_weights(loaded.model):  # a run's 4-bit base on a CPU: dequantized once, not once per token
+        if args.prompt is not None:
+            try:
+                answer(loaded, args.prompt, settings, console, args.show_think)
+            except KeyboardInterrupt:
+                console.print()
+                return EXIT_INTERRUPTED
+            return 0
+        interactive(loaded, settings, console, args.show_think)
     return 0
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qlora_kit.artifacts import SAMPLES_FILE
+from qlora_kit.cpu_inference import dequantized_weights
 from qlora_kit.data import Row
 from qlora_kit.generate import GenerationSettings, Reply, ask, prompt_format
 from qlora_kit.markdown import fenced, one_line, quoted
@@ -72,12 +73,13 @@ def write_samples(model, tokenizer, rows: list[Row], settings: SampleSettings, o
     was_training = model.training
     model.eval()
     try:
-        for row in rows:
-            with model.disable_adapter():
-                base = ask(model, tokenizer, row.question, fmt, settings.generation)
-            tuned = ask(model, tokenizer, row.question, fmt, settings.generation)
-            samples.append(Sample(row, base, tuned))
-            show_sample(console, len(samples), samples[-1])
+        with dequantized_weights(model):  # on a CPU: each 4-bit weight dequantized once, not once per new token
+            for row in rows:
+                with model.disable_adapter():
+                    base = ask(model, tokenizer, row.question, fmt, settings.generation)
+                tuned = ask(model, tokenizer, row.question, fmt, settings.generation)
+                samples.append(Sample(row, base, tuned))
+                show_sample(console, len(samples), samples[-1])
     except (KeyboardInterrupt, torch.OutOfMemoryError) as stop:
         reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else "out of memory"
         console.print(f"[yellow]samples stopped ({reason}) after {len(samples)} of {len(rows)} questions; "

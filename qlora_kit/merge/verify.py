@@ -184,11 +184,14 @@ class Reading:
 
 
 def read_model(model, *, prompts: list[torch.Tensor], device: str, examples: list, with_base: bool) -> Reading:
+    from qlora_kit.cpu_inference import dequantized_weights
     from qlora_kit.evaluate import evaluate_losses
 
     try:
         model.eval()
-        logits, greedy = run_prompts(model, prompts, device), greedy_ids(model, prompts, device)
+        logits = run_prompts(model, prompts, device)
+        with dequantized_weights(model):  # the NF4 reference on a CPU: dequantized once, not once per token
+            greedy = greedy_ids(model, prompts, device)
         losses = evaluate_losses(model, examples) if examples else None
         base_logits = base_losses = None
         if with_base:

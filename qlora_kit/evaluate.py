@@ -112,14 +112,3 @@ def evaluate_losses(model, examples: list[Example], batch_size: int = 1, pad_id:
         reasoning_loss=(sums["all"] - sums["answer"]) / reasoning_tokens if reasoning_tokens else None,
         answer_loss=sums["answer"] / counts["answer"] if counts["answer"] else None,
         rows=len(examples), tokens=counts["all"], answer_tokens=counts["answer"])
-
-
-def describe_change(before: float | None, after: float | None) -> str:
-    """"2.93 → 2.38" (or the one figure there is)."""
-    if before is None and after is None:
-        return "--"
-    if before is None:
-        return f"{after:.4f}"
-    if after is None:
-        return f"{before:.4f} → ?"
-    return f"{before:.4f} → {after:.4f}"

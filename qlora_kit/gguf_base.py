@@ -18,9 +18,12 @@ there is no better original to merge into. We say so at the start and in the mer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,8 @@ from qlora_kit.errors import UserError
 from qlora_kit.recipe import ModelSection
 
 CACHE_ENV = "QLORA_KIT_CACHE"
+CACHE_LAYOUT = 2
+"""Part of every cached folder's key: a change in what the folder holds makes a new one, never a half-right reuse."""
 WEIGHTS_FILE, SOURCE_FILE = "model.safetensors", "qlora_kit_gguf_source.json"
 
 # Bits per weight of llama.cpp's file types (the main tensors' block format, scales included).
@@ -114,7 +119,7 @@ def cache_root() -> Path:
 def content_key(path: Path) -> str:
     """Identifies the file by its content, cheaply: its size and its first and last 16 MiB (a GGUF's header holds
     every tensor's offset and type), so moving or renaming the file keeps its cache."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    digest = hashlib.sha256(f"{CACHE_LAYOUT} {path.stat().st_size}".encode())
     with path.open("rb") as f:
         digest.update(f.read(16 << 20))
         f.seek(max(0, path.stat().st_size - (16 << 20)))
@@ -127,9 +132,12 @@ def locate_gguf(model: ModelSection) -> Path:
     path = Path(model.gguf_file).expanduser()
     if path.is_absolute():
         if not path.is_file():
-            raise UserError(f"The GGUF file does not exist: {path}",
-                            hint="Set model.name to the .gguf file (or model.gguf_file to its name in model.name's "
-                                 "folder).")
+            from qlora_kit.smollm2 import MEMBER
+
+            hint = ("Set model.name to the .gguf file (or model.gguf_file to its name in model.name's folder).")
+            if path.name == Path(MEMBER).name:
+                hint = f"`python -m qlora_kit.smollm2` downloads it (98 MB). {hint}"
+            raise UserError(f"The GGUF file does not exist: {path}", hint=hint)
         return path
     from huggingface_hub import hf_hub_download
 
@@ -202,11 +210,22 @@ def write_config(config, folder: Path, dtype=None) -> None:
     partial.replace(folder / "config.json")
 
 
+def untied_state(model) -> dict:
+    """The state dict as transformers saves it: a head tied to the input embedding is stored once, under the
+    embedding's name (model.embed_tokens.weight), and the head's key left out; tensors contiguous for safetensors."""
+    state = model.state_dict()
+    embedding = model.get_input_embeddings().weight
+    embedding_name = next(name for name, param in model.named_parameters() if param is embedding)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state = {name: tensor for name, tensor in state.items()
+                 if name == embedding_name or tensor.data_ptr() != embedding.data_ptr()}
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
 def write_weights(path: Path, folder: Path, info: GgufFile) -> None:
     """Dequantize every tensor (transformers' reader) and save them as one safetensors file, written under a
     temporary name and renamed when complete: an interrupted conversion is redone, never half used."""
-    import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, GgufConfig
 
     dtype = dequantized_dtype(info)
@@ -219,31 +238,24 @@ def write_weights(path: Path, folder: Path, info: GgufFile) -> None:
                         hint="Use a GGUF with a common quantization (Q4_K_M, Q5_K_M, Q8_0, F16) or the 16-bit "
                              "original of the model.")
     partial = folder / (WEIGHTS_FILE + ".partial")
-    save_model(model, str(partial), metadata={"format": "pt"})  # writes a tied head once, as transformers does
+    save_file(untied_state(model), str(partial), metadata={"format": "pt"})
     write_config(model.config, folder, dtype)
     model.generation_config.save_pretrained(folder)
     partial.replace(folder / WEIGHTS_FILE)
-    del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-class gguf_read_errors:  # noqa: N801 - used as a context manager, named like one
+@contextlib.contextmanager
+def gguf_read_errors(path: Path) -> Iterator[None]:
     """transformers' GGUF reader fails deep inside (unknown architecture, unsupported tensor type): one message."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or isinstance(error, UserError) or not isinstance(error, Exception):
-            return False
-        if isinstance(error, ImportError):
-            raise UserError("Reading a GGUF base needs the `gguf` package.",
-                            hint='pip install "gguf>=0.19" (or pip install -e ".[gguf]").') from None
+    try:
+        yield
+    except UserError:
+        raise
+    except ImportError:
+        raise UserError("Reading a GGUF base needs the `gguf` package.", hint='pip install "gguf>=0.19"') from None
+    except Exception as error:  # noqa: BLE001 - whatever the reader raises, the user needs the file and the way out
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"transformers could not read {self.path.name}: {first}",
+        raise UserError(f"transformers could not read {path.name}: {first}",
                         hint="Its GGUF reader knows the common architectures (llama, qwen2, mistral, gemma, ...); "
                              "for others, use the model's 16-bit original (hub id or folder).") from None
 
@@ -251,7 +263,4 @@ class gguf_read_errors:  # noqa: N801 - used as a context manager, named like on
 def quiet_progress():
     """transformers' GGUF reader draws its own tqdm bar on stderr ("Converting and de-quantizing GGUF tensors...");
     ours says what happens in one line instead. Errors still arrive: as exceptions."""
-    import contextlib
-    import io
-
     return contextlib.redirect_stderr(io.StringIO())

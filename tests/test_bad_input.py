@@ -128,7 +128,18 @@ CATALOGUE = {
         ["only pickle weights (pytorch_model.bin)", "model.allow_pickle_weights = true"]),
     "model: no weights": (lambda t: (recipe_text(t, model=model_folder(t, QWEN2)), ["model.init=pretrained"]),
                           ["has no weight files", "model.init = 'random'"]),
+    "model: GGUF file missing": (lambda t: (recipe_text(t, model=t / "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                                            ["model.init=pretrained"]),
+                                 ["The GGUF file does not exist", "python -m qlora_kit.smollm2"]),
+    "model: not a GGUF file": (lambda t: (recipe_text(t, model=fake_gguf(t)), ["model.init=pretrained"]),
+                               ["is not a readable GGUF file", "model.gguf"]),
 }
+
+
+def fake_gguf(tmp):
+    path = tmp / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not a GGUF file" * 8)
+    return path
 
 
 def _big_tokenizer(tmp: Path) -> Path:

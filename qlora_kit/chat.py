@@ -166,7 +166,7 @@ def load_run(run_dir: Path) -> Loaded:
     base = "RANDOM-INIT base (demo: expect nonsense)" if recipe.model.init == "random" else "base"
     bits = "4-bit" if recipe.quant.load_in_4bit else "16-bit"
     return Loaded(model, tokenizer, prompt_format(tokenizer, recipe.data),
-                  f"run {run_dir}: {base} {recipe.model.name} ({bits}) + adapter; {precision.describe()}")
+                  f"run {run_dir}: {base} {recipe.model.display_name} ({bits}) + adapter; {precision.describe()}")
 
 
 def inference_recipe(recipe):

@@ -165,7 +165,7 @@ class ThinkRouter:
         self.starts_inside = starts_inside
         self.state = "answer" if separator is None else "start" if opener else "think"
         self.held = ""
-        self.answer_started = False
+        self.think_started = self.answer_started = False
 
     def feed(self, piece: str) -> None:
         text, self.held = self.held + piece, ""
@@ -207,6 +207,9 @@ class ThinkRouter:
         return text[:len(text) - keep]
 
     def _think(self, text: str) -> None:
+        if not self.think_started:
+            text = text.lstrip()  # the newline after <think>
+            self.think_started = bool(text)
         if text:
             self.on_think(text)
 

@@ -28,7 +28,8 @@ def smol_run(smollm2_gguf, tmp_path_factory):
     result = run_cli(str(REPO / "recipes" / "demo.toml"), f"model.name={smollm2_gguf}", "model.init=pretrained",
                      "data.max_length=256", "data.eval_rows=8", "data.system_prompt=Answer briefly.",
                      f"train.max_steps={STEPS}", f"train.batch_size={BATCH}", "train.learning_rate=3e-3",
-                     "train.warmup=0.1", "train.eval_steps=0", "train.save_steps=0", "train.gradient_checkpointing=false",
+                     "train.warmup=0.1", "train.eval_steps=0", "train.save_steps=0",
+                     "train.gradient_checkpointing=false",
                      f"samples.count={QUESTIONS}", "samples.greedy=true", f"samples.max_new_tokens={NEW_TOKENS}",
                      f"output.dir={out}", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -99,14 +99,22 @@ class Verification:
 
 
 def memory_for_verification(merged_dir: Path) -> tuple[float, float, str]:
-    """(bytes verification needs, bytes free, where): one whole model in the output dtype at a time, i.e. about
-    the merged shards' size, plus a fifth for activations and the loaders' temporaries."""
-    needed = 1.2 * sum(f.stat().st_size for f in Path(merged_dir).glob("*.safetensors"))
+    """(bytes verification needs, bytes free, where): one whole model at a time, i.e. about the merged shards' size
+    (twice that on a CPU, which computes in float32), plus a fifth for activations and the loaders' temporaries."""
+    shards = sum(f.stat().st_size for f in Path(merged_dir).glob("*.safetensors"))
     if torch.cuda.is_available():
-        return needed, float(torch.cuda.mem_get_info()[0]), "GPU memory"
+        return 1.2 * shards, float(torch.cuda.mem_get_info()[0]), "GPU memory"
+    needed = 1.2 * shards * 4 / bytes_per_weight(merged_dir)
     import psutil
 
     return needed, float(psutil.virtual_memory().available), "RAM"
+
+
+def bytes_per_weight(merged_dir: Path) -> int:
+    import json
+
+    name = json.loads((Path(merged_dir) / "config.json").read_text(encoding="utf-8")).get("dtype", "float16")
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(name), 2)
 
 
 def verify_if_it_fits(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged_dir: Path,
@@ -134,16 +142,20 @@ def verify(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust)
     prompts = [encode_prompt(tokenizer, p) for p in SAMPLE_PROMPTS]
     examples = held_out_examples(run, tokenizer)
-    console.print(f"verifying on {device}, in {dtype_name}: {len(prompts)} prompts and {len(examples)} held-out rows "
+    # A CPU computes in float32 whatever the weights' dtype: its float16/bfloat16 matmuls are emulated (17x slower
+    # than float32 on an AVX2 CPU), and float32 arithmetic only shrinks the rounding the tolerance allows for.
+    compute = dtype_name if device == "cuda" else "float32"
+    console.print(f"verifying on {device}, {dtype_name} weights computed in {compute}: {len(prompts)} prompts and "
+                  f"{len(examples)} held-out rows "
                   "through base + adapter (PEFT) and the merged folder, one model at a time")
     read = functools.partial(read_model, prompts=prompts, device=device, examples=examples)
-    trained = read(adapter_model(run, base, adapter, plan, dtype_name, device, quantized=True), with_base=True)
+    trained = read(adapter_model(run, base, adapter, plan, compute, device, quantized=True), with_base=True)
     original = None
     if not plan.prequantized and run.recipe.quant.load_in_4bit:
-        original = read(adapter_model(run, base, adapter, plan, dtype_name, device, quantized=False), with_base=True)
+        original = read(adapter_model(run, base, adapter, plan, compute, device, quantized=False), with_base=True)
     elif not run.recipe.quant.load_in_4bit:  # 16-bit LoRA: the run trained on the original weights
         original, trained = trained, None
-    merged = read(merged_model(merged_dir, trust, device), with_base=False)
+    merged = read(merged_model(merged_dir, trust, device, compute), with_base=False)
 
     if plan.into == "dequantized" or original is None:
         reference, what = trained, "PEFT on the NF4 base, as trained"
@@ -265,11 +277,12 @@ def adapter_model(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan,
     return PeftModel.from_pretrained(base_model, adapter.folder)
 
 
-def merged_model(merged_dir: Path, trust_remote_code: bool, device: str):
+def merged_model(merged_dir: Path, trust_remote_code: bool, device: str, compute: str):
     from transformers import AutoModelForCausalLM
 
-    # Plain loading, dtype from config.json: exactly what a user of the merged folder does.
-    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map={"": device},
+    # Plain loading, as a user of the merged folder does: its own dtype on a GPU, float32 on a CPU (chat's choice).
+    return AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto" if device == "cuda" else DTYPES[compute],
+                                                device_map={"": device},
                                                 trust_remote_code=trust_remote_code)
 
 

@@ -145,6 +145,15 @@ PROFILES = {
                            dropout_intermediate=0.0, loss_hidden=3.1),
 }
 PROFILES["float16"] = PROFILES["bfloat16"]
+
+
+def activations_without_checkpointing(arch: Architecture, tokens: int, dtype: str = "float32") -> float:
+    """Bytes of every layer's activations kept for the backward when nothing is recomputed: the recomputed
+    layer's measured per-token terms, once per layer (how qlora_kit decides checkpointing on a CPU)."""
+    p = PROFILES[dtype]
+    per_token = (p.layer_hidden * arch.hidden + p.layer_intermediate * arch.intermediate
+                 + p.layer_kv * arch.kv_heads * arch.head_dim)
+    return arch.layers * tokens * per_token * p.compute_bytes
 # Without Triton (on a CPU), TRL folds each loss tile with torch ops: ~7 float32 temporaries of the tile's size.
 LOSS_TILE_FP32_COPIES_WITHOUT_TRITON = 7.25
 

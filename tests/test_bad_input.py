@@ -99,7 +99,8 @@ CATALOGUE = {
                                     ["Every training row is longer than data.max_length = 16"]),
     "data: every eval row over length": (
         lambda t: (recipe_text(t), ["data.max_length=30", "data.over_length=truncate", "data.eval_rows=4"]),
-        ["All 4 eval rows are longer than data.max_length = 30 tokens"]),
+        ["Every row is longer than data.max_length = 30 tokens, so there is nothing to evaluate on",
+         "data.eval_rows = 0"]),
     "data: over length with policy error": (
         lambda t: (recipe_text(t), ["data.max_length=100", "data.over_length=error"]),
         ["rows are longer than data.max_length = 100", "data.over_length = 'drop'"]),

@@ -44,6 +44,8 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cpu-speed-smollm2.json")
+    parser.add_argument("--background-load", type=int, default=0, metavar="N",
+                        help="keep N busy processes running during every trial: a CPU shared with other programs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -128,9 +130,32 @@ def main(argv=None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
-    import tempfile
 
     trials = []
+    # Busy loops in their own processes: what a browser, a compiler or another job does to a shared CPU.
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.background_load)]
+    try:
+        run_trials(args, trials)
+    finally:
+        for process in load:
+            process.kill()
+    import torch
+
+    report = {"what": "tools/bench_cpu_speed.py: SmolLM2-135M-Instruct (Q4_1 GGUF base, NF4 + LoRA r 16), batch 1",
+              "command": "python tools/bench_cpu_speed.py " + " ".join(argv or sys.argv[1:]),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "background_load_processes": args.background_load,
+              "rows": "medical-o1 fixtures" if FIXTURE_ROWS.is_file() else "demo rows",
+              "torch": torch.__version__, "trials": trials}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"written: {args.out}")
+    return 0
+
+
+def run_trials(args, trials: list) -> None:
+    import tempfile
+
     for round_number in range(args.rounds):
         for name, (policy, _) in VARIANTS.items():
             with tempfile.TemporaryDirectory() as tmp:
@@ -146,17 +171,6 @@ def main(argv=None) -> int:
             trial = {"variant": name, "round": round_number, "load_average_before": load, **json.loads(line[7:])}
             trials.append(trial)
             print(json.dumps(trial), flush=True)
-    import torch
-
-    report = {"what": "tools/bench_cpu_speed.py: SmolLM2-135M-Instruct (Q4_1 GGUF base, NF4 + LoRA r 16), batch 1",
-              "command": "python tools/bench_cpu_speed.py " + " ".join(argv or sys.argv[1:]),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "rows": "medical-o1 fixtures" if FIXTURE_ROWS.is_file() else "demo rows",
-              "torch": torch.__version__, "trials": trials}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"written: {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

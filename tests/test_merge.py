@@ -152,7 +152,8 @@ def safetensors_state(folder: Path) -> dict[str, torch.Tensor]:
                                                   ("bfloat16", False)])
 def test_merge_matches_peft_merge_and_unload(runs, bases, tokenizer_dir, tmp_path, capsys, dtype_name, tied):
     out = tmp_path / "merged"
-    assert main([str(runs[tied]), "--out", str(out), "--dtype", dtype_name, "--max-shard-size", "100KB"]) == 0
+    assert main([str(runs[tied]), "--out", str(out), "--dtype", dtype_name, "--max-shard-size", "100KB",
+                 "--into", "original"]) == 0
     printed = capsys.readouterr().out
     assert "ORIGINAL 16-bit" in printed and "verification:" in printed and "PASS" in printed
     assert "peak RAM" in printed
@@ -195,7 +196,7 @@ def test_merge_matches_peft_merge_and_unload(runs, bases, tokenizer_dir, tmp_pat
 def test_dora_adapter_matches_peft(bases, tokenizer_dir, tmp_path):
     run = make_run(tmp_path / "run", load_fp32(bases[False]), str(bases[False]), tokenizer_dir, use_dora=True)
     out = tmp_path / "merged"
-    assert main([str(run), "--out", str(out), "--dtype", "float32"]) == 0
+    assert main([str(run), "--out", str(out), "--dtype", "float32", "--into", "original"]) == 0
     reference = peft_reference(bases[False], run / "adapter", torch.float32)
     torch.testing.assert_close(logits(load_merged(out)), logits(reference), rtol=1e-5, atol=1e-5)
     assert "DoRA" in (out / "README.md").read_text()
@@ -205,7 +206,7 @@ def test_rslora_and_rank_pattern_scales(bases, tokenizer_dir, tmp_path):
     run = make_run(tmp_path / "run", load_fp32(bases[False]), str(bases[False]), tokenizer_dir, use_rslora=True,
                    rank_pattern={"q_proj": 4}, alpha_pattern={"down_proj": 3})
     out = tmp_path / "merged"
-    assert main([str(run), "--out", str(out), "--dtype", "float32", "--no-verify"]) == 0
+    assert main([str(run), "--out", str(out), "--dtype", "float32", "--no-verify", "--into", "original"]) == 0
     reference = peft_reference(bases[False], run / "adapter", torch.float32)
     torch.testing.assert_close(logits(load_merged(out)), logits(reference), rtol=1e-5, atol=1e-5)
 
@@ -217,7 +218,8 @@ def test_into_dequantized_matches_peft_on_the_nf4_base(runs, bases, tmp_path, ca
     from qlora_kit.model import keep_cpu_weights_trainable
 
     original, dequantized = tmp_path / "original", tmp_path / "dequantized"
-    assert main([str(runs[False]), "--out", str(original), "--dtype", "float32", "--no-verify"]) == 0
+    assert main([str(runs[False]), "--out", str(original), "--dtype", "float32", "--no-verify",
+                 "--into", "original"]) == 0
     assert main([str(runs[False]), "--out", str(dequantized), "--dtype", "float32", "--into", "dequantized"]) == 0
     printed = capsys.readouterr().out
     assert "DEQUANTIZED NF4" in printed and "14 Linear weights" in printed and "PASS" in printed
@@ -240,6 +242,12 @@ def test_into_dequantized_matches_peft_on_the_nf4_base(runs, bases, tmp_path, ca
     gap = (logits(load_merged(original)) - logits(load_merged(dequantized))).abs().max()
     assert 0 < gap < 0.5 * (logits(load_merged(original)).abs().max())
 
+    # The default for a run that trained on a 4-bit base is this merge: the model it trained, evaluated and sampled.
+    default = tmp_path / "default"
+    assert main([str(runs[False]), "--out", str(default), "--dtype", "float32", "--no-verify"]) == 0
+    assert "DEQUANTIZED NF4 weights + LoRA update (default" in capsys.readouterr().out
+    assert all(torch.equal(t, safetensors_state(dequantized)[n]) for n, t in safetensors_state(default).items())
+
 
 def test_random_init_run_rebuilds_the_same_base(tokenizer_dir, tmp_path, capsys):
     """init = "random": the model folder holds only config + tokenizer; merge rebuilds the run's seeded weights."""
@@ -255,7 +263,7 @@ def test_random_init_run_rebuilds_the_same_base(tokenizer_dir, tmp_path, capsys)
     section = ModelSection(name=str(model_dir), init="random")
     run = make_run(tmp_path / "run", random_model(section, 7), str(model_dir), tokenizer_dir, init="random", seed=7)
     out = tmp_path / "merged"
-    assert main([str(run), "--out", str(out), "--dtype", "float32"]) == 0
+    assert main([str(run), "--out", str(out), "--dtype", "float32", "--into", "original"]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM-INIT" in printed and "PASS" in printed
     reference = PeftModel.from_pretrained(random_model(section, 7).float(), run / "adapter").merge_and_unload()
@@ -375,7 +383,8 @@ def test_into_dequantized_of_a_prequantized_bnb_base(runs, bases, tmp_path, caps
                                              load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True,
                                              bnb_4bit_compute_dtype=torch.float32)).save_pretrained(quantized)
-    refuse(capsys, [str(runs[False]), "--base", str(quantized)], tmp_path / "o" / "m", "itself quantized")
+    refuse(capsys, [str(runs[False]), "--base", str(quantized), "--into", "original"], tmp_path / "o" / "m",
+           "itself quantized")
     from_codes, from_16bit = tmp_path / "from-codes", tmp_path / "from-16bit"
     assert main([str(runs[False]), "--base", str(quantized), "--into", "dequantized", "--dtype", "float32",
                  "--out", str(from_codes)]) == 0

@@ -36,17 +36,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         # tools/merge.py and `python -m qlora_kit.merge` are the same command: name the one that was typed.
         prog="python tools/merge.py" if Path(sys.argv[0]).name == "merge.py" else "python -m qlora_kit.merge",
-        description="Merge a run's LoRA adapter into the original 16-bit base weights, shard by shard.",
+        description="Merge a run's LoRA adapter into its base model's weights, shard by shard.",
         epilog="examples:\n  python tools/merge.py runs/medical\n"
                "  python tools/merge.py runs/medical --out merged/ --dtype bfloat16\n"
-               "  python tools/merge.py runs/medical --into dequantized",
+               "  python tools/merge.py runs/medical --into original",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="run directory (holds adapter/ and recipe.toml)")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/merged)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float16", help="dtype of the merged weights")
-    parser.add_argument("--into", choices=("original", "dequantized"), default="original",
-                        help="original: the 16-bit base weights (default). dequantized: the NF4 round trip of them, "
-                             "i.e. the weights the adapter was trained against")
+    parser.add_argument("--into", choices=("original", "dequantized"), default=None,
+                        help="dequantized (default for a run that trained on a 4-bit base): the NF4 round trip of "
+                             "the base, i.e. the weights the adapter was trained against, so the merged model is "
+                             "the trained one. original (default for a 16-bit LoRA run): the 16-bit base weights")
     parser.add_argument("--base", help="take base weights from this local folder or hub id instead of the recipe's")
     parser.add_argument("--revision", default="main", help="hub revision for --base (default: main)")
     parser.add_argument("--max-shard-size", type=parse_size, default="1GB", metavar="SIZE",

@@ -1,6 +1,11 @@
-"""The merge plan: what the update is folded into, the original 16-bit base weights or the NF4 round trip
-of them that the run trained against (--into). Decided, and refused for bases that are not 16-bit, before
-anything is written."""
+"""The merge plan: what the update is folded into, the NF4 round trip of the base that the run trained against or
+the original 16-bit base weights (--into). Decided, and refused for bases that are not 16-bit, before anything is
+written.
+
+Why the NF4 round trip is the default for a 4-bit run: the adapter was learnt against those weights, and that model
+is the one the run evaluated, sampled and chatted with. Folding the update into the original weights gives a
+different model: on SmolLM2-135M it wrote the trained model's greedy text for 17 of 72 tokens, the round trip for
+all of them (bench/results/merge-comparison-smollm2.json, README "Merge")."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ if TYPE_CHECKING:
 class MergePlan:
     into: str
     """`original` or `dequantized`."""
+    chosen: bool = False
+    """--into was given (not the run's default)."""
     quant_type: str = ""
     double_quant: bool = False
     round_trip: set[str] = field(default_factory=set)
@@ -29,20 +36,26 @@ class MergePlan:
     prequantized: bool = False
 
     def describe(self) -> str:
+        how = f"--into {self.into}" if self.chosen else "default"
         if self.into == "original":
-            return "ORIGINAL 16-bit base weights + LoRA update (default)"
+            return (f"ORIGINAL 16-bit base weights + LoRA update ({how}"
+                    f"{'' if self.chosen else ': the run trained LoRA on the 16-bit weights'})")
         if self.prequantized:
-            return "DEQUANTIZED weights of the pre-quantized bitsandbytes 4-bit base + LoRA update (--into dequantized)"
-        return (f"DEQUANTIZED {self.quant_type.upper()} weights + LoRA update (--into dequantized): the "
+            return f"DEQUANTIZED weights of the pre-quantized bitsandbytes 4-bit base + LoRA update ({how})"
+        return (f"DEQUANTIZED {self.quant_type.upper()} weights + LoRA update ({how}: the weights the adapter was "
+                "trained against, so the merged model is the trained one; --into original for the 16-bit ones): the "
                 f"{len(self.round_trip)} Linear weights the run quantized are quantized exactly as it did "
                 f"({self.quant_type}, blocksize {QUANT_BLOCKSIZE}, double quant "
                 f"{'on' if self.double_quant else 'off'}) and dequantized; embeddings, norms, lm_head and biases "
                 "stay original")
 
 
-def plan_merge(recipe, base: Checkpoint, adapter: Adapter, into: str, expected: dict | None) -> MergePlan:
+def plan_merge(recipe, base: Checkpoint, adapter: Adapter, into: str | None, expected: dict | None) -> MergePlan:
+    """`into` None: the run's default, the weights it trained against."""
     check_architecture(base, expected)
-    plan = MergePlan(into)
+    plan = MergePlan(into or ("dequantized" if recipe.quant.load_in_4bit or base.quantization else "original"),
+                     chosen=into is not None)
+    into = plan.into
     quantization = base.quantization
     if quantization:
         method = quantization.get("quant_method", "unknown")
@@ -56,7 +69,8 @@ def plan_merge(recipe, base: Checkpoint, adapter: Adapter, into: str, expected: 
     elif into == "dequantized":
         if not recipe.quant.load_in_4bit:
             raise UserError("--into dequantized: this run did not quantize its base (quant.load_in_4bit = false).",
-                            hint="Merge into the original weights (the default): they are what the run trained on.")
+                            hint="Merge into the original weights (--into original, the default for such a run): "
+                                 "they are what the run trained on.")
         plan.quant_type, plan.double_quant = recipe.quant.quant_type, recipe.quant.double_quant
         plan.round_trip = quantized_weight_names(base, recipe)
     check_adapter_fits(base, adapter)
@@ -82,5 +96,5 @@ def quantized_weight_names(base: Checkpoint, recipe) -> set[str]:
     if unmatched:
         raise UserError("--into dequantized: the checkpoint's tensor names differ from the model's module names, "
                         f"so the quantized layers cannot be found (e.g. {unmatched[0]}).",
-                        hint="Merge into the original weights (the default) instead.")
+                        hint="Merge into the original weights instead: --into original.")
     return names

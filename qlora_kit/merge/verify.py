@@ -2,8 +2,9 @@
 prompts go through both, one model at a time, and the largest logit difference must stay within a tolerance
 relative to the largest logit, set per output dtype.
 
-Which reference: the default merge folds the update into the original 16-bit weights, so PEFT on those is its
-reference; --into dequantized folds it into the NF4 round trip the run trained against. Either way the merged
+Which reference: a 4-bit run's default merge (--into dequantized) folds the update into the NF4 round trip the run
+trained against, so PEFT on the NF4 base is its reference; --into original (and a 16-bit LoRA run's default) folds it
+into the original 16-bit weights, whose reference is PEFT on those. Either way the merged
 folder is also set against the model the run trained (PEFT on the NF4 base): its logits, its greedy text, and,
 beside them, the eval loss on the run's held-out rows of the 16-bit base, the NF4 base, the trained model and the
 merged folder. Which merge is the right default is measured on a real model in the README."""
@@ -132,7 +133,7 @@ def verify_if_it_fits(run: Run, base: Checkpoint, adapter: Adapter, plan: MergeP
 
 def verify(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged_dir: Path, dtype_name: str,
            console) -> Verification:
-    """Each model once, one at a time: the 16-bit base + adapter (the reference of the default merge), the NF4 base +
+    """Each model once, one at a time: the 16-bit base + adapter (the reference of --into original), the NF4 base +
     adapter (the model the run trained, the reference of --into dequantized), the merged folder. Each gives its
     logits on the sample prompts, its greedy continuations and its eval loss on the run's held-out rows."""
     from transformers import AutoTokenizer

@@ -2,12 +2,12 @@
 
     python tools/compare_merges.py runs/smol_medical [--questions 8] [--max-new-tokens 384] [--out FILE.json]
 
-The adapter was trained on the NF4 base. Merging its update into the original 16-bit weights (tools/merge.py's
-default) changes the model it was trained against; merging into the dequantized NF4 weights (--into dequantized)
-keeps that model but bakes the 4-bit rounding in. For three models
+The adapter was trained on the NF4 base. Merging its update into the dequantized NF4 weights (tools/merge.py's
+default for a 4-bit run, --into dequantized) keeps that model but bakes the 4-bit rounding in; merging it into the
+original 16-bit weights (--into original) changes the model it was trained against. For three models
 
     trained       the run directory as it is: NF4 base + adapter (what samples.md and `chat RUN_DIR` show)
-    original      tools/merge.py RUN_DIR                      (16-bit base + update)
+    original      tools/merge.py RUN_DIR --into original      (16-bit base + update)
     dequantized   tools/merge.py RUN_DIR --into dequantized   (NF4 round trip of the base + update)
 
 this writes the eval loss on the run's held-out rows (all tokens, answer tokens), the greedy replies' agreement with

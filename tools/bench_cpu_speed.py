@@ -8,7 +8,8 @@ qlora_kit's own training setup for the SmolLM2 GGUF base (NF4, LoRA r 16 on all 
 medical-o1 rows where the fixtures are present (else the demo rows), batch 1, and measures
 
     train      tokens/s over `--steps` optimizer steps after one warm-up step
-    eval       rows/s of qlora_kit.evaluate over `--eval-rows` held-out rows
+    eval       rows/s of qlora_kit.evaluate over `--eval-rows` held-out rows, and of transformers' evaluation loop
+               (what TRL ran before it) over the same rows
     generate   greedy new tokens/s, with and without qlora_kit.cpu_inference's dequantized weights
 
 Variants: `spin` (OMP_WAIT_POLICY=ACTIVE: threads spin between parallel regions, what an unset policy does for
@@ -103,6 +104,11 @@ def worker(args) -> dict:
     started = time.monotonic()
     loss = evaluate_losses(trainer.model, examples.eval)
     eval_s = time.monotonic() - started
+    # Before qlora_kit.evaluate: transformers' evaluation loop over the same rows as TRL runs it (full logits
+    # over the whole vocabulary at every position, TRL's entropy and token accuracy on top).
+    started = time.monotonic()
+    stock = trainer.evaluate(eval_dataset=to_dataset(examples.eval))
+    stock_s = time.monotonic() - started
 
     fmt = prompt_format(tokenizer, recipe.data)
     ids = fmt.prompt_ids(tokenizer, examples.sample_rows[0].question)
@@ -119,6 +125,8 @@ def worker(args) -> dict:
     assert generated[True][2] == generated[False][2], "dequantized weights changed the greedy tokens"
     return {"train_tokens_per_s": round(tokens / train_s, 1), "train_s_per_step": round(train_s / args.steps, 2),
             "eval_rows_per_s": round(len(examples.eval) / eval_s, 3), "eval_loss": round(loss.loss, 6),
+            "eval_rows_per_s_transformers_loop": round(len(examples.eval) / stock_s, 3),
+            "eval_loss_transformers_loop": round(stock["eval_loss"], 6),
             "train_loss": round(trainer.state.log_history[-1].get("train_loss", float("nan")), 6),
             "generate_tokens_per_s": round(generated[False][0] / generated[False][1], 2),
             "generate_tokens_per_s_dequantized_once": round(generated[True][0] / generated[True][1], 2),

@@ -127,7 +127,7 @@ def worker(args) -> dict:
             "eval_rows_per_s": round(len(examples.eval) / eval_s, 3), "eval_loss": round(loss.loss, 6),
             "eval_rows_per_s_transformers_loop": round(len(examples.eval) / stock_s, 3),
             "eval_loss_transformers_loop": round(stock["eval_loss"], 6),
-            "train_loss": round(trainer.state.log_history[-1].get("train_loss", float("nan")), 6),
+            "train_loss": next(round(r["train_loss"], 6) for r in trainer.state.log_history if "train_loss" in r),
             "generate_tokens_per_s": round(generated[False][0] / generated[False][1], 2),
             "generate_tokens_per_s_dequantized_once": round(generated[True][0] / generated[True][1], 2),
             "torch_threads": torch.get_num_threads(), "load_average_after": os.getloadavg()[0]}

@@ -103,7 +103,9 @@ def main(argv=None) -> int:
         "max_new_tokens": args.max_new_tokens, "merged_dtype": args.dtype,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "versions": versions(), "command": "python tools/compare_merges.py " + " ".join(argv or sys.argv[1:]),
-        "seconds": round(time.monotonic() - started, 1), "models": results,
+        "seconds": round(time.monotonic() - started, 1),
+        # The token ids only served the agreement count above; the reply texts stay.
+        "models": {mode: {k: v for k, v in figures.items() if k != "reply_ids"} for mode, figures in results.items()},
     }
     path = args.out or run_dir / "merge_comparison.json"
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

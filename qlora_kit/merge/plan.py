@@ -53,9 +53,10 @@ class MergePlan:
 def plan_merge(recipe, base: Checkpoint, adapter: Adapter, into: str | None, expected: dict | None) -> MergePlan:
     """`into` None: the run's default, the weights it trained against."""
     check_architecture(base, expected)
-    plan = MergePlan(into or ("dequantized" if recipe.quant.load_in_4bit or base.quantization else "original"),
-                     chosen=into is not None)
-    into = plan.into
+    chosen = into is not None
+    if not chosen:
+        into = "dequantized" if recipe.quant.load_in_4bit or base.quantization else "original"
+    plan = MergePlan(into, chosen=chosen)
     quantization = base.quantization
     if quantization:
         method = quantization.get("quant_method", "unknown")

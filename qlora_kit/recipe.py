@@ -215,6 +215,22 @@ class SamplesSection:
 
 
 @dataclass
+class EvalSection:
+    tasks: str = ""
+    """Multiple-choice benchmarks scored at the end of the run, base vs fine-tuned: lm-evaluation-harness task
+    names, comma-separated, e.g. "medqa_4options,cmmlu_clinical_knowledge" (needs `pip install "qlora_kit[eval]"`
+    and the tasks' data from the hub). Empty: none."""
+    file: str = ""
+    """Your own multiple-choice questions, scored the same way: a .jsonl of question, options, answer (the
+    README's evaluation section shows the layout); relative paths are read from the recipe's folder. Empty: none."""
+    limit: int = 0
+    """Score only the first N questions of each task and of the file. 0: all of them."""
+    generate: bool = False
+    """Also let the model reason and write its answer, and read the chosen letter after </think> (slow: one reply
+    per question and side, up to samples.max_new_tokens). Off: log-likelihood of each option only."""
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     quant: QuantSection = field(default_factory=QuantSection)
@@ -225,6 +241,7 @@ class Recipe:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     output: OutputSection = field(default_factory=OutputSection)
     samples: SamplesSection = field(default_factory=SamplesSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     sft: dict[str, Any] = field(default_factory=dict)
     """Pass-through table for rare `trl.SFTConfig` arguments, e.g. `[sft] neftune_noise_alpha = 5`."""
     source_path: str = ""
@@ -267,6 +284,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "output.preview_rows": (lambda v: v >= 0, "0 or more"),
     "samples.count": (lambda v: v >= 0, "0 (none) or more"),
     "samples.max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "eval.limit": (lambda v: v >= 0, "0 (all questions) or more"),
 }
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "source_path"}

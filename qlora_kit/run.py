@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     if processes.is_main:
         write_run_report(recipe, args.command, examples.data_report, outcome, plan)
     report.show_summary(console, outcome.summary, out)
+    from qlora_kit.eval.after_run import evaluate_finished_run  # the recipe's [eval] section, when it has one
+
+    evaluate_finished_run(recipe, console, is_main=processes.is_main)
     return 0
 
 

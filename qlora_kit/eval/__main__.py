@@ -1,0 +1,5 @@
+import sys
+
+from qlora_kit.eval.cli import main
+
+sys.exit(main())

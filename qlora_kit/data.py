@@ -27,6 +27,8 @@ class Row:
     response: str
     number: int
     """1-based row number in the source (the line number for .jsonl)."""
+    system: str = ""
+    """The row's own system message (an Alpaca `system` field, a ShareGPT system turn); empty: data.system_prompt."""
 
 
 @dataclass
@@ -42,16 +44,15 @@ def load_rows(data: DataSection) -> RowSet:
     records, origin = _read_records(data)
     if not records:
         raise UserError(f"{origin}: the data set has no rows.", hint="Point data.source at a file with rows.")
-    _check_columns(records, data, origin)
+    layout = resolve_layout(records, data, origin)
+    read_row = {"columns": _columns_row, "alpaca": alpaca_row, "sharegpt": sharegpt_row}[layout]
     rows, dropped = [], {}
     for number, record in enumerate(records, start=1):
-        problem = _row_problem(record, data)
-        if problem:
-            dropped.setdefault(problem, []).append(number)
+        row = read_row(record, data, number)
+        if isinstance(row, str):  # what is wrong with it
+            dropped.setdefault(row, []).append(number)
             continue
-        cot = record.get(data.cot_column, "") if data.cot_column else ""
-        rows.append(Row(record[data.question_column].strip(), (cot or "").strip(),
-                        record[data.response_column].strip(), number))
+        rows.append(row)
     if not rows:
         raise UserError(f"{origin}: none of the {len(records)} rows is usable.",
                         [f"{reason}: rows {row_list(numbers)}" for reason, numbers in dropped.items()],
@@ -160,8 +161,115 @@ def _read_hub(data: DataSection) -> list[dict]:
     return dataset.to_list()
 
 
-def _check_columns(records: list[dict], data: DataSection, origin: str) -> None:
+ALPACA_COLUMNS = ("instruction", "output")
+SHAREGPT_COLUMNS = ("conversations", "messages")
+
+
+def resolve_layout(records: list[dict], data: DataSection, origin: str) -> str:
+    """data.layout, with `auto` decided from the columns of the first rows; checks the columns the layout needs."""
     present = set().union(*(r.keys() for r in records[:100]))
+    layout = data.layout
+    if layout == "auto":
+        if data.question_column in present:
+            layout = "columns"
+        elif all(c in present for c in ALPACA_COLUMNS):
+            layout = "alpaca"
+        elif any(c in present for c in SHAREGPT_COLUMNS):
+            layout = "sharegpt"
+        else:
+            layout = "columns"  # its error names the missing columns and the other layouts
+    if layout == "alpaca":
+        missing = [c for c in ALPACA_COLUMNS if c not in present]
+        if missing:
+            raise UserError(f"{origin}: data.layout = 'alpaca' needs the column(s) {', '.join(missing)}.",
+                            hint=f"The data has columns: {', '.join(sorted(present))}.")
+    elif layout == "sharegpt":
+        if not any(c in present for c in SHAREGPT_COLUMNS):
+            raise UserError(f"{origin}: data.layout = 'sharegpt' needs a `conversations` or `messages` column.",
+                            hint=f"The data has columns: {', '.join(sorted(present))}.")
+    else:
+        _check_columns(present, data, origin)
+    return layout
+
+
+def _columns_row(record: dict, data: DataSection, number: int) -> Row | str:
+    problem = _row_problem(record, data)
+    if problem:
+        return problem
+    cot = record.get(data.cot_column, "") if data.cot_column else ""
+    return Row(record[data.question_column].strip(), (cot or "").strip(), record[data.response_column].strip(),
+               number)
+
+
+def alpaca_row(record: dict, data: DataSection, number: int) -> Row | str:
+    """Alpaca: the instruction, then the input (when there is one) after a blank line, as Alpaca's own prompt
+    puts them; `output` is the answer. A `history` of earlier turns would need multi-turn training: refused."""
+    for column in ("instruction", "input", "output", "system"):
+        if record.get(column) is not None and not isinstance(record[column], str):
+            return f"`{column}` is not text"
+    if record.get("history"):
+        return "has a `history` of earlier turns (multi-turn rows are not trained: split them into single turns)"
+    instruction, extra = (record.get("instruction") or "").strip(), (record.get("input") or "").strip()
+    question = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
+    if not question:
+        return "empty `instruction` and `input`"
+    return _answer_row(question, record.get("output") or "", (record.get("system") or "").strip(), number)
+
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+"""ShareGPT's `from` names and the OpenAI-style `role` names, to one vocabulary."""
+
+
+def sharegpt_row(record: dict, data: DataSection, number: int) -> Row | str:
+    """ShareGPT (`conversations`, from/value) or OpenAI messages (`messages`, role/content): an optional system turn,
+    one user turn, one assistant turn. More turns would need loss on every assistant turn, which qlora_kit does not
+    do: such rows are refused, with their numbers."""
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        return "no `conversations` / `messages` list"
+    parsed = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return "a turn is not an object"
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        text = turn.get("value", turn.get("content"))
+        if role is None:
+            return f"a turn's role `{turn.get('from', turn.get('role'))}` is not user, assistant or system"
+        if not isinstance(text, str):
+            return "a turn's text is not a string"
+        parsed.append((role, text.strip()))
+    system = parsed.pop(0)[1] if parsed[0][0] == "system" else ""
+    roles = [role for role, _ in parsed]
+    if roles.count("user") > 1 or roles.count("assistant") > 1:
+        return "multi-turn conversation (more than one user or assistant turn: split it into single turns)"
+    if roles != ["user", "assistant"]:
+        return "not one user turn followed by one assistant turn"
+    if not parsed[0][1]:
+        return "empty user turn"
+    return _answer_row(parsed[0][1], parsed[1][1], system, number)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_thinking(answer: str) -> tuple[str, str]:
+    """`<think>reasoning</think>answer` (the opener may be missing, as R1 writes it after a template that opened the
+    block) -> (reasoning, answer); an answer without </think> has no reasoning."""
+    if THINK_CLOSE not in answer:
+        return "", answer.strip()
+    reasoning, _, rest = answer.partition(THINK_CLOSE)
+    return reasoning.strip().removeprefix(THINK_OPEN).strip(), rest.strip()
+
+
+def _answer_row(question: str, answer: str, system: str, number: int) -> Row | str:
+    cot, response = split_thinking(answer)
+    if not response:
+        return "empty answer (after </think>)" if cot else "empty answer"
+    return Row(question, cot, response, number, system)
+
+
+def _check_columns(present: set, data: DataSection, origin: str) -> None:
     wanted = {"data.question_column": data.question_column, "data.response_column": data.response_column}
     if data.cot_column:
         wanted["data.cot_column"] = data.cot_column
@@ -169,7 +277,9 @@ def _check_columns(records: list[dict], data: DataSection, origin: str) -> None:
     if missing:
         raise UserError(f"{origin}: {len(missing)} column(s) missing.", missing,
                         hint=f"The data has columns: {', '.join(sorted(present))}. "
-                             "Map yours with data.question_column / data.cot_column / data.response_column.")
+                             "Map yours with data.question_column / data.cot_column / data.response_column, or set "
+                             "data.layout = 'alpaca' (instruction/input/output) or 'sharegpt' (conversations or "
+                             "messages).")
 
 
 def _row_problem(record: dict, data: DataSection) -> str:

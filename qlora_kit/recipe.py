@@ -44,6 +44,10 @@ class ModelSection:
     """Run Python code shipped with the model. Off: only architectures transformers knows are loaded."""
     allow_pickle_weights: bool = False
     """Load `.bin`/`.pt` weights (pickle can run arbitrary code). Off: safetensors only."""
+    hub: str = "huggingface"
+    """Where a hub model id is downloaded from: `huggingface` (honours the HF_ENDPOINT mirror variable) or
+    `modelscope` (needs `pip install "qlora_kit[modelscope]"`; the same ids, e.g.
+    deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B). Ignored for local folders and .gguf files."""
     attn_implementation: str = "sdpa"
     """Attention kernel: `sdpa` (PyTorch, works everywhere), `eager`, or `flash_attention_2` if installed."""
 
@@ -92,6 +96,15 @@ class DataSection:
     """Hub data set configuration (medical-o1: `en`, `zh`, `en_mix`); ignored for local files."""
     split: str = "train"
     """Hub data set split to read; ignored for local files."""
+    hub: str = "huggingface"
+    """Where a hub data set id is looked up: `huggingface` (honours the HF_ENDPOINT mirror variable) or
+    `modelscope` (needs `pip install "qlora_kit[modelscope]"`). Ignored for local files."""
+    layout: str = "auto"
+    """How a row holds the question and answer: `columns` (the three columns below), `alpaca` (`instruction` +
+    `input` -> the question, `output` -> the answer), `sharegpt` (a `conversations` or `messages` list with one user
+    and one assistant turn, `from`/`value` or `role`/`content`). In `alpaca` and `sharegpt` an answer holding
+    `<think>...</think>answer` (as R1-distilled sets ship it) is split into reasoning and answer. `auto`: `columns`
+    when data.question_column is in the data, else whichever of the other two the columns show."""
     question_column: str = "Question"
     """Column holding the user's question."""
     cot_column: str = "Complex_CoT"
@@ -201,6 +214,10 @@ class OutputSection:
     """Allow writing into a directory that already holds a finished run."""
     preview_rows: int = 3
     """Examples written to preview.jsonl by --dry-run."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also receive the logs, through transformers' own integrations: any of
+    `tensorboard` (written to output.dir/tensorboard), `wandb`, `mlflow`, `trackio`, each its package installed
+    (`pip install "qlora_kit[tensorboard]"`, ...). Loss, eval loss, learning rate, memory and tokens/s are logged."""
 
 
 @dataclass
@@ -257,6 +274,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.quant_type": ("nf4", "fp4"),
     "quant.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "data.over_length": ("drop", "error", "truncate"),
+    "data.layout": ("auto", "columns", "alpaca", "sharegpt"),
+    "data.hub": ("huggingface", "modelscope"),
+    "model.hub": ("huggingface", "modelscope"),
     "train.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
                            "polynomial", "inverse_sqrt"),
 }
@@ -410,9 +430,9 @@ def _coerce(value: Any, annotation: Any) -> tuple[Any, str]:
         # A single string is accepted for convenience: target_modules = "all-linear".
         if isinstance(value, str):
             return [value], ""
-        if isinstance(value, list) and all(isinstance(v, str) for v in value) and value:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value), ""
-        return None, "must be a string or a non-empty list of strings"
+        return None, "must be a string or a list of strings"
     if isinstance(annotation, types.GenericAlias) or typing.get_origin(annotation) is dict:
         return (value, "") if isinstance(value, dict) else (None, "must be a table")
     raise TypeError(f"no coercion for {annotation}")  # our bug, not the user's
@@ -429,11 +449,15 @@ def _check_values(recipe: Recipe) -> list[str]:
         value = _get(recipe, full)
         if not check(value):
             problems.append(f"`{full}` must be {expected}, got {value!r}")
+    if not recipe.lora.target_modules:
+        problems.append('`lora.target_modules` is empty: name the layers that get adapters, or "all-linear"')
     data = recipe.data
     if not data.source:
         problems.append("`data.source` is empty: name a data file or a hub data set id")
     if data.format not in ("chat", "plain"):
         problems += [f"`data.format` {p}" for p in template_problems(data.format)]
+    problems += [f"`output.report_to` has {name!r}: one of {', '.join(TRACKERS)} expected"
+                 f"{_did_you_mean(str(name), TRACKERS)}" for name in recipe.output.report_to if name not in TRACKERS]
     if recipe.train.eval_steps and not data.eval_rows:
         problems.append("`train.eval_steps` is set but `data.eval_rows` is 0: hold out rows to evaluate on")
     if recipe.memory.tiled_mlp and recipe.distributed.fsdp:
@@ -444,8 +468,17 @@ def _check_values(recipe: Recipe) -> list[str]:
     return problems
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""output.report_to's choices: transformers integrations we pass the logs to."""
+
+
 def template_problems(template: str) -> list[str]:
     """What is wrong with a custom format template (empty list when it is usable)."""
+    named = sorted({p for p in _placeholders(template) if p not in ("question", "cot", "response")})
+    if named:
+        return [f"has the unknown placeholder(s) {', '.join('{' + p + '}' for p in named)}; the placeholders are "
+                "{question}, {cot} and {response}, whatever your columns are called (map the columns with "
+                "data.question_column / data.cot_column / data.response_column)"]
     if "{question}" not in template:
         return ["must be `chat`, `plain`, or a template containing {question}, {cot} and/or {response}"]
     if "{cot}" not in template and "{response}" not in template:
@@ -460,27 +493,68 @@ def template_problems(template: str) -> list[str]:
     return []
 
 
-# Arguments the recipe owns: setting them through [sft] would silently fight the typed keys.
-_SFT_OWNED = {
-    "output_dir", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-    "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
-    "optim", "gradient_checkpointing", "seed", "logging_steps", "eval_steps", "bf16", "fp16", "save_steps",
-    "save_total_limit", "save_strategy",
-    "completion_only_loss", "use_cpu", "activation_offloading", "fsdp", "fsdp_config", "full_determinism",
-}
+def _placeholders(template: str) -> list[str]:
+    import string
+
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError:
+        return []  # a broken brace: template_problems' format() check says so
 
 
 def _check_sft_keys(sft: dict[str, Any]) -> list[str]:
     from trl import SFTConfig  # heavy import: only when the pass-through table is used
 
+    from qlora_kit.train import sft_keys_we_set
+
     known = {f.name for f in dataclasses.fields(SFTConfig)}
+    # Every argument our SFTConfig call passes: [sft] giving one again would crash the call ("got multiple values")
+    # or silently fight the typed key.
+    owned = sft_keys_we_set()
     problems = []
     for key in sft:
-        if key in _SFT_OWNED:
-            problems.append(f"`sft.{key}` is set by the recipe itself; use its typed key instead")
+        if key in owned:
+            problems.append(f"`sft.{key}` is set by qlora_kit itself{_typed_key_for(key)}")
         elif key not in known:
             problems.append(f"unknown SFTConfig argument `sft.{key}`{_did_you_mean(key, known, 'sft.')}")
     return problems
+
+
+SFT_KEY_HOMES = {
+    "report_to": "output.report_to", "eval_strategy": "train.eval_steps", "eval_steps": "train.eval_steps",
+    "per_device_eval_batch_size": "train.batch_size", "per_device_train_batch_size": "train.batch_size",
+    "disable_tqdm": "(the live status view replaces the progress bar)", "logging_steps": "train.logging_steps",
+    "max_length": "data.max_length", "learning_rate": "train.learning_rate", "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps", "gradient_accumulation_steps": "train.grad_accum", "seed": "train.seed",
+    "lr_scheduler_type": "train.lr_scheduler", "warmup_steps": "train.warmup", "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm", "optim": "train.optim", "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit", "gradient_checkpointing": "train.gradient_checkpointing",
+    "output_dir": "output.dir", "activation_offloading": "memory.offload_activations", "fsdp": "distributed.fsdp",
+    "bf16": "quant.compute_dtype", "fp16": "quant.compute_dtype", "full_determinism": "train.deterministic",
+}
+"""Where a user sets what an [sft] key would: the typed recipe key (or why there is none)."""
+
+
+def _typed_key_for(sft_key: str) -> str:
+    home = SFT_KEY_HOMES.get(sft_key)
+    if not home:
+        return " (it follows from the other keys)"
+    return f"; {home}" if home.startswith("(") else f"; use `{home}` instead"
+
+
+def recipe_changes(recipe: Recipe) -> list[str]:
+    """`section.key = value` for every setting that differs from the defaults: the recipe at a glance."""
+    import tomli_w
+
+    ours, defaults = recipe_to_dict(recipe), recipe_to_dict(Recipe())
+    lines = []
+    for section, values in ours.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if defaults.get(section, {}).get(key, object()) != value:
+                lines.append(f"{section}.{key} = {tomli_w.dumps({'v': value})[4:].strip()}")
+    return lines
 
 
 def _did_you_mean(word: str, candidates, prefix: str = "") -> str:

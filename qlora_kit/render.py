@@ -17,11 +17,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qlora_kit.data import Row
+from qlora_kit.data import THINK_CLOSE, THINK_OPEN, Row
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import DataSection
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PLAIN_TEMPLATE = "### Question:\n{question}\n\n### Reasoning:\n{cot}\n\n### Answer:\n{response}"
 
 log = logging.getLogger(__name__)
@@ -55,8 +54,8 @@ def make_renderer(tokenizer, data: DataSection) -> tuple[Renderer, str]:
 def _chat_renderer(tokenizer, system_prompt: str) -> Renderer:
     def render(row: Row) -> Pair:
         messages = [{"role": "user", "content": row.question}]
-        if system_prompt:
-            messages.insert(0, {"role": "system", "content": system_prompt})
+        if row.system or system_prompt:  # the row's own system turn wins over the recipe's
+            messages.insert(0, {"role": "system", "content": row.system or system_prompt})
         try:
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # a template error is about the model's files, not our code

@@ -4,7 +4,6 @@ trained tokens highlighted, and the final summary. (The live view during trainin
 from __future__ import annotations
 
 from rich.console import Console
-from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
@@ -12,9 +11,13 @@ from qlora_kit.data import RowSet, row_list
 from qlora_kit.encode import Example, LengthReport
 
 
-def show_recipe(console: Console, toml_text: str, source: str) -> None:
+def show_recipe(console: Console, changes: list[str], source: str, resolved_file) -> None:
+    """The recipe at a glance: only what differs from the defaults (the full resolved one is saved in the run)."""
     console.rule(f"[bold]recipe[/] {source}")
-    console.print(Syntax(toml_text, "toml", theme="ansi_dark", background_color="default"))
+    for line in changes:
+        console.print(Text(f"  {line}"))
+    console.print(f"[dim]  everything else: the defaults (README, recipe reference); every setting as used: "
+                  f"{resolved_file}")
 
 
 def data_lines(rowset: RowSet, layout: str, n_train: int, n_eval: int, lengths: LengthReport,

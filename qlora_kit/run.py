@@ -52,23 +52,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_libraries()
-    # Heavy imports here, not at the top: `--help` answers instantly.
-    from rich.console import Console
+    # The recipe first, before torch and transformers load (seconds): a typo is answered at once.
+    from qlora_kit.recipe import load_recipe, recipe_changes, recipe_to_toml
 
-    from qlora_kit import artifacts, distributed, report
-    from qlora_kit.model import load_tokenizer
-    from qlora_kit.preflight import check_model_files, check_model_matches
-    from qlora_kit.recipe import load_recipe, recipe_to_toml
-
-    processes = distributed.start()
-    console = Console(quiet=not processes.is_main)  # one voice: rank 0 speaks for all ranks
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.output.overwrite |= args.overwrite
     out = Path(recipe.output.dir)
     if not args.dry_run:  # before the long preamble: a finished run is refused at once
-        artifacts.refuse_finished_run(out, recipe.output.overwrite)
-    report.show_recipe(console, recipe_to_toml(recipe), args.recipe)
+        from qlora_kit.artifacts import refuse_finished_run
+
+        refuse_finished_run(out, recipe.output.overwrite)
+    from qlora_kit.train import check_trackers
+
+    check_trackers(recipe)
+    quiet_libraries()
+    from qlora_kit import artifacts, distributed, report
+    from qlora_kit.console import make_console
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.preflight import check_model_files, check_model_matches
+
+    processes = distributed.start()
+    console = make_console(quiet=not processes.is_main)  # one voice: rank 0 speaks for all ranks
+    report.show_recipe(console, recipe_changes(recipe), args.recipe, out / artifacts.RECIPE_FILE)
 
     use_gguf_base(recipe, console, weights=not args.dry_run, is_main=processes.is_main)
     check_model_files(recipe.model)
@@ -128,7 +133,10 @@ def write_dry_run(train_examples, recipe, tokenizer, console, is_main: bool) -> 
 
     out = Path(recipe.output.dir)
     if is_main:
+        from qlora_kit.recipe import recipe_to_toml
+
         out.mkdir(parents=True, exist_ok=True)
+        (out / artifacts.RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
         artifacts.write_preview(train_examples[: recipe.output.preview_rows], out / artifacts.PREVIEW_FILE, tokenizer)
     console.print(f"[bold]dry run:[/] no weights loaded; {out / artifacts.PREVIEW_FILE} shows "
                   f"input_ids and labels of the first {recipe.output.preview_rows} examples.")

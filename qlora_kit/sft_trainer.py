@@ -24,6 +24,16 @@ def trainer_class():
             return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                                    [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
 
+        _throughput_mark: tuple[float, float] | None = None
+        """(time, TRL's num_tokens) at the previous training log: tokens/s is over the interval since."""
+
+        def log(self, logs, start_time=None):
+            # Memory and throughput go into the logs themselves, so every tracker in output.report_to (TensorBoard,
+            # wandb, ...) gets them beside the loss, not only metrics.jsonl.
+            if "loss" in logs:
+                logs.update(training_scalars(logs, self))
+            super().log(logs, start_time)
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             # Under FSDP every forward is a collective over sharded weights: transformers' own loop handles that.
             if self.is_fsdp_enabled or eval_dataset is not None or not self.eval_examples:
@@ -45,3 +55,19 @@ def trainer_class():
             return metrics
 
     return QloraKitTrainer
+
+
+def training_scalars(logs: dict, trainer) -> dict:
+    """Memory now and at peak (VRAM on a GPU, RAM on a CPU), and the trained tokens per second since the last log."""
+    from qlora_kit.memory import snapshot
+
+    mem = snapshot()
+    scalars = {f"{mem.kind.lower()}_used_gib": round(mem.used_gib, 4),
+               f"{mem.kind.lower()}_peak_gib": round(mem.peak_gib, 4)}
+    now, tokens = time.monotonic(), logs.get("num_tokens")
+    if tokens is not None:
+        mark = trainer._throughput_mark
+        if mark and now > mark[0] and tokens > mark[1]:
+            scalars["tokens_per_s"] = round((tokens - mark[1]) / (now - mark[0]), 1)
+        trainer._throughput_mark = (now, tokens)
+    return scalars

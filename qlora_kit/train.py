@@ -30,9 +30,24 @@ def sampling_strategy(recipe: Recipe) -> str:
 def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
     from trl import SFTConfig
 
+    return SFTConfig(**sft_arguments(recipe, precision, output_dir), **recipe.sft)
+
+
+def sft_keys_we_set() -> set[str]:
+    """The SFTConfig arguments qlora_kit passes itself (FSDP's included): the [sft] table may not give them again.
+    Read from the call's own arguments, so the list cannot fall behind it."""
+    import torch
+
+    from qlora_kit.recipe import DistributedSection
+
+    every_branch = Recipe(distributed=DistributedSection(fsdp=True))
+    return set(sft_arguments(every_branch, Precision("cpu", torch.float32), Path(".")))
+
+
+def sft_arguments(recipe: Recipe, precision: Precision, output_dir: Path) -> dict:
     t, d = recipe.train, recipe.data
     evaluate = d.eval_rows > 0 and t.eval_steps > 0
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir / CHECKPOINT_DIR),
         # Rows over max_length were already dropped (or truncated, when asked) and reported by
         # encode.py, so TRL's own truncation never cuts an answer silently.
@@ -71,10 +86,9 @@ def sft_config(recipe: Recipe, precision: Precision, output_dir: Path):
         save_strategy="steps" if t.save_steps else "no",  # an interrupt saves either way
         save_steps=t.save_steps or None,
         save_total_limit=t.save_total_limit,
-        report_to="none",
+        report_to=list(recipe.output.report_to) or "none",
         disable_tqdm=True,  # the status view replaces the progress bar
         **fsdp_arguments(recipe),
-        **recipe.sft,
     )
 
 
@@ -119,7 +133,38 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_dataset, eval_dataset,
 
         tile_mlps(trainer.model)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; StatusCallback replaces it
+    log_tensorboard_into(trainer, output_dir / TENSORBOARD_DIR)
     return trainer
+
+
+TENSORBOARD_DIR = "tensorboard"
+"""output.report_to = ["tensorboard"] writes its event files here, in the run directory: `tensorboard --logdir`."""
+
+
+def log_tensorboard_into(trainer, directory: Path) -> None:
+    """transformers' TensorBoard callback defaults to a folder under the checkpoints, which a finished run deletes;
+    the run directory keeps it (TENSORBOARD_LOGGING_DIR, when set, still wins)."""
+    import os
+
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+            callback.logging_dir = str(directory)
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Before any weights load: a tracker in output.report_to whose package is missing would fail in the trainer."""
+    import importlib.util
+
+    missing = [name for name in recipe.output.report_to if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+    if missing:
+        raise UserError(f"output.report_to asks for {', '.join(missing)}, which is not installed.",
+                        hint=f'Install it: pip install "qlora_kit[{",".join(missing)}]" (or remove it from '
+                             "output.report_to).")
 
 
 @dataclass

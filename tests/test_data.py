@@ -138,3 +138,72 @@ def test_data_notes_say_what_the_rows_will_not_teach(tmp_path):
     assert data_notes(rowset, custom) == ["data.format has no {cot}: the reasoning column `Complex_CoT` is not "
                                           "trained on"]
     assert data_notes(rowset, DataSection(source=data.source, cot_column="")) == []
+
+
+ALPACA = [
+    {"instruction": "Name the bone.", "input": "It is in the thigh.", "output": "The femur."},
+    {"instruction": "What lowers fever?", "input": "", "output": "<think>\nAntipyretics do.\n</think>\n\nParacetamol."},
+    {"instruction": "Continue.", "input": "", "output": "Yes.", "history": [["Hi", "Hello"]]},
+    {"instruction": "", "input": "", "output": "Nothing asked."},
+    {"instruction": "Be brief.", "input": "Why?", "output": "Because.", "system": "You are a doctor."},
+]
+
+
+def test_alpaca_rows_keep_the_input_and_split_the_thinking(tmp_path):
+    rowset = load_rows(DataSection(source=str(write(tmp_path, ".jsonl", ALPACA))))  # layout auto -> alpaca
+    got = [(r.question, r.cot, r.response, r.system, r.number) for r in rowset.rows]
+    assert got == [("Name the bone.\n\nIt is in the thigh.", "", "The femur.", "", 1),
+                   ("What lowers fever?", "Antipyretics do.", "Paracetamol.", "", 2),
+                   ("Be brief.\n\nWhy?", "", "Because.", "You are a doctor.", 5)]
+    assert rowset.dropped == {
+        "has a `history` of earlier turns (multi-turn rows are not trained: split them into single turns)": [3],
+        "empty `instruction` and `input`": [4]}
+
+
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "<think>R1</think>A1"}]},
+    {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q2"},
+                       {"from": "gpt", "value": "A2"}]},
+    {"conversations": [{"from": "human", "value": "Q3"}, {"from": "gpt", "value": "A3"},
+                       {"from": "human", "value": "more"}, {"from": "gpt", "value": "A3b"}]},
+    {"conversations": [{"from": "gpt", "value": "A4"}, {"from": "human", "value": "Q4"}]},
+    {"conversations": [{"from": "human", "value": "Q5"}, {"from": "gpt", "value": "<think>only thoughts</think>"}]},
+    {"conversations": [{"from": "human", "value": "Q6"}, {"from": "tool", "value": "x"}]},
+]
+
+
+def test_sharegpt_rows_one_user_one_assistant_turn(tmp_path):
+    rowset = load_rows(DataSection(source=str(write(tmp_path, ".jsonl", SHAREGPT))))  # auto -> sharegpt
+    assert [(r.question, r.cot, r.response, r.system, r.number) for r in rowset.rows] == \
+        [("Q1", "R1", "A1", "", 1), ("Q2", "", "A2", "S", 2)]
+    assert rowset.dropped == {
+        "multi-turn conversation (more than one user or assistant turn: split it into single turns)": [3],
+        "not one user turn followed by one assistant turn": [4],
+        "empty answer (after </think>)": [5],
+        "a turn's role `tool` is not user, assistant or system": [6]}
+
+
+def test_openai_messages_rows_read_the_same_way(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                          {"role": "assistant", "content": "R1 thinks</think>\n\nA"}]}]
+    rowset = load_rows(DataSection(source=str(write(tmp_path, ".jsonl", rows)), layout="sharegpt"))
+    assert [(r.question, r.cot, r.response, r.system) for r in rowset.rows] == [("Q", "R1 thinks", "A", "S")]
+
+
+def test_a_layout_without_its_columns_says_which_are_missing(tmp_path):
+    with pytest.raises(UserError, match=r"data.layout = 'alpaca' needs the column\(s\) instruction, output"):
+        load_rows(DataSection(source=str(write(tmp_path, ".jsonl")), layout="alpaca"))
+    with pytest.raises(UserError, match="data.layout = 'sharegpt' needs a `conversations` or `messages` column"):
+        load_rows(DataSection(source=str(write(tmp_path, ".jsonl")), layout="sharegpt"))
+    with pytest.raises(UserError) as caught:  # none of the layouts: the message names them all
+        load_rows(DataSection(source=str(write(tmp_path, ".jsonl", [{"prompt": "x", "answer": "y"}]))))
+    assert "data.layout = 'alpaca'" in caught.value.render() and "'sharegpt'" in caught.value.render()
+
+
+def test_a_row_system_turn_reaches_the_chat_template(tmp_path, demo_tokenizer):
+    from qlora_kit.render import make_renderer
+
+    rows = load_rows(DataSection(source=str(write(tmp_path, ".jsonl", SHAREGPT[:2])))).rows
+    renderer, _ = make_renderer(demo_tokenizer, DataSection(system_prompt="recipe system"))
+    assert "recipe system" in renderer(rows[0]).prompt  # no system turn of its own: the recipe's
+    assert "S" in renderer(rows[1]).prompt and "recipe system" not in renderer(rows[1]).prompt

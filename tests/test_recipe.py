@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,15 @@ def test_missing_recipe_file(tmp_path):
     ("{response} only", "containing {question}"),
     ("{question} and nothing", "needs {cot} or {response}"),
     ("{question}{response}{cot}", "before {cot} before {response}"),
-    ("{question}{cot}{oops}", "unknown or broken placeholder"),
+    ("{question}{cot}{oops}", "unknown placeholder(s) {oops}"),
+    # The seed tutorial's own capitalised column names: the message says what the placeholders are.
+    ("诊断问题：{Question}\n详细分析：{Complex_CoT}\n### 答案：\n{Response}",
+     "unknown placeholder(s) {Complex_CoT}, {Question}, {Response}; the placeholders are {question}, {cot} and "
+     "{response}"),
+    ("{question}{cot}{", "unknown or broken placeholder"),
 ])
 def test_bad_custom_formats(template, message):
-    with pytest.raises(UserError, match=message.replace("{", r"\{").replace("}", r"\}")):
+    with pytest.raises(UserError, match=re.escape(message)):
         recipe_from_dict({"data": {"format": template}})
 
 
@@ -108,7 +114,40 @@ def test_sft_passthrough_is_checked_against_sftconfig():
         recipe_from_dict({"sft": {"neftune_noise_alph": 5, "learning_rate": 1.0}})
     text = caught.value.render()
     assert "did you mean `sft.neftune_noise_alpha`" in text
-    assert "`sft.learning_rate` is set by the recipe itself" in text
+    assert "`sft.learning_rate` is set by qlora_kit itself; use `train.learning_rate` instead" in text
+
+
+@pytest.mark.parametrize("key, value, home", [
+    # Each of these passed validation once, then crashed SFTConfig() with "got multiple values for keyword argument".
+    ("report_to", "tensorboard", "use `output.report_to` instead"),
+    ("eval_strategy", "epoch", "use `train.eval_steps` instead"),
+    ("per_device_eval_batch_size", 2, "use `train.batch_size` instead"),
+    ("disable_tqdm", False, "the live status view replaces the progress bar"),
+])
+def test_sft_passthrough_refuses_what_our_sftconfig_call_sets(key, value, home):
+    with pytest.raises(UserError) as caught:
+        recipe_from_dict({"sft": {key: value}})
+    assert f"`sft.{key}` is set by qlora_kit itself" in caught.value.render()
+    assert home in caught.value.render()
+
+
+def test_every_argument_of_our_sftconfig_call_is_refused_in_sft():
+    """The refused list is the call's own keyword arguments: building the config with any of them in [sft] would
+    crash, so each must be refused before anything is written."""
+    import torch
+
+    from qlora_kit.model import Precision
+    from qlora_kit.train import sft_arguments, sft_config, sft_keys_we_set
+
+    passed = set(sft_arguments(Recipe(), Precision("cpu", torch.float32), Path("/tmp/x")))
+    assert passed <= sft_keys_we_set()
+    assert {"report_to", "eval_strategy", "per_device_eval_batch_size", "disable_tqdm", "fsdp"} <= sft_keys_we_set()
+    for key in sft_keys_we_set():
+        with pytest.raises(UserError, match=re.escape(f"`sft.{key}` is set by qlora_kit itself")):
+            recipe_from_dict({"sft": {key: 1}})
+    # and what is accepted really reaches SFTConfig
+    recipe = recipe_from_dict({"sft": {"neftune_noise_alpha": 5.0}})
+    assert sft_config(recipe, Precision("cpu", torch.float32), Path("/tmp/x")).neftune_noise_alpha == 5.0
 
 
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, write_recipe):

@@ -12,8 +12,9 @@ LOG_WIDTH = 120
 
 def make_console(**options) -> Console:
     """Off a terminal (a log, CI, `| tee`) rich wraps every line at 80 columns, which splits a printed command over
-    lines and makes it fail when pasted back: there, text is never wrapped and tables get LOG_WIDTH columns."""
+    lines and makes it fail when pasted back: there, text is never wrapped and tables get
+    $COLUMNS or LOG_WIDTH columns."""
     console = Console(**options)
-    if console.is_terminal or "COLUMNS" in os.environ:
+    if console.is_terminal:
         return console
-    return Console(width=LOG_WIDTH, soft_wrap=True, **options)
+    return Console(width=None if "COLUMNS" in os.environ else LOG_WIDTH, soft_wrap=True, **options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import sys
 import types
@@ -381,9 +382,20 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        if _takes_list_or_table(parts[0], parts[1]):  # e.g. lora.target_modules=[q_proj: a broken list, not text
-            problems.append(f"override `{item}`: `{key.strip()}` takes a list, and this is not a valid TOML one; "
-                            f'write it like {key.strip()}=["q_proj","v_proj"] (quote the whole argument in the shell)')
+        if _takes_list_or_table(parts[0], parts[1]):
+            if text.strip().startswith(("[", "{")):  # e.g. lora.target_modules=[q_proj: a broken list, not text
+                problems.append(f"override `{item}`: `{key.strip()}` takes a list, and this is not a valid TOML "
+                                f'one; write it like {key.strip()}=["a","b"] (quote the whole argument in the shell)')
+                return
+            # Bare words are the list's items: output.report_to=tensorboard, lora.target_modules=q_proj,v_proj.
+            text = "[" + ",".join(f'"{word.strip()}"' for word in text.split(",") if word.strip()) + "]"
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                problems.append(f"override `{item}`: `{key.strip()}` takes a list of names, e.g. "
+                                f'{key.strip()}=["a","b"]')
+                return
+            raw.setdefault(parts[0], {})[parts[1]] = value
             return
         # A bare word is the common case for strings (data.source=rows.jsonl, data.format={question} ...).
         value = _bare_text(f"{parts[0]}.{parts[1]}", text)
@@ -553,7 +565,10 @@ def recipe_changes(recipe: Recipe) -> list[str]:
             continue
         for key, value in values.items():
             if defaults.get(section, {}).get(key, object()) != value:
-                lines.append(f"{section}.{key} = {tomli_w.dumps({'v': value})[4:].strip()}")
+                # A list on one line (tomli_w spreads arrays over several), e.g. ["tensorboard", "wandb"].
+                shown = json.dumps(value, ensure_ascii=False) if isinstance(value, list) else \
+                    tomli_w.dumps({"v": value})[4:].strip()
+                lines.append(f"{section}.{key} = {shown}")
     return lines
 
 

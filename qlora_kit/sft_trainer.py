@@ -64,7 +64,8 @@ def training_scalars(logs: dict, trainer) -> dict:
     mem = snapshot()
     scalars = {f"{mem.kind.lower()}_used_gib": round(mem.used_gib, 4),
                f"{mem.kind.lower()}_peak_gib": round(mem.peak_gib, 4)}
-    now, tokens = time.monotonic(), logs.get("num_tokens")
+    # TRL adds num_tokens to the logs in its own log(), after this runs: its running count is the same number.
+    now, tokens = time.monotonic(), logs.get("num_tokens", getattr(trainer, "_total_train_tokens", None))
     if tokens is not None:
         mark = trainer._throughput_mark
         if mark and now > mark[0] and tokens > mark[1]:

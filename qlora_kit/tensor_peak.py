@@ -12,6 +12,14 @@ returns, so the planner can be checked on CPU, term by term, without a GPU:
 Storages are counted once however many views share them, and leave the count when PyTorch frees them
 (a weak-reference finalizer on the storage). Tensors made before the counter starts are not seen unless
 passed in (`model`: its parameters, buffers and bitsandbytes' quantization state).
+
+The count depends on which tensors exist and how big they are, not on their values. `NoArithmetic`, entered
+inside the counter, skips the matrix products and attention kernels (each output is allocated, zero-filled, with
+the shape, dtype and strides the op's own meta kernel gives) so a step at real model shapes is counted in
+seconds on a CPU whose bfloat16 matmuls are emulated (AVX2: one 4,096-token layer takes minutes):
+
+    with LiveTensorBytes("cpu", model) as counter, NoArithmetic():
+        trainer.train()
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 # Inside autograd's engine (a backward pass) this returns the node being run; a private API, hence the fallback
 # (every op then counts as forward: the peaks stay right, only the phase names are lost).
@@ -91,6 +99,52 @@ class LiveTensorBytes(TorchDispatchMode):
         for value in tree_flatten(out)[0]:
             self.add(value)
         return out
+
+
+_aten = torch.ops.aten
+SKIPPED_OPS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.addbmm, _aten._addmm_activation,
+                         _aten._scaled_dot_product_flash_attention_for_cpu,
+                         _aten._scaled_dot_product_flash_attention_for_cpu_backward})
+"""Every product of a training step on a CPU: F.linear, matmul and einsum reach ATen as these; bitsandbytes' 4-bit
+layers dequantize (still run: an elementwise kernel) and then call F.linear; SDPA on a CPU is the flash kernel."""
+
+
+class NoArithmetic(TorchDispatchMode):
+    """Allocate the outputs of matrix products and attention without computing them (zeros instead of values).
+
+    What the live-tensor count sees is unchanged: the same ops run in the same order and return tensors of the same
+    sizes; only the values differ, and no allocation on a CPU training step depends on values (tested against real
+    arithmetic, phase by phase, in tests/test_tensor_peak.py). Zeros rather than uninitialised memory: no NaN or
+    denormal reaches the elementwise ops that still run. Out= and in-place variants write nothing and return their
+    target. `skipped` counts the ops not computed."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket not in SKIPPED_OPS:
+            return func(*args, **kwargs)
+        self.skipped += 1
+        meta = func(*tree_map(_as_meta, args), **tree_map(_as_meta, kwargs))  # shapes, dtypes, strides only
+        if "out" in kwargs:
+            return kwargs["out"]
+        if func.overloadpacket.__name__.endswith("_"):  # in place: the first argument is the result
+            return args[0]
+        return tree_map(_zeros_like_meta, meta)
+
+
+def _as_meta(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
+def _zeros_like_meta(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu").zero_()
+    return value
 
 
 @contextlib.contextmanager

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
@@ -19,11 +19,13 @@ BENCH = REPO / "tools" / "bench.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    """The package's parts under one name, as the tests use them."""
+    from qlora_kit.bench import cli, document, runner, search, setups, worker
+
+    return SimpleNamespace(search_longest=search.search_longest, parse_args=cli.parse_args, main=cli.main,
+                           open_document=document.open_document,
+                           Bench=runner.Bench, parse_setup=setups.parse_setup, bench_recipe=setups.bench_recipe,
+                           settings_of=setups.settings_of, _looks_like_oom=worker._looks_like_oom)
 
 
 # -- the real thing, on CPU ---------------------------------------------------------------------------------------

@@ -71,8 +71,11 @@ def test_trainer_sees_exactly_our_label_mask(trained):
 def test_demo_run_from_the_command_line(tmp_path):
     out = tmp_path / "demo"
     result = run_cli(str(DEMO), "train.max_steps=6", "train.eval_steps=3", "samples.count=1",
-                     "samples.max_new_tokens=16", f"output.dir={out}")
+                     "samples.max_new_tokens=16", f"output.dir={out}", "output.report_to=tensorboard")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The recipe at a glance: what differs from the defaults, not all ~80 resolved lines.
+    assert "  train.max_steps = 6\n" in result.stdout and "  output.report_to = [\"tensorboard\"]\n" in result.stdout
+    assert "  lora.r = " not in result.stdout and f"every setting as used: {out / 'recipe.toml'}" in result.stdout
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
                  "recipe.toml", "loss_curve.png", "metrics.jsonl", "summary.json", "samples.md", "report.md",
                  "memory_speed.png"):
@@ -96,6 +99,19 @@ def test_demo_run_from_the_command_line(tmp_path):
     assert summary["tokens_per_s"] > 0 and summary["model_weights"].startswith("RANDOM-INIT")
     for picture in ("loss_curve.png", "memory_speed.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # TensorBoard's own reader finds the losses, the memory and the throughput, step by step, in the run directory.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events))
+    board.Reload()
+    scalars = board.Tags()["scalars"]
+    assert {"train/loss", "eval/loss", "eval/answer_loss", "train/ram_used_gib", "train/ram_peak_gib",
+            "train/tokens_per_s", "train/learning_rate"} <= set(scalars), scalars
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 4, 6]
+    assert [round(e.value, 4) for e in board.Scalars("eval/loss")] == [round(m["eval_loss"], 4) for m in evals]
+    assert all(0.1 < e.value < 64 for e in board.Scalars("train/ram_peak_gib"))
 
     # report.md: one page with every part, pictures beside it, the one sample's question.
     report = (out / "report.md").read_text()
@@ -148,7 +164,8 @@ def test_dry_run_previews_without_loading_weights(tmp_path):
     out = tmp_path / "dry"
     result = run_cli(str(DEMO), "--dry-run", f"output.dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["preview.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["preview.jsonl", "recipe.toml"]
+    assert load_recipe(out / "recipe.toml").output.dir == str(out)
     preview = [json.loads(line) for line in (out / "preview.jsonl").read_text().splitlines()]
     assert len(preview) == 3
     for example in preview:

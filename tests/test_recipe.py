@@ -55,6 +55,11 @@ def test_a_bare_template_is_text_but_a_broken_list_is_an_error():
     with pytest.raises(UserError, match="1 problem") as caught:
         recipe_from_dict({}, ["lora.target_modules=[q_proj"])
     assert "takes a list" in caught.value.problems[0]
+    # Bare words for a list are its items.
+    assert recipe_from_dict({}, ["output.report_to=tensorboard"]).output.report_to == ["tensorboard"]
+    assert recipe_from_dict({}, ["lora.target_modules=q_proj,v_proj"]).lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(UserError, match="`output.report_to` has 'tensorbord'.*did you mean `tensorboard`"):
+        recipe_from_dict({}, ["output.report_to=tensorbord"])
 
 
 def test_all_problems_reported_at_once_with_did_you_mean():

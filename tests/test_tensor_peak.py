@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_kit.tensor_peak import LiveTensorBytes
+from qlora_kit.tensor_peak import LiveTensorBytes, NoArithmetic
 
 MIB = 1024**2
 
@@ -39,3 +39,28 @@ def test_in_place_resize_changes_the_count():
         a.resize_(MIB // 4)
     assert counter.current_bytes == MIB
     del a
+
+
+def _attention_step(dtype):
+    """A layer's worth of products: linear, SDPA (the CPU flash kernel), an out= product into a buffer, backward."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(96, 64))
+    x = torch.randn(2, 33, 64)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        q = torch.nn.functional.linear(x, weight).view(2, 33, 3, 32).permute(2, 0, 1, 3)
+        attended = torch.nn.functional.scaled_dot_product_attention(q[0][:, None], q[1][:, None], q[2][:, None],
+                                                                    is_causal=True)
+        buffer = torch.empty(66, 16)
+        torch.mm(attended.detach().reshape(66, 32).float(), torch.ones(32, 16), out=buffer)
+    (attended.float().sum() + buffer.sum() * 0).backward()
+    return weight.grad
+
+
+def test_no_arithmetic_counts_exactly_what_the_arithmetic_allocates():
+    for dtype in (torch.float32, torch.bfloat16):
+        with LiveTensorBytes("cpu") as real:
+            computed = _attention_step(dtype)
+        with LiveTensorBytes("cpu") as counted, NoArithmetic() as skipping:
+            zeros = _attention_step(dtype)
+        assert (counted.peak_bytes, counted.phase_peaks) == (real.peak_bytes, real.phase_peaks), dtype
+        assert skipping.skipped >= 4 and zeros.shape == computed.shape and not zeros.any() and computed.any()

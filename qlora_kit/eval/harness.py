@@ -118,15 +118,16 @@ def local_task(questions: list[Question], source: str, fmt=None, max_new_tokens:
 # ------------------------------------------------------------------------------------------------ hub tasks
 
 
-def hub_tasks(names: list[str], overrides: dict[str, dict] | None = None) -> list[Task]:
+def hub_tasks(names: list[str], overrides: dict[str, dict] | None = None, task_dirs: list | None = None) -> list[Task]:
     """lm_eval's own task definitions by name (a group expands to its tasks); the data comes from the hub, or
     from the local datasets cache once it has been downloaded. `overrides` replace config keys of a named task
-    (the tests point medqa_4options at a local file in its hub layout this way)."""
+    (the tests point medqa_4options at a local file in its hub layout this way); `task_dirs` index only these
+    folders of task YAML instead of all of lm_eval's (thousands: indexing them takes seconds)."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml  # how TaskManager itself reads a task's YAML
 
-    manager = TaskManager()
+    manager = TaskManager(include_defaults=not task_dirs, include_path=task_dirs)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"lm_eval has no task named {', '.join(f'`{n}`' for n in unknown)}.",

@@ -35,8 +35,10 @@ ADAPTER_DIR, RECIPE_FILE = "adapter", "recipe.toml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from qlora_kit.cli import command_name
+
     parser = argparse.ArgumentParser(
-        prog="python -m qlora_kit.chat",
+        prog=command_name("python -m qlora_kit.chat"),
         description="Chat with a fine-tuned reasoning model: a run directory (adapter on its 4-bit base) or a "
                     "merged model folder.",
         epilog="examples:\n  python -m qlora_kit.chat runs/medical\n"

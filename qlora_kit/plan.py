@@ -288,7 +288,10 @@ class Plan:
     seq_len: int
     batch: int
     peak_gib: float
+    """Everything on the card at the step's peak, the CUDA context included: what decides whether the run fits."""
     reserved_gib: float
+    """What torch.cuda.max_memory_reserved() will read at the peak: peak_gib without the CUDA context (the driver's
+    and kernels' memory, which PyTorch's allocator does not count), so it is always the smaller figure."""
     fits: bool
     max_length_fit: int
     suggestion: str
@@ -388,8 +391,12 @@ def print_plan(plan: Plan, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"VRAM plan: {plan.model}, {plan.seq_len} tokens x batch {plan.batch}",
-                  title_justify="left")
+    from rich.text import Text
+
+    # Its own line, not the table's title: a title wraps at the table's width, cutting a long model path in two.
+    console.print(Text.assemble(("VRAM plan", "bold"), f": {plan.model}, {plan.seq_len} tokens x batch {plan.batch}"),
+                  soft_wrap=True)
+    table = Table()
     table.add_column("term")
     table.add_column("GiB", justify="right")
     for term, gib in plan.terms_gib.items():
@@ -409,8 +416,12 @@ def print_plan(plan: Plan, console=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_kit.plan",
-                                     description="Estimate the peak VRAM of a recipe before loading any weight.")
+    from qlora_kit.cli import command_name
+
+    parser = argparse.ArgumentParser(prog=command_name("python -m qlora_kit.plan"),
+                                     description="Estimate the peak VRAM of a recipe before loading any weight.",
+                                     epilog="exit status: 0 when the run fits the GPU, 1 when it does not, 2 for a "
+                                            "problem in the recipe")
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     parser.add_argument("--vram-gib", type=float, default=8.0, help="GPU memory in GiB (default 8)")
@@ -430,10 +441,20 @@ def main(argv: list[str] | None = None) -> int:
         print_user_error(error)
         return EXIT_USER_ERROR
     if args.json:
-        print(json.dumps(asdict(plan), indent=2))
+        print(json.dumps({**asdict(plan), "about": PLAN_FIELDS_EXPLAINED}, indent=2))
     else:
         print_plan(plan)
-    return 0
+    return 0 if plan.fits else 1
+
+
+PLAN_FIELDS_EXPLAINED = {
+    "peak_gib": "everything on the card at the step's peak, CUDA context included: compared with budget_gib",
+    "reserved_gib": "what torch.cuda.max_memory_reserved() should read at that peak: peak_gib minus the CUDA context, "
+                    "which PyTorch's allocator does not count",
+    "budget_gib": "vram_gib minus what the desktop and other programs are assumed to hold",
+    "max_length_fit": "the longest data.max_length that fits at batch 1",
+}
+"""--json's "about": what the figures mean, for a reader without the README."""
 
 
 if __name__ == "__main__":

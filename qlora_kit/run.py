@@ -13,12 +13,16 @@ from pathlib import Path
 
 from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
 
+PROGRAM = "python -m qlora_kit.run"
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from qlora_kit.cli import command_name
+
     parser = argparse.ArgumentParser(
-        prog="python -m qlora_kit.run",
+        prog=command_name(PROGRAM),
         description="Fine-tune a reasoning model with QLoRA from a TOML recipe.",
-        epilog="example: python -m qlora_kit.run recipes/medical.toml train.max_steps=50 data.max_length=1024")
+        epilog=f"example: {command_name(PROGRAM)} recipes/medical.toml train.max_steps=50 data.max_length=1024")
     parser.add_argument("recipe", help="path of the .toml recipe")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override recipe keys; values are TOML literals (strings may be bare)")
@@ -31,13 +35,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train even if the VRAM plan says the run will not fit the GPU")
     argv = sys.argv[1:] if argv is None else argv
     if not [a for a in argv if not a.startswith("-")] and not {"-h", "--help"} & set(argv):
-        parser.error("give a recipe file, e.g. python -m qlora_kit.run recipes/demo.toml")
+        parser.error(f"give a recipe file, e.g. {command_name(PROGRAM)} recipes/demo.toml")
     return parser.parse_intermixed_args(argv)  # options may come before or after the overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = shlex.join(["python", "-m", "qlora_kit.run", *(sys.argv[1:] if argv is None else argv)])
+    from qlora_kit.cli import command_name
+
+    # The command as typed, for "Resume with:" (qlora-kit run ... or python -m qlora_kit.run ...).
+    args.command = shlex.join([*command_name(PROGRAM).split(), *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
     except UserError as error:

@@ -22,3 +22,42 @@ def test_a_folder_named_qlora_kit_in_the_current_directory_does_not_shadow_the_p
     result = subprocess.run([sys.executable, "-c", "from qlora_kit.data import Row; import qlora_kit.run"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def qlora_kit_command(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`qlora-kit ARGS` as installed (the console script beside this Python), else `python -m qlora_kit ARGS`."""
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("qlora-kit")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "qlora_kit"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "120"})
+
+
+def test_one_command_lists_every_tool():
+    result = qlora_kit_command("--help")
+    assert result.returncode == 0
+    for name in ("run", "plan", "chat", "merge", "export", "eval", "bench"):
+        assert f"\n  {name} " in result.stdout, name
+    wrong = qlora_kit_command("merg")
+    assert wrong.returncode == 2 and "did you mean `merge`" in wrong.stderr
+
+
+@pytest.mark.parametrize("name", ["run", "plan", "chat", "merge", "export", "eval", "bench"])
+def test_each_command_names_itself_as_typed(name):
+    result = qlora_kit_command(name, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"usage: qlora-kit {name} " in result.stdout, result.stdout[:500]
+
+
+def test_a_recipe_typo_is_answered_before_the_libraries_load(tmp_path):
+    """Validation runs before torch and transformers are imported (they take seconds): the answer comes at once."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nmax_step = 5\n")
+    probe = ("import sys, runpy; sys.argv = ['qlora-kit', 'run', sys.argv[1]]\n"
+             "from qlora_kit.cli import main\ncode = main(sys.argv[1:])\n"
+             "print('heavy:', sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))\n"
+             "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "did you mean `train.max_steps`" in result.stderr
+    assert "heavy: []" in result.stdout

@@ -155,6 +155,34 @@ def test_cli_json(capsys):
     assert plan["fits"] is True
 
 
+def test_cli_exits_1_when_the_run_does_not_fit_and_explains_its_figures(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"  # the 7B in 16 bits at 4,096 tokens on a 6 GiB card: cannot fit
+    recipe.write_text('[model]\nname = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"\n[quant]\nload_in_4bit = false\n'
+                      '[data]\nmax_length = 4096\n')
+    assert main([str(recipe), "--json", "--vram-gib", "6"]) == 1
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] is False and plan["reserved_gib"] < plan["peak_gib"]
+    assert "CUDA context" in plan["about"]["reserved_gib"]
+    assert main([str(recipe), "--vram-gib", "6"]) == 1
+    assert "does not fit" in capsys.readouterr().out
+
+
+def test_the_plan_title_keeps_a_long_model_path_on_one_line(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from qlora_kit.plan import print_plan, read_architecture
+    from qlora_kit.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "demo.toml")
+    plan = make_plan(read_architecture(recipe.model), recipe, 8.0)
+    plan.model = "/home/someone/a/rather/long/path/to/models/DeepSeek-R1-Distill-Qwen-1.5B-local-copy"
+    console = Console(file=io.StringIO(), width=80)
+    print_plan(plan, console)
+    assert f"VRAM plan: {plan.model}, " in console.file.getvalue()
+
+
 def test_cli_reports_a_missing_model_folder(tmp_path, capsys):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'[model]\nname = "{tmp_path / "nowhere"}"\n')

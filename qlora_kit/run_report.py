@@ -19,11 +19,18 @@ from qlora_kit.samples import Sample
 
 
 def throughput(records: list[dict]) -> list[tuple[int, float]]:
-    """(step, tokens/s) between consecutive logged steps: TRL's running token count over the wall time."""
-    points = [(r["step"], r["time_s"], r["num_tokens"]) for r in records if "num_tokens" in r and "time_s" in r]
-    return [(step, (tokens - tokens0) / (time - time0))
-            for (_, time0, tokens0), (step, time, tokens) in zip(points, points[1:], strict=False)
-            if time > time0 and tokens >= tokens0]
+    """(step, tokens/s) between consecutive logged steps: TRL's running token count over the wall time. An interval
+    with an evaluation in it is left out: its time is not training."""
+    speeds, previous = [], None
+    for record in records:
+        if "eval_loss" in record:
+            previous = None
+        elif "num_tokens" in record and "time_s" in record:
+            if previous and record["time_s"] > previous["time_s"] and record["num_tokens"] >= previous["num_tokens"]:
+                speeds.append((record["step"], (record["num_tokens"] - previous["num_tokens"]) /
+                               (record["time_s"] - previous["time_s"])))
+            previous = record
+    return speeds
 
 
 def memory_kind(records: list[dict]) -> str:
@@ -45,11 +52,16 @@ def write_memory_speed(records: list[dict], path: Path, title: str) -> bool:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=110, sharex=True)
     steps, used, peak = zip(*memory, strict=True)
-    peak_label = "peak reserved" if kind == "vram" else "peak RSS"
-    top.plot(steps, used, color="tab:green", linewidth=2, label=f"{kind.upper()} in use")
-    top.plot(steps, peak, color="tab:red", linestyle="--", linewidth=1.5, label=peak_label)
-    top.set_ylabel("GiB")
-    top.set_ylim(bottom=0)
+    if kind == "vram":
+        used_label, peak_label, axis = "allocated by tensors", "peak reserved (decides an OOM)", "VRAM, GiB"
+    else:
+        used_label, peak_label, axis = "resident now", "peak resident", "RAM of the process, GiB"
+    # On a CPU in-use and peak are nearly equal: the peak is drawn on top, dashed, and the axis leaves headroom so
+    # neither line runs along the frame.
+    top.plot(steps, used, color="tab:green", linewidth=3, alpha=0.6, label=used_label, zorder=2)
+    top.plot(steps, peak, color="tab:red", linestyle="--", linewidth=1.5, label=peak_label, zorder=3)
+    top.set_ylabel(axis)
+    top.set_ylim(bottom=0, top=max(peak) * 1.2 or 1)
     top.legend(loc="lower right")
     top.grid(alpha=0.3)
     top.set_title(title, fontsize=10)
@@ -79,7 +91,7 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
     lines += ["## Memory and throughput", ""]
     if has_memory_plot:
         lines += [f"![memory and tokens/s over the steps]({MEMORY_SPEED_FILE})", ""]
-    lines += resource_lines(records, planned_reserved_gib)
+    lines += resource_lines(records, planned_reserved_gib, summary.get("tokens_per_s"))
     lines += ["## Data", "", fenced("\n".join(data_report)), ""]
     lines += sample_lines(samples)
     lines += ["## Recipe", "", "Everything this run used, defaults included (also in `recipe.toml`).", "",
@@ -106,7 +118,8 @@ def loss_lines(records: list[dict]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def resource_lines(records: list[dict], planned_reserved_gib: float | None = None) -> list[str]:
+def resource_lines(records: list[dict], planned_reserved_gib: float | None = None,
+                   whole_run_tokens_per_s: float | None = None) -> list[str]:
     kind = memory_kind(records)
     peaks = [r[f"{kind.lower()}_peak_gib"] for r in records if f"{kind.lower()}_peak_gib" in r]
     speed = [tokens_per_s for _, tokens_per_s in throughput(records)]
@@ -119,10 +132,14 @@ def resource_lines(records: list[dict], planned_reserved_gib: float | None = Non
             error = planned_reserved_gib / max(peaks) - 1
             lines.append(f"- planner, before training: {planned_reserved_gib:.2f} GiB reserved ({error:+.0%} of the "
                          "measured peak)")
+    if whole_run_tokens_per_s:
+        lines.append(f"- throughput over the whole training: {whole_run_tokens_per_s:,.0f} tokens/s (summary.json's "
+                     "`tokens_per_s`: every trained token over the wall time minus the evaluations, so the slow "
+                     "first steps, checkpoint saves and logging count)")
     if speed:
         ordered = sorted(speed)
         lines.append(f"- throughput between logged steps: median {ordered[len(ordered) // 2]:,.0f} tokens/s "
-                     f"(min {ordered[0]:,.0f}, max {ordered[-1]:,.0f})")
+                     f"(min {ordered[0]:,.0f}, max {ordered[-1]:,.0f}): the steady pace, as the status view shows it")
     return [*lines, ""] if lines else []
 
 

@@ -123,6 +123,7 @@ def test_demo_run_from_the_command_line(tmp_path):
     assert f"**eval loss {evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f}" in report
     assert "training on 224 rows" in report and report.count("| fine-tuned | ") == 1
     assert "RAM: peak resident memory" in report and "tokens/s (min " in report
+    assert f"throughput over the whole training: {summary['tokens_per_s']:,.0f} tokens/s" in report
 
     # The saved recipe alone rebuilds the run: same settings, paths absolute.
     saved = load_recipe(out / "recipe.toml")

@@ -149,6 +149,10 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _read_hub(data: DataSection) -> list[dict]:
+    if data.hub == "modelscope":
+        from qlora_kit.hub import read_modelscope_rows
+
+        return read_modelscope_rows(data.source, data.config, data.split)
     import datasets
 
     try:

@@ -69,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
         from qlora_kit.artifacts import refuse_finished_run
 
         refuse_finished_run(out, recipe.output.overwrite)
-    from qlora_kit.train import check_trackers
+    from qlora_kit.hub import fetch_from_modelscope, settle_hub_access
+    from qlora_kit.trackers import check_trackers
 
     check_trackers(recipe)
+    # One short look at the hub before the libraries load (and retry for a minute when it is unreachable).
+    settle_hub_access(recipe, say=lambda text: print(text.removeprefix("[dim]")))
     quiet_libraries()
     from qlora_kit import artifacts, distributed, report
     from qlora_kit.console import make_console
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     processes = distributed.start()
     console = make_console(quiet=not processes.is_main)  # one voice: rank 0 speaks for all ranks
     report.show_recipe(console, recipe_changes(recipe), args.recipe, out / artifacts.RECIPE_FILE)
+    fetch_from_modelscope(recipe, weights=not args.dry_run, say=console.print)
 
     use_gguf_base(recipe, console, weights=not args.dry_run, is_main=processes.is_main)
     check_model_files(recipe.model)

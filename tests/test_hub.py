@@ -1,0 +1,85 @@
+"""Reaching the hub: one short check, the cache used offline, one screen when something is missing; ModelScope."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from qlora_kit.errors import UserError
+from qlora_kit.hub import HubItem, hub_items, is_cached, settle_hub_access
+from qlora_kit.recipe import Recipe, recipe_from_dict
+
+CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An unreachable hub and an empty cache, without the suite's HF_HUB_OFFLINE."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_what_a_recipe_would_fetch():
+    assert [(i.kind, i.repo_id, i.recipe_key) for i in hub_items(Recipe())] == [
+        ("model", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "model.name"),
+        ("dataset", "FreedomIntelligence/medical-o1-reasoning-SFT", "data.source")]
+    from_modelscope = recipe_from_dict({"model": {"hub": "modelscope"}, "data": {"source": "/x/rows.jsonl"}})
+    assert hub_items(from_modelscope) == []
+
+
+def test_unreachable_hub_and_nothing_cached_is_one_screen(no_hub):
+    with pytest.raises(UserError) as caught:
+        settle_hub_access(Recipe())
+    text = caught.value.render()
+    assert "did not answer within 4 s" in text and CLOSED in text
+    assert "model.name = 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B' (model) is not in the local cache" in text
+    for way in ("HF_ENDPOINT=", "model.hub=modelscope", "hf download deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+                "set model.name=models/DeepSeek-R1-Distill-Qwen-1.5B"):
+        assert way in text, way
+    assert len(text.splitlines()) <= 40
+
+
+def test_unreachable_hub_with_everything_cached_goes_offline(no_hub, monkeypatch):
+    for kind, repo in (("models", "deepseek-ai--DeepSeek-R1-Distill-Qwen-1.5B"),
+                       ("datasets", "FreedomIntelligence--medical-o1-reasoning-SFT")):
+        snapshot = no_hub / f"{kind}--{repo}" / "snapshots" / "abc123"
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text("{}")
+    assert is_cached(HubItem("model", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "model.name"))
+    said = []
+    assert settle_hub_access(Recipe(), say=said.append) == "offline"
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and "using the copies in the local cache" in said[0]
+
+
+def test_a_dry_run_against_an_unreachable_hub_answers_in_seconds(no_hub, tmp_path):
+    """It used to print a dozen "Retrying in Ns" lines for about a minute."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "qlora_kit.run", str(REPO / "recipes" / "medical.toml"),
+                             "--dry-run", f"output.dir={tmp_path / 'out'}"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and "did not answer within" in result.stderr, result.stderr[-2000:]
+    assert "Retrying" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert len((result.stdout + result.stderr).splitlines()) <= 40
+    assert time.monotonic() - started < 30  # the probe is 4 s at most; the rest is Python starting
+    assert not (tmp_path / "out").exists()
+
+
+def test_modelscope_without_its_package_says_how_to_install(monkeypatch):
+    from qlora_kit.data import load_rows
+    from qlora_kit.hub import fetch_from_modelscope
+
+    if "modelscope" in sys.modules or __import__("importlib").util.find_spec("modelscope"):
+        pytest.skip("modelscope is installed here: this checks the message when it is not")
+    recipe = recipe_from_dict({"model": {"hub": "modelscope"}, "data": {"hub": "modelscope"}})
+    with pytest.raises(UserError, match=r'pip install "qlora_kit\[modelscope\]"'):
+        fetch_from_modelscope(recipe, weights=False)
+    with pytest.raises(UserError, match=r'pip install "qlora_kit\[modelscope\]"'):
+        load_rows(recipe.data)

@@ -185,6 +185,14 @@ def test_bad_recipe_exits_2_without_traceback(tmp_path, write_recipe):
     assert "Traceback" not in result.stderr
 
 
+def test_a_data_error_is_one_screen_with_the_error_in_it(tmp_path):
+    """The whole output, recipe included, fits one screen: it used to be ~80 lines of resolved recipe first."""
+    result = run_cli(str(DEMO), "--dry-run", f"data.source={tmp_path / 'nope.jsonl'}", f"output.dir={tmp_path}/o")
+    assert result.returncode == 2 and f"Data file not found: {tmp_path / 'nope.jsonl'}" in result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "kernels" not in line]
+    assert len(lines) <= 40, "\n".join(lines)
+
+
 def test_lora_starts_from_the_seed_on_a_pretrained_base(tiny_model_dir, tmp_path):
     """Nothing seeds the RNG between loading a pretrained base and peft drawing LoRA's A matrices (the trainer
     seeds later): unseeded, two fresh runs of the same recipe started from different adapters."""

@@ -22,7 +22,8 @@ class GracefulStop(TrainerCallback):
         self._previous = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGBREAK: Ctrl-Break in a Windows console (Windows has no SIGTERM sender; a killed process just ends).
+        for sig in (signal.SIGINT, signal.SIGTERM, *filter(None, [getattr(signal, "SIGBREAK", None)])):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:

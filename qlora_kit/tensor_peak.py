@@ -102,37 +102,63 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 _aten = torch.ops.aten
-SKIPPED_OPS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.addbmm, _aten._addmm_activation,
-                         _aten._scaled_dot_product_flash_attention_for_cpu,
-                         _aten._scaled_dot_product_flash_attention_for_cpu_backward})
-"""Every product of a training step on a CPU: F.linear, matmul and einsum reach ATen as these; bitsandbytes' 4-bit
-layers dequantize (still run: an elementwise kernel) and then call F.linear; SDPA on a CPU is the flash kernel."""
+PRODUCTS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.addbmm, _aten._addmm_activation,
+                      _aten._scaled_dot_product_flash_attention_for_cpu,
+                      _aten._scaled_dot_product_flash_attention_for_cpu_backward})
+"""Every product of a training step on a CPU: F.linear, matmul and einsum reach ATen as these; SDPA on a CPU is the
+flash kernel."""
+# Never skipped: they resize a tensor, or return a view without saying so in their schema.
+_ALWAYS_RUN = frozenset({_aten.resize_, _aten.resize_as_, _aten.set_, _aten._unsafe_view, _aten.alias,
+                         _aten.lift_fresh, _aten._reshape_alias, _aten.detach})
 
 
 class NoArithmetic(TorchDispatchMode):
-    """Allocate the outputs of matrix products and attention without computing them (zeros instead of values).
+    """Allocate the outputs of ops without computing them: the matrix products and attention always, and with
+    `min_elements` every other op that reads or writes a tensor of at least that many elements (the elementwise
+    work on [tokens, 32768] loss tiles and [tokens, intermediate] activations, bitsandbytes' dequantization).
 
-    What the live-tensor count sees is unchanged: the same ops run in the same order and return tensors of the same
-    sizes; only the values differ, and no allocation on a CPU training step depends on values (tested against real
-    arithmetic, phase by phase, in tests/test_tensor_peak.py). Zeros rather than uninitialised memory: no NaN or
-    denormal reaches the elementwise ops that still run. Out= and in-place variants write nothing and return their
-    target. `skipped` counts the ops not computed."""
+    What the live-tensor count sees is unchanged: the same ops run in the same order; a skipped op's outputs are
+    allocated with the shapes, dtypes and strides its meta kernel gives (zero-filled, or left unwritten when it
+    has `min_elements` or more: only skipped ops read those), in-place and out= variants write nothing and return
+    their targets, and views, ops without a meta kernel and ops whose output size depends on values run for real.
+    Only values differ, and no allocation of a CPU training step depends on values: tested against real arithmetic,
+    phase by phase, in tests/test_tensor_peak.py and tests/test_bench.py. `skipped` counts the ops not computed."""
 
-    def __init__(self):
+    def __init__(self, min_elements: int | None = None):
         super().__init__()
+        self.min_elements = min_elements
         self.skipped = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket not in SKIPPED_OPS:
+        if not self._skips(func, args, kwargs):
             return func(*args, **kwargs)
+        schema = func._schema.arguments
+        named = {argument.name: value for argument, value in zip(schema, args, strict=False)} | kwargs
+        written = [named[a.name] for a in schema if a.alias_info is not None and a.alias_info.is_write
+                   and a.name in named]
+        if written:  # in place or out=: the targets are the results, nothing is allocated
+            self.skipped += 1
+            returns = len(func._schema.returns)
+            return None if returns == 0 else written[0] if returns == 1 else tuple(written)
+        try:
+            meta = func(*tree_map(_as_meta, args), **tree_map(_as_meta, kwargs))  # shapes, dtypes, strides
+        except Exception:  # noqa: BLE001 - no meta kernel, or a value-dependent output size: compute it
+            return func(*args, **kwargs)
+        outputs = [v for v in tree_flatten(meta)[0] if isinstance(v, torch.Tensor)]
+        if func.overloadpacket not in PRODUCTS and not all(v.is_floating_point() for v in outputs):
+            return func(*args, **kwargs)  # indices, masks, counts: values that later ops may branch on
         self.skipped += 1
-        meta = func(*tree_map(_as_meta, args), **tree_map(_as_meta, kwargs))  # shapes, dtypes, strides only
-        if "out" in kwargs:
-            return kwargs["out"]
-        if func.overloadpacket.__name__.endswith("_"):  # in place: the first argument is the result
-            return args[0]
-        return tree_map(_zeros_like_meta, meta)
+        return tree_map(lambda value: _allocate_like(value, self.min_elements), meta)
+
+    def _skips(self, func, args, kwargs) -> bool:
+        if func.overloadpacket in PRODUCTS:
+            return True
+        if (self.min_elements is None or func.is_view or torch.Tag.nondeterministic_seeded in func.tags
+                or func.overloadpacket in _ALWAYS_RUN):
+            return False
+        return any(isinstance(v, torch.Tensor) and v.numel() >= self.min_elements and v.is_floating_point()
+                   and v.device.type == "cpu" for v in tree_flatten((args, kwargs))[0])
 
 
 def _as_meta(value):
@@ -141,10 +167,13 @@ def _as_meta(value):
     return value
 
 
-def _zeros_like_meta(value):
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu").zero_()
-    return value
+def _allocate_like(value, min_elements: int | None):
+    """Zeros, except big outputs of the elementwise ops: left unwritten (no page is touched), and only other skipped
+    ops read them. A scalar reduced from one (a loss, a norm) is a zero, as the branches after it expect."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    tensor = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
+    return tensor if min_elements is not None and value.numel() >= min_elements else tensor.zero_()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,5 @@
+import sys
+
+from qlora_kit.bench import main
+
+sys.exit(main())

@@ -23,11 +23,11 @@ from conftest import R1_TOKENIZER
 
 from qlora_kit.demo_assets import build_tokenizer, make_rows, row_texts
 from qlora_kit.errors import UserError
-from qlora_kit.gguf_export import export_gguf, hyper_parameters, main
-from qlora_kit.gguf_tensors import llama3_rope_factors, permute_for_llama
-from qlora_kit.gguf_tokenizer import CHKTXT, pre_tokenizer_name, tokenizer_hash, write_tokenizer
+from qlora_kit.gguf.export import export_gguf, hyper_parameters, main
+from qlora_kit.gguf.tensors import llama3_rope_factors, permute_for_llama
+from qlora_kit.gguf.tokenizer import CHKTXT, pre_tokenizer_name, tokenizer_hash, write_tokenizer
 
-gguf = pytest.importorskip("gguf")  # the optional `export` extra; qlora_kit.gguf_export imports it lazily
+gguf = pytest.importorskip("gguf")  # the optional `export` extra; qlora_kit.gguf.export imports it lazily
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 CHAT = f"{USER}Is 2024 a leap year?{ASSISTANT}<think>\n2024 / 4 = 506.</think>Yes.{EOS}"
@@ -102,7 +102,7 @@ def exported(request, build):
 
 
 def load_gguf_model(path: Path):
-    from qlora_kit.gguf_verify import load_gguf  # transformers' GGUF loader, without its progress bar
+    from qlora_kit.gguf.verify import load_gguf  # transformers' GGUF loader, without its progress bar
 
     return load_gguf(path)
 
@@ -300,7 +300,7 @@ def test_real_r1_tokenizer_metadata(tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from qlora_kit.gguf_tokenizer import load_tokenizer
+    from qlora_kit.gguf.tokenizer import load_tokenizer
 
     spec = json.loads((R1_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))
     chktxt = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ "
@@ -374,7 +374,7 @@ def test_refuses_architectures_it_cannot_name(tmp_path):
 
 
 def test_verify_passes_on_the_export_and_fails_on_another_model(build, tmp_path, capsys):
-    from qlora_kit.gguf_verify import check_gguf
+    from qlora_kit.gguf.verify import check_gguf
 
     arch, folder, model, tokenizer, files = build("qwen2")
     assert main([str(folder), "--type", "f16", "--no-modelfile", "--overwrite", "--out",
@@ -400,7 +400,7 @@ def test_verify_passes_on_the_export_and_fails_on_another_model(build, tmp_path,
 
 
 def test_greedy_tokens_stop_at_n_or_at_the_end_of_turn(build):
-    from qlora_kit.gguf_verify import greedy_tokens
+    from qlora_kit.gguf.verify import greedy_tokens
 
     _, _, model, tokenizer, _ = build("qwen2")
     tokens = greedy_tokens(model, tokenizer, "Is 38.5 °C a fever?", 5)
@@ -414,7 +414,7 @@ def test_greedy_tokens_stop_at_n_or_at_the_end_of_turn(build):
 
 
 def test_no_modelfile_for_a_model_trained_on_a_custom_format(tmp_path):
-    from qlora_kit.gguf_modelfile import chat_trained
+    from qlora_kit.gguf.modelfile import chat_trained
 
     said = []
     assert chat_trained(tmp_path, said.append)  # a folder from elsewhere: its chat template
@@ -431,7 +431,7 @@ def test_no_modelfile_for_a_model_trained_on_a_custom_format(tmp_path):
 
 def saved_tokenizer(tokenizer, folder: Path) -> tuple[object, dict]:
     """(the tokenizer as the exporter loads it from a folder, its tokenizer.json)."""
-    from qlora_kit.gguf_tokenizer import load_tokenizer
+    from qlora_kit.gguf.tokenizer import load_tokenizer
 
     tokenizer.save_pretrained(folder)
     return load_tokenizer(folder), json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
@@ -440,7 +440,7 @@ def saved_tokenizer(tokenizer, folder: Path) -> tuple[object, dict]:
 def test_pre_tokenizer_of_retrained_vocabularies_is_named_by_their_split(tmp_path):
     """The demo tokenizer's merges are its own, so llama.cpp's table cannot know its hash; its split regex is
     exactly Qwen2's (Llama 3's for the variant), which llama.cpp runs under the names written."""
-    from qlora_kit.gguf_tokenizer import PRE_TOKENIZER_BY_HASH
+    from qlora_kit.gguf.tokenizer import PRE_TOKENIZER_BY_HASH
 
     for split, expected in ((None, "deepseek-r1-qwen"), (LLAMA3_SPLIT_FOR_TESTS, "llama-bpe")):
         folder = tmp_path / expected
@@ -462,7 +462,7 @@ def test_unknown_pre_tokenizer_is_refused_with_what_is_missing(tmp_path):
 def test_the_hash_table_is_llama_cpps():
     """Spot checks of the copied table: names of the tokenizers qlora_kit meets, and the converter's semantics
     for a hash listed twice (its chain of `if`s keeps the later name)."""
-    from qlora_kit.gguf_tokenizer import LLAMA_CPP_PRE_TOKENIZERS, PRE_TOKENIZER_BY_HASH
+    from qlora_kit.gguf.tokenizer import LLAMA_CPP_PRE_TOKENIZERS, PRE_TOKENIZER_BY_HASH
 
     names = {name for _, name in LLAMA_CPP_PRE_TOKENIZERS}
     assert {"llama-bpe", "qwen2", "deepseek-r1-qwen", "smollm", "gpt-4o", "qwen35"} <= names
@@ -505,7 +505,7 @@ def test_tied_embeddings_write_no_output_tensor_and_read_back_equal(tmp_path):
 
 
 def test_tied_or_not_follows_config_json(tmp_path):
-    from qlora_kit.gguf_tensors import EMBEDDING, OUTPUT, embedding_sources
+    from qlora_kit.gguf.tensors import EMBEDDING, OUTPUT, embedding_sources
 
     both = {EMBEDDING: tmp_path, OUTPUT: tmp_path, "model.norm.weight": tmp_path}
     assert embedding_sources(both, tied=True) == ({EMBEDDING: tmp_path, "model.norm.weight": tmp_path}, {})
@@ -552,7 +552,7 @@ def chat_tokenizer(template: str, specials: list[str], bos: str, eos: str):
 
 
 def info_for(tokenizer, add_bos: bool):
-    from qlora_kit.gguf_tokenizer import TokenizerInfo
+    from qlora_kit.gguf.tokenizer import TokenizerInfo
 
     return TokenizerInfo("qwen2", "split regex", {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token},
                          add_bos, frozenset(tokenizer.get_vocab()))
@@ -680,7 +680,7 @@ def test_modelfile_speaks_the_models_own_chat_format(template, specials, bos, eo
     """The Ollama TEMPLATE renders every conversation as the Jinja template does (less the BOS llama.cpp adds
     itself where add_bos is set); the generation prompt is the template's own (no forced `<think>`: qlora_kit's
     completions start the think block themselves on non-R1 models); the end-of-turn tokens stop generation."""
-    from qlora_kit.gguf_modelfile import chat_format, modelfile_text
+    from qlora_kit.gguf.modelfile import chat_format, modelfile_text
 
     tokenizer = chat_tokenizer(template, specials, bos, eos)
     fmt, reason = chat_format(tokenizer, info_for(tokenizer, add_bos), {})
@@ -706,7 +706,7 @@ def test_modelfile_speaks_the_models_own_chat_format(template, specials, bos, eo
 
 
 def test_r1_ollama_template_renders_as_the_r1_jinja_template(r1_tokenizer):
-    from qlora_kit.gguf_modelfile import chat_format
+    from qlora_kit.gguf.modelfile import chat_format
 
     fmt, _ = chat_format(r1_tokenizer, info_for(r1_tokenizer, True), {})
     assert fmt.name == "R1" and fmt.parameters == {"temperature": 0.6, "top_p": 0.95}
@@ -716,7 +716,7 @@ def test_r1_ollama_template_renders_as_the_r1_jinja_template(r1_tokenizer):
 
 
 def test_no_modelfile_for_an_unknown_chat_format_and_none_that_lacks_its_stop_token(tmp_path):
-    from qlora_kit.gguf_modelfile import chat_format, write_modelfile
+    from qlora_kit.gguf.modelfile import chat_format, write_modelfile
 
     alpaca = chat_tokenizer("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
                             "{% if add_generation_prompt %}### assistant:\n{% endif %}", [], None, EOS)
@@ -755,7 +755,7 @@ def test_smollm2_exports_as_llama_cpp_converts_it_and_generates_the_same(smollm2
     and both files read back compute and generate what the folder does."""
     from transformers import AutoTokenizer
 
-    from qlora_kit.gguf_verify import load_gguf, load_merged, outputs_of
+    from qlora_kit.gguf.verify import load_gguf, load_merged, outputs_of
     from qlora_kit.merge.verify import greedy_agreement
 
     said = []

@@ -13,28 +13,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO
 
 pytestmark = pytest.mark.real_model
 
-STEPS, BATCH, QUESTIONS, NEW_TOKENS = 16, 4, 3, 112
 EVAL_LOSS_MARGIN = 0.5
 """Measured: 2.055 -> 0.280 on the 8 held-out rows after 16 steps (format base 0/3, fine-tuned 3/3; 2 min for the
 whole command on 2 idle cores). Falling by half a nat or more is what counts."""
-
-
-@pytest.fixture(scope="module")
-def smol_run(smollm2_gguf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "run"
-    result = run_cli(str(REPO / "recipes" / "demo.toml"), f"model.name={smollm2_gguf}", "model.init=pretrained",
-                     "data.max_length=256", "data.eval_rows=8", "data.system_prompt=Answer briefly.",
-                     f"train.max_steps={STEPS}", f"train.batch_size={BATCH}", "train.learning_rate=3e-3",
-                     "train.warmup=0.1", "train.eval_steps=0", "train.save_steps=0",
-                     "train.gradient_checkpointing=false",
-                     f"samples.count={QUESTIONS}", "samples.greedy=true", f"samples.max_new_tokens={NEW_TOKENS}",
-                     f"output.dir={out}", timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"dir": out, "stdout": result.stdout, "summary": json.loads((out / "summary.json").read_text())}
+# smol_run, the trained run every test here judges, is conftest's (shared with tests/test_eval.py).
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +93,8 @@ def test_the_merged_folder_keeps_the_tied_embedding_and_chatml(merged):
 
 
 def test_the_gguf_export_of_the_merged_model_reads_back_with_the_same_greedy_tokens(merged, tmp_path):
-    from qlora_kit.gguf_export import export_gguf
-    from qlora_kit.gguf_verify import check_gguf
+    from qlora_kit.gguf.export import export_gguf
+    from qlora_kit.gguf.verify import check_gguf
 
     result = export_gguf(merged["dir"], tmp_path / "merged-f16.gguf", "f16")
     assert result.pre_tokenizer == "smollm"

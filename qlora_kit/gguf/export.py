@@ -1,19 +1,24 @@
-"""`python tools/export_gguf.py MERGED_DIR [--type f16|q8_0] [--out FILE] [--overwrite] [--no-modelfile] [--verify]`
+"""`python tools/export_gguf.py MERGED_DIR [--type q4_k_m|q5_k_m|q6_k|q8_0|q5_0|q4_0|f16|bf16] [--out FILE]
+[--overwrite] [--no-modelfile] [--verify]`   ·   `python tools/export_gguf.py RUN_DIR --adapter --base BASE.gguf`
 
 Turns a merged model folder (what `tools/merge.py` writes: config.json, safetensors shards, the base's
 tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an Ollama `Modelfile` beside it.
 
     MERGED_DIR ─► config.json ─► hyper-parameters      (Qwen2 and Llama decoders only)
-               ─► tokenizer.json, tokenizer_config.json, chat template ─► tokenizer metadata  (gguf_tokenizer)
-               ─► safetensors, one tensor at a time ─► llama.cpp names and layouts, f16 or q8_0 (gguf_tensors)
+               ─► tokenizer.json, tokenizer_config.json, chat template ─► tokenizer metadata  (tokenizer)
+               ─► safetensors, one tensor at a time ─► llama.cpp names and layouts              (tensors)
+                  ─► the storage type llama-quantize would choose for it                        (mixture)
+                  ─► K-quant blocks (Q4_K, Q5_K, Q6_K) in numpy                                  (kquants)
                ─► FILE.gguf (written as FILE.gguf.partial, renamed when complete)
-               ─► the chat template's format ─► FILE.Modelfile for Ollama                   (gguf_modelfile)
-               ─► --verify: the file read back by transformers, compared with MERGED_DIR    (gguf_verify)
+               ─► the chat template's format ─► FILE.Modelfile for Ollama                   (modelfile)
+               ─► --verify: the file read back by transformers, compared with MERGED_DIR    (verify)
 
 What is written follows llama.cpp's own converter (convert_hf_to_gguf.py) so that llama.cpp reads the file
 exactly as it reads one converted there:
-  * tensors: `gguf.TensorNameMap` names; 1-D tensors (norms, biases, rope factors) in f32, 2-D weights in
-    f16 or q8_0 (`gguf.quants`), falling back to f16 for a row length that is not a multiple of 32.
+  * tensors: `gguf.TensorNameMap` names; 1-D tensors (norms, biases, rope factors) in f32, 2-D weights in the
+    type llama.cpp's llama-quantize gives them for the requested file type (mixture.py: a q4_k_m file has Q6_K
+    output and half its attn_v / ffn_down in Q6_K; row lengths no 256-block divides fall back as there).
+  * the adapter alone (--adapter): adapter.py, llama.cpp's convert_lora_to_gguf.py format.
   * Llama's q_proj/k_proj rows are permuted (`permute_for_llama`): llama.cpp's rope pairs adjacent
     dimensions, transformers' pairs the two halves of each head. Qwen2 is written as is.
   * tied embeddings (config.json `tie_word_embeddings`, SmolLM2): one matrix, written as `token_embd.weight`
@@ -28,23 +33,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
-from qlora_kit.gguf_modelfile import chat_trained, modelfile_path, write_modelfile
-from qlora_kit.gguf_tensors import encode_tensor, load_tensor, plan_tensors, stored_bytes, weight_files
-from qlora_kit.gguf_tokenizer import load_tokenizer, write_tokenizer
+from qlora_kit.gguf.mixture import FILE_TYPES, FileType, file_type
+from qlora_kit.gguf.modelfile import chat_trained, modelfile_path, write_modelfile
+from qlora_kit.gguf.tensors import encode_tensor, load_tensor, plan_tensors, stored_bytes, weight_files
+from qlora_kit.gguf.tokenizer import load_tokenizer, write_tokenizer
 
 if TYPE_CHECKING:  # gguf is imported where used: `--help` and the error paths stay instant
     import gguf
 
-QUANT_TYPES = ("f16", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class ExportResult:
     size_bytes: int
     seconds: float
     pre_tokenizer_source: str = ""  # "hash" (llama.cpp's table) or "split regex" (a retrained vocabulary)
+    types: dict[str, int] = field(default_factory=dict)  # storage type -> tensor count
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,27 +184,35 @@ def require_gguf() -> None:
                         hint="pip install 'qlora_kit[export]'   (or: pip install gguf)") from None
 
 
+def resolve_type(quant: str | FileType) -> FileType:
+    ft = quant if isinstance(quant, FileType) else file_type(quant)
+    if ft is None:
+        raise UserError(f"unknown --type {quant!r}", [f"choose one of: {', '.join(FILE_TYPES)} "
+                                                      "(Ollama's spellings such as q4_K_M work too)"])
+    return ft
+
+
 def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = False,
-                modelfile: bool = True, log: Callable[[str], object] = print) -> ExportResult:
-    """Write `out` (and a Modelfile beside it) from the merged model in `folder`."""
+                modelfile: bool = True, log: Callable[[str], object] = print, progress: bool = False) -> ExportResult:
+    """Write `out` (and a Modelfile beside it) from the merged model in `folder`. `progress`: a progress bar with
+    an ETA on stderr (weights done / all weights)."""
     require_gguf()
     import gguf
 
     started = time.monotonic()
     folder, out = Path(folder), Path(out)
-    if quant not in QUANT_TYPES:
-        raise UserError(f"unknown --type {quant!r}", [f"choose one of: {', '.join(QUANT_TYPES)}"])
+    ft = resolve_type(quant)
     for existing in (out, modelfile_path(out)) if modelfile else (out,):
         if existing.exists() and not overwrite:
             raise UserError(f"{existing} already exists",
                             hint="Pass --overwrite to replace it, or choose another --out.")
     config, arch = read_config(folder)
     hp = hyper_parameters(config)
-    plans = plan_tensors(weight_files(folder), arch, hp, quant)
+    plans = plan_tensors(weight_files(folder), arch, hp, ft)
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
     writer.add_name(folder.resolve().name)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(ft.ftype)  # general.file_type: llama.h's LLAMA_FTYPE_MOSTLY_*, as llama-quantize sets it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_hyper_parameters(writer, hp)
     hf_tokenizer = load_tokenizer(folder)
@@ -209,17 +224,19 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")  # a crash leaves no file that looks complete
+    bar = progress_bar(sum(math.prod(plan.shape) for plan in plans), ft.name, progress)
     try:
         writer.write_header_to_file(partial)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for number, plan in enumerate(plans, 1):
-            writer.write_tensor_data(encode_tensor(plan, load_tensor(plan, hp)))
-            if number % 50 == 0 or number == len(plans):
+            writer.write_tensor_data(encode_tensor(plan, load_tensor(plan, hp), bar.update))
+            if not progress and (number % 50 == 0 or number == len(plans)):
                 log(f"  {number}/{len(plans)} tensors written")
         writer.close()
         os.replace(partial, out)
     finally:
+        bar.close()
         writer.close()
         partial.unlink(missing_ok=True)
 
@@ -229,7 +246,23 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
     if modelfile and written_modelfile is None:  # an earlier export's Modelfile would not fit this file (--overwrite)
         modelfile_path(out).unlink(missing_ok=True)
     return ExportResult(out, written_modelfile, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
-                        time.monotonic() - started, tokenizer.identified_by)
+                        time.monotonic() - started, tokenizer.identified_by, type_counts(plans))
+
+
+def type_counts(plans) -> dict[str, int]:
+    """{storage type: tensor count}: what the mixture chose (Q4_K 150, Q6_K 31, F32 121 ...)."""
+    counts: dict[str, int] = {}
+    for plan in plans:
+        counts[plan.qtype] = counts.get(plan.qtype, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def progress_bar(total: int, label: str, enabled: bool):
+    """tqdm over weights (millions), with its rate and ETA; a silent stand-in when disabled."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=" weights", unit_scale=True, desc=f"GGUF {label}", disable=not enabled,
+                dynamic_ncols=True, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,9 +276,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="examples:\n  python tools/export_gguf.py runs/medical/merged\n"
                "  python tools/export_gguf.py runs/medical/merged --type q8_0 --out medical-q8_0.gguf",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("merged_dir", help="folder written by tools/merge.py (config.json, safetensors, tokenizer)")
-    parser.add_argument("--type", choices=QUANT_TYPES, default="f16",
-                        help="weight storage: f16 (exact up to rounding) or q8_0 (half the size)")
+    parser.add_argument("merged_dir", help="folder written by tools/merge.py (config.json, safetensors, tokenizer); "
+                                           "with --adapter, the run directory")
+    parser.add_argument("--type", default="f16", metavar="TYPE",
+                        help=f"file type: {', '.join(FILE_TYPES)} (Ollama's spellings work too: q4_K_M). "
+                             "q4_k_m: the usual pick for an 8 GB card (llama.cpp's mixture: Q4_K, with Q6_K for the "
+                             "output and half the attn_v / ffn_down); q5_k_m / q6_k: closer to f16, bigger; "
+                             "f16 / bf16: exact up to rounding. Default f16")
+    parser.add_argument("--adapter", action="store_true",
+                        help="MERGED_DIR is a run directory: write only its LoRA adapter, in llama.cpp's adapter "
+                             "GGUF format (f16 A/B matrices), plus a Modelfile with FROM <--base gguf> and ADAPTER")
+    parser.add_argument("--base", help="with --adapter: the base model's GGUF file the Modelfile names in FROM")
     parser.add_argument("--out", help="output .gguf file (default: beside MERGED_DIR, named <its name>-<type>.gguf)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
@@ -264,20 +305,27 @@ def default_output(folder: Path, quant: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = Path(args.merged_dir)
-    out = Path(args.out) if args.out else default_output(folder, args.type)
     try:
-        result = export_gguf(folder, out, args.type, args.overwrite, modelfile=not args.no_modelfile)
+        if args.adapter:
+            from qlora_kit.gguf.adapter import adapter_main
+
+            return adapter_main(folder, args)
+        ft = resolve_type(args.type)
+        out = Path(args.out) if args.out else default_output(folder, ft.name)
+        result = export_gguf(folder, out, ft, args.overwrite, modelfile=not args.no_modelfile,
+                             progress=sys.stderr.isatty())
     except UserError as error:
         print_user_error(error)
         return getattr(error, "exit_code", EXIT_USER_ERROR)
-    print(f"wrote {result.gguf_path} ({result.size_bytes / 1e6:.1f} MB, {result.tensor_count} tensors, {args.type}, "
+    mixture = ", ".join(f"{qtype} x{count}" for qtype, count in result.types.items())
+    print(f"wrote {result.gguf_path} ({result.size_bytes / 1e6:.1f} MB, {result.tensor_count} tensors: {mixture}; "
           f"pre-tokenizer {result.pre_tokenizer} by {result.pre_tokenizer_source}) in {result.seconds:.1f} s")
     if result.modelfile_path:
         print(f"wrote {result.modelfile_path}: ollama create NAME -f {result.modelfile_path}")
     if args.verify:
-        from qlora_kit.gguf_verify import verify_export
+        from qlora_kit.gguf.verify import verify_export
 
-        return verify_export(folder, result.gguf_path, args.type)
+        return verify_export(folder, result.gguf_path, ft.name)
     return 0
 
 

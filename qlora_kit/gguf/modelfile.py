@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_kit.gguf_tokenizer import TokenizerInfo
+from qlora_kit.gguf.tokenizer import TokenizerInfo
 
 R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 R1_USER, R1_ASSISTANT, R1_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>"

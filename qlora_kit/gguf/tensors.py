@@ -3,8 +3,9 @@ storage type and layout, read, converted and written one at a time (memory holds
 embedding, and its conversion temporaries, never the whole model).
 
   * names: `gguf.TensorNameMap`, the converter's own table; rotary inv_freq buffers are dropped.
-  * storage: 1-D tensors (norms, biases, rope factors) in f32, 2-D weights in f16 or q8_0 (`gguf.quants`),
-    f16 for a row length that is not a multiple of q8_0's block of 32.
+  * storage: the type mixture.py chooses per tensor, as llama-quantize does; 1-D tensors in f32. K-quants
+    from kquants.py, Q4_0/Q5_0/Q5_1/Q8_0 from `gguf.quants` (both llama.cpp's reference quantizers), converted
+    CHUNK_WEIGHTS rows at a time so that no float32 copy of a whole embedding is ever made.
   * layout: Llama's q_proj/k_proj rows permuted for llama.cpp's rope (`permute_for_llama`); Qwen2 as is.
   * tied embeddings: one matrix, as token_embd.weight, no output.weight (`embedding_sources`).
   * Llama 3.1's rope scaling: the rope_freqs tensor llama.cpp's converter computes (`llama3_rope_factors`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +25,10 @@ from qlora_kit.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
-    from qlora_kit.gguf_export import Architecture, HyperParameters
+    from qlora_kit.gguf.export import Architecture, HyperParameters
+    from qlora_kit.gguf.mixture import FileType
 
 F16_MAX = 65504.0  # largest finite float16: a weight beyond it would be stored as inf
 EMBEDDING, OUTPUT = "model.embed_tokens.weight", "lm_head.weight"  # the safetensors keys of both decoders
@@ -38,7 +42,7 @@ class TensorPlan:
     source: str | None        # safetensors key; None for a tensor computed here (Llama 3 rope factors)
     shard: Path | None
     shape: tuple[int, ...]    # numpy order (rows, columns)
-    qtype: str                # "F32", "F16" or "Q8_0" (gguf.GGMLQuantizationType member name)
+    qtype: str                # gguf.GGMLQuantizationType member name: F32, F16, BF16, Q8_0, Q4_K, ... (mixture.py)
     permute_heads: int = 0    # Llama q/k: the head count to permute rows by; 0 = no permutation
 
 
@@ -100,16 +104,6 @@ def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def storage_type(shape: tuple[int, ...], quant: str) -> str:
-    """F32 for 1-D tensors (llama.cpp's kernels for norms and biases want f32), else the requested type;
-    q8_0 packs rows in blocks of 32, so a row length that is not a multiple of 32 stays f16 (as in llama.cpp)."""
-    if len(shape) == 1:
-        return "F32"
-    if quant == "q8_0" and shape[-1] % 32 == 0:
-        return "Q8_0"
-    return "F16"
-
-
 def embedding_sources(files: dict[str, Path], tied: bool) -> tuple[dict[str, Path], dict[str, str]]:
     """(the safetensors tensors to write, {key: GGUF name} where a key is written under another tensor's name).
 
@@ -136,8 +130,10 @@ def embedding_sources(files: dict[str, Path], tied: bool) -> tuple[dict[str, Pat
                     hint="The folder is incomplete, or its config.json does not belong to its weights.")
 
 
-def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, quant: str) -> list[TensorPlan]:
+def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, ft: FileType) -> list[TensorPlan]:
     import gguf
+
+    from qlora_kit.gguf.mixture import tensor_type
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name], hp.block_count)
     files, renamed = embedding_sources(files, hp.tied_embeddings)
@@ -156,7 +152,8 @@ def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters
         elif arch.permute_qk and gguf_name.startswith("blk.") and ".attn_k." in gguf_name:
             heads = hp.head_count_kv
         shape = shapes[source]
-        plans.append(TensorPlan(gguf_name, source, files[source], shape, storage_type(shape, quant), heads))
+        qtype = tensor_type(gguf_name, shape, ft, hp.block_count, tied=hp.tied_embeddings)
+        plans.append(TensorPlan(gguf_name, source, files[source], shape, qtype, heads))
     if unknown:
         raise UserError(f"{len(unknown)} tensor(s) have no GGUF name for this architecture", unknown[:5],
                         hint="The folder holds more than a plain decoder (an adapter, a value head?).")
@@ -185,34 +182,65 @@ def stored_bytes(plan: TensorPlan) -> tuple[tuple[int, ...], np.dtype, int]:
     import gguf
     import numpy as np
 
-    if plan.qtype == "Q8_0":
-        shape = gguf.quants.quant_shape_to_byte_shape(plan.shape, gguf.GGMLQuantizationType.Q8_0)
-        return shape, np.dtype(np.uint8), math.prod(shape)
-    dtype = np.dtype(np.float32 if plan.qtype == "F32" else np.float16)
-    return plan.shape, dtype, math.prod(plan.shape) * dtype.itemsize
+    from qlora_kit.gguf.mixture import tensor_bytes
+
+    if plan.qtype in ("F32", "F16"):
+        dtype = np.dtype(np.float32 if plan.qtype == "F32" else np.float16)
+        return plan.shape, dtype, math.prod(plan.shape) * dtype.itemsize
+    shape = gguf.quants.quant_shape_to_byte_shape(plan.shape, gguf.GGMLQuantizationType[plan.qtype])
+    assert math.prod(shape) == tensor_bytes(plan.shape, plan.qtype)
+    return shape, np.dtype(np.uint8), math.prod(shape)
 
 
-def load_tensor(plan: TensorPlan, hp: HyperParameters) -> np.ndarray:
-    """The tensor in float32 (bf16 has no numpy type), permuted where llama.cpp expects it."""
+def load_tensor(plan: TensorPlan, hp: HyperParameters) -> torch.Tensor:
+    """The tensor as stored in the shard (bf16 stays bf16: half the memory of float32 for the embedding),
+    permuted where llama.cpp expects it."""
+    import torch
+
     if plan.source is None:
-        return llama3_rope_factors(hp)
+        return torch.from_numpy(llama3_rope_factors(hp))
     from safetensors import safe_open
 
     with safe_open(plan.shard, framework="pt") as f:
-        data = f.get_tensor(plan.source).float().numpy()
+        data = f.get_tensor(plan.source)
     return permute_for_llama(data, plan.permute_heads) if plan.permute_heads else data
 
 
-def encode_tensor(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
+CHUNK_WEIGHTS = 1 << 24  # weights converted to float32 at a time (64 MiB): RAM stays bounded for any tensor
+
+
+def encode_tensor(plan: TensorPlan, data: torch.Tensor, progress: Callable[[int], object] = lambda n: None
+                  ) -> np.ndarray:
+    """The tensor's bytes in its storage type; `progress(n)` after every n weights done."""
     import gguf
     import numpy as np
+    import torch
 
     if plan.qtype == "F32":
-        return data.astype(np.float32)
-    if plan.qtype == "F16":
-        largest = float(np.abs(data).max()) if data.size else 0.0
+        out = data.float().numpy()
+    elif plan.qtype == "F16":
+        largest = float(data.abs().max()) if data.numel() else 0.0
         if largest > F16_MAX:  # a cast would store inf: fail loudly rather than write a broken model
             raise UserError(f"{plan.source} has values up to {largest:.3g}, beyond float16's range",
-                            hint="Export with --type q8_0 (its per-block scales cover this range).")
-        return data.astype(np.float16)
-    return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+                            hint="Export with --type bf16 or a quantized type (per-block scales cover this range).")
+        out = data.to(torch.float16).numpy()
+    elif plan.qtype == "BF16":  # the bits themselves (torch rounds to nearest even, as gguf's own BF16 does)
+        out = data.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    else:
+        from qlora_kit.gguf.kquants import QUANTIZERS, quantize_k
+
+        rows = data.reshape(-1, data.shape[-1])
+        qtype = gguf.GGMLQuantizationType[plan.qtype]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(tuple(rows.shape), qtype)
+        out = np.empty(byte_shape, dtype=np.uint8)
+        step = max(1, CHUNK_WEIGHTS // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start:start + step].float().numpy()
+            if plan.qtype in QUANTIZERS:
+                out[start:start + step] = quantize_k(chunk, plan.qtype)
+            else:  # Q4_0, Q5_0, Q5_1, Q8_0: gguf's own numpy quantizers (llama.cpp's reference ones)
+                out[start:start + step] = gguf.quants.quantize(chunk, qtype)
+            progress(chunk.size)
+        return out.reshape(stored_bytes(plan)[0])
+    progress(data.numel())
+    return out

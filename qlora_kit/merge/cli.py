@@ -33,9 +33,12 @@ EXIT_VERIFICATION_FAILED = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from qlora_kit.cli import command_name
+
     parser = argparse.ArgumentParser(
-        # tools/merge.py and `python -m qlora_kit.merge` are the same command: name the one that was typed.
-        prog="python tools/merge.py" if Path(sys.argv[0]).name == "merge.py" else "python -m qlora_kit.merge",
+        # tools/merge.py, `python -m qlora_kit.merge` and `qlora-kit merge` are the same command: name the one typed.
+        prog=command_name("python tools/merge.py" if Path(sys.argv[0]).name == "merge.py"
+                          else "python -m qlora_kit.merge"),
         description="Merge a run's LoRA adapter into its base model's weights, shard by shard.",
         epilog="examples:\n  python tools/merge.py runs/medical\n"
                "  python tools/merge.py runs/medical --out merged/ --dtype bfloat16\n"
@@ -43,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="run directory (holds adapter/ and recipe.toml)")
     parser.add_argument("--out", help="output folder (default: RUN_DIR/merged)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16", help="dtype of the merged weights")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                        help="dtype of the merged weights (default: float16, whatever the base was trained in: "
+                             "what llama.cpp, Ollama and older GPUs read; bfloat16 keeps a bf16 base's range)")
     parser.add_argument("--into", choices=("original", "dequantized"), default=None,
                         help="dequantized (default for a run that trained on a 4-bit base): the NF4 round trip of "
                              "the base, i.e. the weights the adapter was trained against, so the merged model is "

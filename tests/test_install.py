@@ -61,3 +61,8 @@ def test_a_recipe_typo_is_answered_before_the_libraries_load(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "did you mean `train.max_steps`" in result.stderr
     assert "heavy: []" in result.stdout
+
+
+def test_merge_help_shows_the_default_dtype():
+    result = qlora_kit_command("merge", "--help")
+    assert result.returncode == 0 and "default: float16" in " ".join(result.stdout.split())

@@ -8,3 +8,7 @@
     cli.py        `python -m qlora_kit.eval RUN_DIR_OR_MERGED ...`
     after_run.py  the end of a training run, when its recipe has an [eval] section
 """
+
+from qlora_kit.eval.cli import main  # `qlora-kit eval` calls the package's main
+
+__all__ = ["main"]

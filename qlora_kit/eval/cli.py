@@ -22,8 +22,10 @@ from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from qlora_kit.cli import command_name
+
     parser = argparse.ArgumentParser(
-        prog="python -m qlora_kit.eval", description=__doc__.split("\n\n")[1].strip(),
+        prog=command_name("python -m qlora_kit.eval"), description=__doc__.split("\n\n")[1].strip(),
         epilog="examples:\n  python -m qlora_kit.eval runs/medical --file my_exam.jsonl\n"
                "  python -m qlora_kit.eval runs/medical --tasks medqa_4options,cmmlu_clinical_knowledge --limit 200\n"
                "  python -m qlora_kit.eval runs/medical/merged --file my_exam.jsonl --generate",
@@ -60,7 +62,9 @@ def positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "-m", "qlora_kit.eval", *(sys.argv[1:] if argv is None else argv)])
+    from qlora_kit.cli import command_name
+
+    command = shlex.join([*command_name("python -m qlora_kit.eval").split(), *(sys.argv[1:] if argv is None else argv)])
     from rich.console import Console
 
     try:

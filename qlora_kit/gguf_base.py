@@ -205,7 +205,7 @@ def write_config(config, folder: Path, dtype=None) -> None:
         data["dtype"] = str(dtype).removeprefix("torch.")
     for key in ("_name_or_path", "_model_name_or_path"):
         data.pop(key, None)
-    partial = folder / "config.json.partial"
+    partial = folder / f"config.json.partial-{os.getpid()}"  # per process: two preparing at once never mix
     partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     partial.replace(folder / "config.json")
 
@@ -237,7 +237,7 @@ def write_weights(path: Path, folder: Path, info: GgufFile) -> None:
         raise UserError(f"transformers could not dequantize every tensor of {path.name} ({info.main_type}).",
                         hint="Use a GGUF with a common quantization (Q4_K_M, Q5_K_M, Q8_0, F16) or the 16-bit "
                              "original of the model.")
-    partial = folder / (WEIGHTS_FILE + ".partial")
+    partial = folder / f"{WEIGHTS_FILE}.partial-{os.getpid()}"  # per process: two preparing at once never mix
     save_file(untied_state(model), str(partial), metadata={"format": "pt"})
     write_config(model.config, folder, dtype)
     model.generation_config.save_pretrained(folder)

@@ -1035,3 +1035,83 @@ def test_k_quant_exports_read_back_by_transformers(k_exported, ft):
                 parameter.copy_(torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[qtype])))
     _, rounding_only, _ = compare_logits(rounded, loaded, tokenizer)
     assert rounding_only < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapter alone (llama.cpp's convert_lora_to_gguf.py format)
+
+
+def unpermute_for_llama(weights: torch.Tensor, heads: int) -> torch.Tensor:
+    head_rows = weights.shape[0] // heads
+    return weights.reshape(heads, head_rows // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def test_adapter_gguf_fits_the_base_gguf_and_applied_by_hand_gives_the_merged_logits(k_exported, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_kit.gguf.export import main as export_main
+    from qlora_kit.recipe import Recipe, recipe_to_toml
+
+    folder, model, tokenizer, _ = k_exported
+    base_gguf = tmp_path / "base-f16.gguf"
+    assert export_main([str(folder), "--type", "f16", "--out", str(base_gguf), "--no-modelfile"]) == 0
+    run = tmp_path / "run"
+    recipe = Recipe()
+    recipe.model.name, recipe.output.dir = str(folder), str(run)
+    torch.manual_seed(1)  # init_lora_weights=False: B is random, so the update shows in the logits
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(run / "adapter")
+    tokenizer.save_pretrained(run / "adapter")
+    (run / "recipe.toml").write_text(recipe_to_toml(recipe), encoding="utf-8")
+    merged = peft_model.merge_and_unload().eval()
+
+    out = tmp_path / "adapter.gguf"
+    assert export_main([str(run), "--adapter", "--base", str(base_gguf), "--out", str(out)]) == 0
+    assert "LoRA r=8, alpha 16" in capsys.readouterr().out
+    reader, fields = read_gguf(out)
+    assert (fields["general.type"], fields["adapter.type"], fields["general.architecture"]) == ("adapter", "lora",
+                                                                                                 "llama")
+    assert fields["adapter.lora.alpha"] == pytest.approx(16.0)
+    base = {t.name: t for t in gguf.GGUFReader(base_gguf).tensors}
+    lora = {t.name: t for t in reader.tensors}
+    targets = {name.rsplit(".", 1)[0] for name in lora}
+    assert len(targets) == 2 * 7 and len(lora) == 2 * len(targets)  # every Linear of both layers, A and B
+    for target in targets:  # llama.cpp's load checks: A's row length is W's, B has W's rows, one rank
+        a, b, w = lora[f"{target}.lora_a"], lora[f"{target}.lora_b"], base[target]
+        assert a.shape[0] == w.shape[0] and b.shape[1] == w.shape[1] and a.shape[1] == b.shape[0] == 8
+
+    modelfile = out.with_suffix(".Modelfile").read_text(encoding="utf-8")
+    assert "FROM ./base-f16.gguf\nADAPTER ./adapter.gguf\n" in modelfile
+    assert 'TEMPLATE """' in modelfile and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in modelfile
+
+    # W + (alpha / r)·B·A on the dequantized base, by hand, computes what the merged model computes
+    by_hand = load_gguf_model(base_gguf)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    parameters = dict(by_hand.named_parameters())
+    with torch.no_grad():
+        for name in list(parameters):
+            target = name_map.get_name(name, try_suffixes=(".weight",))
+            if target not in targets:
+                continue
+            a = torch.from_numpy(lora[f"{target}.lora_a"].data.astype(np.float32))
+            b = torch.from_numpy(lora[f"{target}.lora_b"].data.astype(np.float32))
+            if ".attn_q." in target or ".attn_k." in target:  # stored permuted, as the base's q/k rows are
+                b = unpermute_for_llama(b, 4 if ".attn_q." in target else 2)
+            parameters[name] += fields["adapter.lora.alpha"] / 8 * (b @ a)
+    worst, relative, top1 = compare_logits(merged, by_hand, tokenizer)
+    _, without, _ = compare_logits(merged, load_gguf_model(base_gguf), tokenizer)
+    print(f"\nadapter by hand vs merged: {relative:.2e} of max |logit|, top-1 {top1:.3f} (base alone: {without:.2e})")
+    assert relative < F16_RELATIVE_TOLERANCE and top1 >= 0.97
+    assert without > 10 * relative  # the adapter changes the logits: the check above is not vacuous
+
+
+def test_adapter_export_refuses_a_base_gguf_it_does_not_fit(k_exported, tmp_path, build, capsys):
+    from qlora_kit.gguf.adapter import check_against_base
+
+    _, _, _, _, files = build("llama")  # hidden 64: not this adapter's base
+    writer = gguf.GGUFWriter(path=None, arch="llama")
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((8, 256), dtype=np.float16))
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((256, 8), dtype=np.float16))
+    with pytest.raises(UserError, match="does not fit"):
+        check_against_base(writer, files["f16"])

@@ -515,20 +515,19 @@ def _placeholders(template: str) -> list[str]:
 
 
 def _check_sft_keys(sft: dict[str, Any]) -> list[str]:
-    from trl import SFTConfig  # heavy import: only when the pass-through table is used
+    from qlora_kit.sft_arguments import sft_keys_we_set
 
-    from qlora_kit.train import sft_keys_we_set
-
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
     # Every argument our SFTConfig call passes: [sft] giving one again would crash the call ("got multiple values")
     # or silently fight the typed key.
     owned = sft_keys_we_set()
-    problems = []
-    for key in sft:
-        if key in owned:
-            problems.append(f"`sft.{key}` is set by qlora_kit itself{_typed_key_for(key)}")
-        elif key not in known:
-            problems.append(f"unknown SFTConfig argument `sft.{key}`{_did_you_mean(key, known, 'sft.')}")
+    problems = [f"`sft.{key}` is set by qlora_kit itself{_typed_key_for(key)}" for key in sft if key in owned]
+    others = [key for key in sft if key not in owned]
+    if others:
+        from trl import SFTConfig  # heavy import (seconds): only for the keys that must be looked up there
+
+        known = {f.name for f in dataclasses.fields(SFTConfig)}
+        problems += [f"unknown SFTConfig argument `sft.{key}`{_did_you_mean(key, known, 'sft.')}"
+                     for key in others if key not in known]
     return problems
 
 
@@ -551,7 +550,7 @@ def _typed_key_for(sft_key: str) -> str:
     home = SFT_KEY_HOMES.get(sft_key)
     if not home:
         return " (it follows from the other keys)"
-    return f"; {home}" if home.startswith("(") else f"; use `{home}` instead"
+    return f": {home[1:-1]}" if home.startswith("(") else f"; use `{home}` instead"
 
 
 def recipe_changes(recipe: Recipe) -> list[str]:

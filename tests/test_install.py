@@ -50,16 +50,20 @@ def test_each_command_names_itself_as_typed(name):
     assert f"usage: qlora-kit {name} " in result.stdout, result.stdout[:500]
 
 
-def test_a_recipe_typo_is_answered_before_the_libraries_load(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nmax_step = 5\n", "did you mean `train.max_steps`"),
+    ('[sft]\nreport_to = "tensorboard"\n', "use `output.report_to` instead"),
+])
+def test_a_recipe_mistake_is_answered_before_the_libraries_load(tmp_path, text, message):
     """Validation runs before torch and transformers are imported (they take seconds): the answer comes at once."""
     recipe = tmp_path / "r.toml"
-    recipe.write_text("[train]\nmax_step = 5\n")
+    recipe.write_text(text)
     probe = ("import sys, runpy; sys.argv = ['qlora-kit', 'run', sys.argv[1]]\n"
              "from qlora_kit.cli import main\ncode = main(sys.argv[1:])\n"
              "print('heavy:', sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))\n"
              "sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "did you mean `train.max_steps`" in result.stderr
+    assert result.returncode == 2 and message in result.stderr
     assert "heavy: []" in result.stdout
 
 

@@ -142,7 +142,8 @@ def test_every_argument_of_our_sftconfig_call_is_refused_in_sft():
     import torch
 
     from qlora_kit.model import Precision
-    from qlora_kit.train import sft_arguments, sft_config, sft_keys_we_set
+    from qlora_kit.sft_arguments import sft_arguments, sft_keys_we_set
+    from qlora_kit.train import sft_config
 
     passed = set(sft_arguments(Recipe(), Precision("cpu", torch.float32), Path("/tmp/x")))
     assert passed <= sft_keys_we_set()

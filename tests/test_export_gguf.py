@@ -1115,3 +1115,17 @@ def test_adapter_export_refuses_a_base_gguf_it_does_not_fit(k_exported, tmp_path
     writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((256, 8), dtype=np.float16))
     with pytest.raises(UserError, match="does not fit"):
         check_against_base(writer, files["f16"])
+
+
+def test_sizes_per_type_and_the_card_advice_from_config_json():
+    from qlora_kit.gguf.sizes import advice_lines, file_bytes, kv_cache_bytes
+
+    qwen7b = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+              "num_key_value_heads": 4, "vocab_size": 152064, "architectures": ["Qwen2ForCausalLM"]}
+    sizes = {t: file_bytes(qwen7b, t) / 1e9 for t in ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")}
+    assert sizes == pytest.approx({"q4_k_m": 4.68, "q5_k_m": 5.44, "q6_k": 6.25, "q8_0": 8.09, "f16": 15.23}, abs=0.01)
+    assert kv_cache_bytes(qwen7b, 8192) == 2 * 28 * 8192 * 4 * 128 * 2
+    lines = advice_lines(qwen7b, "runs/x/merged")
+    assert "q8_0" in lines[4] and "a 12 GB card" in lines[4]  # q8_0 does not fit the 8 GB card it trained on
+    assert "q4_k_m" in lines[1] and "an 8 GB card" in lines[1]
+    assert lines[-1].endswith("python tools/export_gguf.py runs/x/merged --type q6_k")

@@ -103,3 +103,42 @@ def test_the_gguf_export_of_the_merged_model_reads_back_with_the_same_greedy_tok
     assert check.greedy_agreeing == check.greedy_total, check.describe()
     modelfile = result.modelfile_path.read_text()
     assert "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile and "<｜User｜>" not in modelfile
+
+
+# top-1 agreement per position with the merged folder, at least (measured on the base SmolLM2 by
+# tools/measure_gguf.py quality: see bench/results/gguf_quality.json and the README's table)
+GGUF_TOP1 = {"q6_k": 0.9, "q5_k_m": 0.85, "q4_k_m": 0.8}
+
+
+@pytest.fixture(scope="module")
+def k_quant_exports(merged, tmp_path_factory):
+    from qlora_kit.gguf.export import export_gguf
+
+    out = tmp_path_factory.mktemp("smol-k")
+    return {ft: export_gguf(merged["dir"], out / f"merged-{ft}.gguf", ft, log=lambda *_: None) for ft in GGUF_TOP1}
+
+
+@pytest.mark.parametrize("ft", list(GGUF_TOP1))
+def test_the_k_quant_gguf_exports_read_back_by_transformers(merged, k_quant_exports, ft):
+    """SmolLM2's hidden size 576 is not a multiple of 256: llama.cpp's fallbacks decide most of the mixture."""
+    from qlora_kit.gguf.verify import check_gguf
+
+    result = k_quant_exports[ft]
+    fallback = {"q4_k_m": "Q5_0", "q5_k_m": "Q5_1", "q6_k": "Q8_0"}[ft]
+    assert fallback in result.types and "Q6_K" in result.types  # ffn_down (1536 columns) keeps its K type
+    check = check_gguf(merged["dir"], result.gguf_path, ft)
+    print(f"\n{ft}: {result.size_bytes / 1e6:.1f} MB {result.types}: {check.describe()}")
+    assert check.passed, check.describe()
+    assert check.top1_agreement >= GGUF_TOP1[ft]
+
+
+def test_the_adapter_gguf_fits_the_official_smollm2_gguf(smol_run, tmp_path):
+    """The run trained on the official GGUF (written by llama.cpp's own converter): the adapter's tensor names
+    and shapes must be that file's, which is what llama.cpp checks when it loads the adapter."""
+    from qlora_kit.gguf.adapter import export_adapter
+
+    result = export_adapter(smol_run["dir"], tmp_path / "adapter.gguf", log=lambda *_: None)
+    assert result.tensor_count > 0 and result.size_bytes < 20e6
+    modelfile = result.modelfile_path.read_text(encoding="utf-8")
+    assert "ADAPTER ./adapter.gguf" in modelfile and "SmolLM2-135M-Instruct.Q4_1.gguf" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile

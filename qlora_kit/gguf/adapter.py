@@ -77,7 +77,8 @@ def export_adapter(run_dir: Path, out: Path, base_gguf: Path | None = None, over
     modelfile = out.with_suffix(".Modelfile")
     for existing in (out, modelfile):
         if existing.exists() and not overwrite:
-            raise UserError(f"{existing} already exists", hint="Pass --overwrite to replace it, or choose another --out.")
+            raise UserError(f"{existing} already exists",
+                            hint="Pass --overwrite to replace it, or choose another --out.")
     folder = base_folder(run.recipe)
     config, arch = read_config(folder)
     hp = hyper_parameters(config)
@@ -161,7 +162,8 @@ def check_against_base(writer, base_gguf: Path) -> None:
                         hint="Pass --base the GGUF of the model this run trained (exported from the same base).")
 
 
-def write_adapter_modelfile(out: Path, base_gguf: Path | None, tokenizer_dir: Path, vocab_size: int, log) -> Path | None:
+def write_adapter_modelfile(out: Path, base_gguf: Path | None, tokenizer_dir: Path, vocab_size: int,
+                            log) -> Path | None:
     """`FROM <base gguf>` + `ADAPTER <this file>` + the chat template and stop tokens, or None with the reason:
     without a template and stop tokens Ollama runs past the end of the turn, so none is written then."""
     import gguf

@@ -116,6 +116,7 @@ def merge(args: argparse.Namespace) -> int:
             write_model_card(stage / "README.md", run=run, base=base, adapter=adapter, plan=plan,
                              dtype_name=dtype_name, verification=verification)
         console.print(f"[bold green]written:[/] {out}")
+    print_gguf_advice(base.config, out, console)
     wall = time.monotonic() - started
     loads = "" if verification is None else "; verification loads whole models"
     console.print(f"done in {wall:.1f} s · peak RAM {peak_rss_gib():.2f} GiB (merge alone {merge_peak:.2f} GiB{loads})")
@@ -124,6 +125,17 @@ def merge(args: argparse.Namespace) -> int:
                       "tolerance; the folder is written for inspection, do not ship it.")
         return EXIT_VERIFICATION_FAILED
     return 0
+
+
+def print_gguf_advice(config: dict, out: Path, console) -> None:
+    """Which GGUF type to export for which card (file size + KV cache), for the architectures the export writes."""
+    from qlora_kit.gguf.export import ARCHITECTURES
+    from qlora_kit.gguf.sizes import advice_lines
+
+    if not set(config.get("architectures") or []) & set(ARCHITECTURES):
+        return
+    for line in advice_lines(config, str(out)):
+        console.print(line)
 
 
 def quiet_libraries() -> None:

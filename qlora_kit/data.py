@@ -38,6 +38,8 @@ class RowSet:
     total: int
     dropped: dict[str, list[int]] = field(default_factory=dict)
     """Reason -> row numbers of rows left out (empty question, empty response, not text)."""
+    layout: str = "columns"
+    """The data.layout the rows were read with (`auto` resolved): columns, alpaca or sharegpt."""
 
 
 def load_rows(data: DataSection) -> RowSet:
@@ -57,7 +59,7 @@ def load_rows(data: DataSection) -> RowSet:
         raise UserError(f"{origin}: none of the {len(records)} rows is usable.",
                         [f"{reason}: rows {row_list(numbers)}" for reason, numbers in dropped.items()],
                         hint="Check the column mapping (data.question_column, ...) and the file's content.")
-    return RowSet(rows, origin, len(records), dropped)
+    return RowSet(rows, origin, len(records), dropped, layout)
 
 
 def split_rows(rows: list[Row], data: DataSection, seed: int,

@@ -24,7 +24,8 @@ def data_lines(rowset: RowSet, layout: str, n_train: int, n_eval: int, lengths: 
                n_kept: int, notes: list[str] = ()) -> list[str]:
     """The data report as plain lines: shown before training and kept for report.md. `notes` go just
     before the closing "training on N rows"."""
-    lines = [f"source: {rowset.source}  ({rowset.total} rows, {len(rowset.rows)} usable)"]
+    kind = "" if rowset.layout == "columns" else f"{rowset.layout} "
+    lines = [f"source: {rowset.source}  ({rowset.total} {kind}rows, {len(rowset.rows)} usable)"]
     lines += [f"left out {len(numbers)} row(s) with {reason}: rows {row_list(numbers)}"
               for reason, numbers in rowset.dropped.items()]
     lines += [f"format: {layout}", f"split: {n_train} train rows, {n_eval} eval rows", *lengths.lines(), *notes,
@@ -38,11 +39,13 @@ def data_notes(rowset: RowSet, data) -> list[str]:
     custom = data.format not in ("chat", "plain")
     if data.cot_column and custom and "{cot}" not in data.format:
         notes.append(f"data.format has no {{cot}}: the reasoning column `{data.cot_column}` is not trained on")
-    elif data.cot_column:
+    elif data.cot_column or rowset.layout != "columns":
         empty = [row.number for row in rowset.rows if not row.cot.strip()]
+        where = f"an empty `{data.cot_column}`" if rowset.layout == "columns" else \
+            "no <think>...</think> in the answer"
         if empty:
-            notes.append(f"{len(empty)} row(s) with an empty `{data.cot_column}`: trained with an empty reasoning "
-                         f"part (rows {row_list(empty)})")
+            notes.append(f"{len(empty)} row(s) with {where}: trained with an empty reasoning part (rows "
+                         f"{row_list(empty)})")
     return notes
 
 

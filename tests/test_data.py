@@ -207,3 +207,13 @@ def test_a_row_system_turn_reaches_the_chat_template(tmp_path, demo_tokenizer):
     renderer, _ = make_renderer(demo_tokenizer, DataSection(system_prompt="recipe system"))
     assert "recipe system" in renderer(rows[0]).prompt  # no system turn of its own: the recipe's
     assert "S" in renderer(rows[1]).prompt and "recipe system" not in renderer(rows[1]).prompt
+
+
+def test_the_data_report_speaks_of_the_layout_it_read(tmp_path):
+    from qlora_kit.report import data_notes
+
+    data = DataSection(source=str(write(tmp_path, ".jsonl", ALPACA)))
+    rowset = load_rows(data)
+    assert rowset.layout == "alpaca"
+    assert data_notes(rowset, data) == ["2 row(s) with no <think>...</think> in the answer: trained with an empty "
+                                        "reasoning part (rows 1, 5)"]

@@ -387,10 +387,11 @@ def _longest_fitting(arch: Architecture, recipe: Recipe, budget_gib: float) -> i
 
 
 def print_plan(plan: Plan, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from qlora_kit.console import make_console
+
+    console = console or make_console()
     from rich.text import Text
 
     # Its own line, not the table's title: a title wraps at the table's width, cutting a long model path in two.

@@ -1,18 +1,25 @@
 """qlora_kit.bench: VRAM and speed of QLoRA training, qlora_kit against plain transformers + peft + TRL, in one run.
 
-GPU protocol (../shared/GUIDE.md §4) on one H100, every command under the 10-minute limit:
+GPU protocol (../shared/GUIDE.md §4) in one command, on one big GPU from a bare machine (15 minutes of device time
+per task, machine start included; 10 per command). Here: `bash ../shared/tools/gpu-wheels.sh` puts the
+bitsandbytes / trl / datasets wheels into .whl/; carry .whl/ and run there:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
+        && export PYTHONPATH=$PWD/.site:$PWD && python tools/bench.py --protocol --out $OUT/protocol.json
+
+`--protocol` does the most valuable measurements first and stops itself by 9 minutes (no trial starts that
+would end after --max-minutes, 8.5, and one still running then is killed 15 s later): R1-Distill-Llama-8B under the
+7.0 GiB cap, the longest sequence that trains for qlora_kit with every switch
+(`qlora_kit+offload_activations+embeddings_on_cpu+tiled_mlp`) and then for the baseline, then tokens/s of both at one
+length (the shorter of the two longest, at most 4,096; 1,024 without the cap for a setup that fits nothing), with the
+planner's error at every trial; then the same for R1-Distill-Qwen-7B, then -1.5B, as time allows. `--protocol
+--smoke` is its CPU rehearsal (tests/test_bench.py runs it). The JSON is rewritten after every trial.
+
+Longer series (each command under 10 minutes, stopping by itself; `--resume FILE` continues one):
 
     python tools/bench.py --smoke --out $OUT/smoke.json                               # ~1 min: CUDA path, tiny models
-    python tools/bench.py --smoke --budget-gib 0.05 --out $OUT/smoke-oom.json         # optional: real OOMs, tiny
-    python tools/bench.py --models r1-distill-qwen-1.5b --out $OUT/qwen-1.5b.json     # each ~5-8 min, stops by itself
-    python tools/bench.py --models r1-distill-qwen-7b --out $OUT/qwen-7b.json
-    python tools/bench.py --models r1-distill-llama-8b --out $OUT/llama-8b.json
-    python tools/bench.py --show bench/results/qwen-1.5b.json bench/results/qwen-7b.json bench/results/llama-8b.json
-
-The same protocol as one command (about 20 minutes, hence the split above):
-
-    python tools/bench.py --models r1-distill-qwen-1.5b,r1-distill-qwen-7b,r1-distill-llama-8b --budget-gib 7.0 \
-        --out $OUT/bench.json
+    python tools/bench.py --models r1-distill-llama-8b --out $OUT/llama-8b.json       # each ~5-8 min
+    python tools/bench.py --show bench/results/protocol.json bench/results/llama-8b.json
 
 A command stops starting trials when --max-minutes (default 8.5) would be exceeded, and the JSON is rewritten after
 every trial, so a stopped or killed command loses nothing finished. To continue one, copy its JSON into bench/results/
@@ -20,12 +27,18 @@ on this side and run the same command with `--resume bench/results/qwen-7b.json`
 The memory switches are measured as extra setups: the default is the baseline, qlora_kit as shipped, and
 `qlora_kit+offload_activations+embeddings_on_cpu+tiled_mlp` (every switch on); any combination can be named, e.g.
 `--setups baseline,qlora_kit,qlora_kit+tiled_mlp` (or `--memory tiled_mlp` to switch one on for `qlora_kit`).
-Three setups take ~1.5x the time of two: if a command stops at --max-minutes, resume it (above).
 
-CPU (no GPU here): `python tools/bench.py --smoke` runs the whole code path on tiny models in well under a minute;
-fixed lengths only, no cap (the OOM search is marked skipped), and live tensors counted op by op
-(qlora_kit.tensor_peak) stand in for VRAM, next to the planner's CPU estimate. tools/calibrate_plan.py uses the same
-trials to check the planner's activation terms on many shapes.
+CPU (no GPU here):
+- `python tools/bench.py --count` (~40 min on 2 busy cores): live tensors of two real TRL training steps at the three
+  targets' real layer dimensions and full vocabularies, 1 and 2 layers deep, 1,024 / 2,048 / 4,096 tokens, bf16
+  autocast, for the baseline, qlora_kit and qlora_kit+tiled_mlp (the one switch that acts on a CPU), counted by
+  qlora_kit.tensor_peak without arithmetic (NoArithmetic: same allocations, no values; tested equal to the count with
+  arithmetic), and the full-depth figure from the counted per-layer increment and from the planner's per-layer terms
+  (qlora_kit.bench.counts).
+- `python tools/bench.py --smoke`: the whole code path on tiny models in about a minute; fixed lengths only, no cap
+  (the OOM search is marked skipped), live tensors instead of VRAM. Both setups run under bf16 autocast, as on a GPU
+  (`--cpu-dtype float32` trains qlora_kit the way it trains on a CPU, in float32). tools/calibrate_plan.py uses the
+  same trials to check the planner's activation terms on many shapes.
 
 What one trial is
 - Model: the architecture of qlora_kit.architectures.ARCHITECTURES with random weights (memory and speed do not

@@ -22,8 +22,13 @@ from qlora_kit.bench.setups import (
     COUNT_SETUPS,
     CPU_ONLY_SWITCHES,
     DEFAULT_SETUPS,
+    PROTOCOL_MINUTES,
+    PROTOCOL_MODELS,
+    PROTOCOL_SETUPS,
+    PROTOCOL_SPEED_LENGTH,
     REPO,
     SMOKE_MODELS,
+    SMOKE_PROTOCOL_MODELS,
     SMOKE_SETUPS,
     SWITCHES,
     Setup,
@@ -41,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CPU: live tensors of a training step at the real layer dimensions and vocabularies, "
                         f"{'/'.join(map(str, COUNT_LAYERS))} layers deep, counted without arithmetic, and the "
                         "full-depth figure (qlora_kit.bench.counts); with --smoke on tiny shapes")
+    parser.add_argument("--protocol", action="store_true",
+                        help="one GPU command in the order of value, stopping itself by 9 minutes: per model (8B, "
+                        "7B, 1.5B) the longest sequence under the cap for qlora_kit with its switches and for the "
+                        "baseline, then tokens/s of both at one length; with --smoke its CPU rehearsal")
     parser.add_argument("--count-layers", help=f"depths to count at (default {','.join(map(str, COUNT_LAYERS))})")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run the full-size models without a GPU anyway (hours, and ~8 GB of RAM per model)")
@@ -85,7 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps = args.steps or 2  # the second step runs with the optimizer state allocated
         args.no_search = args.no_uncapped = True
         args.setups = args.setups or ",".join(COUNT_SETUPS)
-    args.max_minutes = args.max_minutes or (240.0 if args.count else 8.5)
+    if args.protocol and args.count:
+        parser.error("--protocol and --count are different modes: one at a time")
+    if args.protocol:
+        args.models = args.models or ",".join(SMOKE_PROTOCOL_MODELS if smoke else PROTOCOL_MODELS)
+        args.setups = args.setups or ",".join(PROTOCOL_SETUPS)
+        args.lengths = args.lengths or ("128" if smoke else str(PROTOCOL_SPEED_LENGTH))
+    args.max_minutes = args.max_minutes or (240.0 if args.count else PROTOCOL_MINUTES if args.protocol else 8.5)
     args.models = _split(args.models) or (SMOKE_MODELS if smoke else list(ARCHITECTURES))
     args.lengths = sorted({int(n) for n in _split(args.lengths)} or ({64, 128} if smoke else {1024, 2048, 4096}))
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)

@@ -8,7 +8,15 @@ from pathlib import Path
 from qlora_kit.bench.counts import add_full_depth
 from qlora_kit.bench.document import write_json
 from qlora_kit.bench.search import search_longest
-from qlora_kit.bench.setups import GIB, Setup, model_config, planner_estimate, planner_longest
+from qlora_kit.bench.setups import (
+    GIB,
+    PROTOCOL_SPEED_LENGTH,
+    PROTOCOL_SPEED_MAX,
+    Setup,
+    model_config,
+    planner_estimate,
+    planner_longest,
+)
 from qlora_kit.bench.tables import _key, describe, markdown_tables
 from qlora_kit.bench.worker import Worker
 
@@ -123,6 +131,9 @@ class Bench:
     def bench(self, model: str) -> None:
         """Fixed lengths of every setup first, then the searches: if time runs out, the comparison at fixed
         lengths is complete. With --count: the live-tensor counts instead (CPU, no timing, no search)."""
+        if self.args.protocol:
+            self.protocol(model)
+            return
         if self.settings.get("count_layers"):
             for length in self.args.lengths:  # every setup at a length before the next: a stopped run compares
                 for setup in self.args.setups:
@@ -133,6 +144,30 @@ class Bench:
             self.fixed_lengths(model, setup)
         for setup in self.args.setups:
             self.search(model, setup)
+
+    def protocol(self, model: str) -> None:
+        """--protocol, in the order of value: the longest sequence that trains under the cap for each setup (qlora_kit
+        with its switches first), then tokens/s of every setup at one length, the same for all: the shortest of
+        their longest sequences (at most PROTOCOL_SPEED_MAX), or PROTOCOL_SPEED_LENGTH where one fits none. A setup
+        that does not fit that length under the cap runs it without the cap (†). The planner's error is recorded
+        at every trial. On a CPU (--smoke) the searches are skipped and the speed runs at the longest --lengths."""
+        for setup in self.args.setups:
+            self.search(model, setup)
+        longest = {e["setup"]: e.get("longest") for e in self.doc["longest"] if e["model"] == model}
+        found = [longest.get(s.name) for s in self.args.setups]
+        if not self.on_gpu():
+            length = self.args.lengths[-1]
+        elif all(found):
+            length = min(min(found) // self.settings["resolution"] * self.settings["resolution"], PROTOCOL_SPEED_MAX)
+        else:
+            length = PROTOCOL_SPEED_LENGTH
+        for setup in self.args.setups:
+            if not self.on_gpu() or (longest.get(setup.name) or 0) >= length:
+                self.trial(model, setup, "fixed", length)
+            else:
+                self.skip(model, setup, length, f"the search found nothing longer than {longest.get(setup.name)} "
+                          "tokens that fits")
+                self.trial(model, setup, "uncapped", length)
 
     def fixed_lengths(self, model: str, setup: Setup) -> None:
         oom_at = None

@@ -27,7 +27,15 @@ SMOKE_SETUPS = ["baseline", "qlora_kit"]
 COUNT_SETUPS = ["baseline", "qlora_kit", "qlora_kit+tiled_mlp"]
 CPU_ONLY_SWITCHES = ("tiled_mlp",)
 COUNT_LAYERS = [1, 2]
+# --protocol (one GPU command, GUIDE §4 in 9 minutes): the most valuable comparison first, the biggest model first.
+PROTOCOL_MODELS = ["r1-distill-llama-8b", "r1-distill-qwen-7b", "r1-distill-qwen-1.5b"]
+PROTOCOL_SETUPS = ["qlora_kit+offload_activations+embeddings_on_cpu+tiled_mlp", "baseline"]
+SMOKE_PROTOCOL_MODELS = ["r1-distill-llama-8b", "r1-distill-qwen-1.5b"]  # both architecture families
+PROTOCOL_MINUTES = 8.5  # a trial still running then is killed 15 s later: the JSON is final by 9 minutes
+PROTOCOL_SPEED_LENGTH = 1024  # tokens/s here when a setup fits no length under the cap (then measured without it)
+PROTOCOL_SPEED_MAX = 4096  # ... and at most this long otherwise: the speed comparison must not eat the budget
 NO_ARITHMETIC_MIN_ELEMENTS = 65536  # qlora_kit.tensor_peak.NoArithmetic: elementwise ops on tensors this big skipped
+SMOKE_NO_ARITHMETIC_MIN_ELEMENTS = 4096  # tiny shapes: low enough that activations are skipped too (what CI checks)
 LEAK_TOLERANCE = 256 * 1024**2  # cuBLAS workspaces and the like may stay allocated between trials
 LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 def _split(text: str | None) -> list[str]:
@@ -62,7 +70,9 @@ def settings_of(args) -> dict:
             "search_steps": args.search_steps, "max_len": args.max_len, "resolution": args.resolution,
             "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
             "prompt_tokens": args.prompt_tokens, "seed": args.seed, "batch_size": 1, "cpu_dtype": args.cpu_dtype,
-            **({"count_layers": args.count_layers, "no_arithmetic_min_elements": NO_ARITHMETIC_MIN_ELEMENTS}
+            **({"protocol": True} if getattr(args, "protocol", False) else {}),
+            **({"count_layers": args.count_layers, "no_arithmetic_min_elements":
+                SMOKE_NO_ARITHMETIC_MIN_ELEMENTS if args.smoke else NO_ARITHMETIC_MIN_ELEMENTS}
                if getattr(args, "count", False) else {})}
 
 
@@ -92,6 +102,9 @@ def bench_recipe(setup: Setup, length: int, steps: int, settings: dict, model_na
              "save_steps": 0}
     if setup.base == "baseline":
         train["optim"] = "adamw_torch"
+    elif settings.get("count_layers"):
+        # --count stands for a GPU step: qlora_kit's optimizer there (bitsandbytes runs it on a CPU too, unpaged).
+        train["optim"] = "paged_adamw_8bit"
     return recipe_from_dict({
         "model": {"name": model_name},  # never read: the weights come from random_weights()
         "lora": {"r": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]},

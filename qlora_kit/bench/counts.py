@@ -44,6 +44,11 @@ def full_depth_rows(trials: list[dict]) -> list[dict]:
             step = (deep["tensor_peak_bytes"] - low["tensor_peak_bytes"]) / (deep["layers"] - low["layers"])
             row["measured_per_layer_gib"] = step / GIB
             row["full_depth_gib"] = (deep["tensor_peak_bytes"] + step * (row["full_layers"] - deep["layers"])) / GIB
+            # The layer-backward moment alone (what tiled_mlp bounds; on a GPU, where Triton folds the loss tiles in
+            # place, it is more often the step's peak than on a CPU).
+            low_b, deep_b = (r["tensor_phase_peaks_bytes"].get("backward", 0) for r in (low, deep))
+            step_b = (deep_b - low_b) / (deep["layers"] - low["layers"])
+            row["full_depth_layer_backward_gib"] = (deep_b + step_b * (row["full_layers"] - deep["layers"])) / GIB
         rows.append(row)
     for row in rows:
         base = next((b for b in rows if (b["model"], b["length"], b["setup"]) == (row["model"], row["length"],
@@ -62,16 +67,18 @@ def count_table(trials: list[dict]) -> list[str]:
     lines = ["**Live tensors of a training step at the real shapes, counted on a CPU** (bf16 autocast, batch 1, two "
              "TRL steps, LoRA r 32 on all linear layers; GiB)", "",
              "| model | tokens | setup | " + " | ".join(f"{n} layer{'s' if n > 1 else ''}, counted" for n in depths)
-             + " | + per layer (counted / planner) | full depth | vs baseline | peak at |",
-             "| --- | ---: | --- |" + " ---: |" * len(depths) + " ---: | ---: | ---: | --- |"]
+             + " | + per layer (counted / planner) | full depth | vs baseline | peak at | layer backward, full depth |",
+             "| --- | ---: | --- |" + " ---: |" * len(depths) + " ---: | ---: | ---: | --- | ---: |"]
     for row in rows:
         counted = [f"{row['peaks_gib'][n]:.3f}" if n in row["peaks_gib"] else "" for n in depths]
         per_layer = (f"{row['measured_per_layer_gib'] * 1024:.1f} / {row['planner_per_layer_gib'] * 1024:.1f} MiB"
                      if row.get("measured_per_layer_gib") is not None else "")
         full = f"{row['full_depth_gib']:.2f} ({row['full_layers']} layers)" if row.get("full_depth_gib") else ""
-        ratio = f"{row['full_depth_vs_baseline']:.2f}x" if row.get("full_depth_vs_baseline") else ""
+        ratio = f"{row['full_depth_vs_baseline']:.3f}x" if row.get("full_depth_vs_baseline") else ""
         lines.append(f"| {row['model']} | {row['length']:,} | {row['setup']} | " + " | ".join(counted)
-                     + f" | {per_layer} | {full} | {ratio} | {row['phase']} |")
+                     + f" | {per_layer} | {full} | {ratio} | {row['phase']} | "
+                     + (f"{row['full_depth_layer_backward_gib']:.2f} |" if row.get("full_depth_layer_backward_gib")
+                        else " |"))
     lines += ["", "Full depth: the deepest count plus the remaining layers at the counted per-layer increment (the "
               "planner's per-layer terms give `full_depth_planner_terms_gib` in the JSON). Live tensors only: no CUDA "
               "context, no allocator slack, no Triton loss kernel, nothing moved to host RAM."]

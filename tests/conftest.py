@@ -133,3 +133,31 @@ def smollm2_dir(smollm2_gguf) -> Path:
     model = ModelSection(name=str(smollm2_gguf.parent), gguf_file=str(smollm2_gguf))
     prepare_gguf_base(model, weights=True)
     return Path(model.name)
+
+
+SMOL_STEPS, SMOL_BATCH, SMOL_QUESTIONS, SMOL_NEW_TOKENS = 16, 4, 3, 112
+
+
+@pytest.fixture(scope="session")
+def smol_run(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 fine-tuned for real by the command a user types (the demo rows, 16 steps): the run the real-weights
+    tests judge (tests/test_real_model.py) and evaluate (tests/test_eval.py). Trained once per session."""
+    import json
+
+    out = tmp_path_factory.mktemp("smol") / "run"
+    result = run_cli(str(REPO / "recipes" / "demo.toml"), f"model.name={smollm2_gguf}", "model.init=pretrained",
+                     "data.max_length=256", "data.eval_rows=8", "data.system_prompt=Answer briefly.",
+                     f"train.max_steps={SMOL_STEPS}", f"train.batch_size={SMOL_BATCH}", "train.learning_rate=3e-3",
+                     "train.warmup=0.1", "train.eval_steps=0", "train.save_steps=0",
+                     "train.gradient_checkpointing=false",
+                     f"samples.count={SMOL_QUESTIONS}", "samples.greedy=true",
+                     f"samples.max_new_tokens={SMOL_NEW_TOKENS}", f"output.dir={out}", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"dir": out, "stdout": result.stdout, "summary": json.loads((out / "summary.json").read_text())}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every real-weights test trains or loads a real model: it belongs to the slow tests too."""
+    for item in items:
+        if item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.slow)

@@ -14,6 +14,9 @@ from conftest import REPO, run_cli
 COMMON = ["train.max_steps=6", "train.logging_steps=1", "train.eval_steps=0", "data.eval_rows=0",
           "data.shuffle=false", "train.save_steps=0", "lora.dropout=0.0", "train.grad_accum=1", "samples.count=0"]
 
+# Each test starts fresh training processes (15-50 s each): the quick subset (-m 'not slow') leaves them out.
+pytestmark = pytest.mark.slow
+
 
 DEMO = str(REPO / "recipes" / "demo.toml")
 

@@ -17,6 +17,9 @@ DEMO = str(REPO / "recipes" / "demo.toml")
 SHORT = ["train.max_steps=12", "train.save_steps=4", "train.logging_steps=1", "train.eval_steps=0",
          "data.eval_rows=0", "samples.count=0"]
 
+# Each test starts fresh training processes (15-50 s each): the quick subset (-m 'not slow') leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

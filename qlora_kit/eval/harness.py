@@ -11,6 +11,7 @@ so base and fine-tuned are scored by the same weights, the adapter switched off 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -167,7 +168,10 @@ def wrap_model(model, tokenizer, batch_size: int):
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    for method in ("loglikelihood", "generate_until"):  # our progress bar, not one more of lm_eval's per block
+        setattr(lm, method, functools.partial(getattr(lm, method), disable_tqdm=True))
+    return lm
 
 
 @dataclass
@@ -183,10 +187,16 @@ class DocScore:
 
 def score(lm, task: Task, indices: list[int]) -> list[DocScore]:
     """lm_eval's evaluate() on these questions of one task; per question, right or wrong (and what was chosen)."""
+    import lm_eval.api.task as task_module
     from lm_eval.evaluator import evaluate
 
-    results = evaluate(lm=lm, task_dict={"tasks": {task.name: task.task}, "groups": {}, "group_map": {}},
-                       samples={task.name: indices}, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+    building_bar = task_module.tqdm
+    task_module.tqdm = functools.partial(building_bar, disable=True)  # its request-building bar, once per block
+    try:
+        results = evaluate(lm=lm, task_dict={"tasks": {task.name: task.task}, "groups": {}, "group_map": {}},
+                           samples={task.name: indices}, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+    finally:
+        task_module.tqdm = building_bar
     scores = []
     for sample in results["samples"][task.name]:
         metric = "acc" if "acc" in sample else "exact_match" if "exact_match" in sample else sample["metrics"][0]

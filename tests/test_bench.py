@@ -53,6 +53,7 @@ def count_result(tmp_path_factory):
                      "--lengths", "128", "--setups", "baseline,qlora_kit")
 
 
+@pytest.mark.slow  # the bench command in fresh processes
 def test_full_size_models_without_a_gpu_are_refused(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH), "--models", "r1-distill-qwen-7b", "--out", str(tmp_path / "x")],
                           cwd=REPO, capture_output=True, text=True, timeout=180,
@@ -60,6 +61,7 @@ def test_full_size_models_without_a_gpu_are_refused(tmp_path):
     assert done.returncode == 2 and "only --smoke" in done.stderr and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # the bench command in fresh processes
 def test_smoke_writes_the_documented_schema(smoke_result):
     doc, _, _ = smoke_result
     for key in ("schema", "command", "timestamp", "settings", "device", "versions", "host", "runs", "models",
@@ -75,6 +77,7 @@ def test_smoke_writes_the_documented_schema(smoke_result):
     assert doc["runs"][0]["stopped"] is None
 
 
+@pytest.mark.slow  # the bench command in fresh processes
 def test_protocol_rehearsal_trains_both_setups(smoke_result):
     doc, _, _ = smoke_result
     fixed = [r for r in doc["trials"] if r["kind"] == "fixed"]
@@ -96,6 +99,7 @@ def test_protocol_rehearsal_trains_both_setups(smoke_result):
     assert by_setup["baseline"]["adapter_dtype"] == "bfloat16"
 
 
+@pytest.mark.slow  # the bench command in fresh processes
 def test_smoke_skips_the_search_on_cpu_and_prints_the_tables(smoke_result):
     doc, stdout, seconds = smoke_result
     assert doc["longest"] and all(e["status"] == "skipped" for e in doc["longest"])
@@ -105,6 +109,7 @@ def test_smoke_skips_the_search_on_cpu_and_prints_the_tables(smoke_result):
     assert seconds < 120, f"smoke took {seconds:.0f} s"
 
 
+@pytest.mark.slow  # the bench command in fresh processes
 def test_count_compares_the_setups_at_two_depths(count_result):
     doc, stdout, seconds = count_result
     counted = [r for r in doc["trials"] if r["kind"] == "count"]
@@ -131,6 +136,7 @@ def test_count_compares_the_setups_at_two_depths(count_result):
     assert "| r1-distill-qwen-1.5b | 128 | qlora_kit |" in stdout
 
 
+@pytest.mark.slow  # the bench command in fresh processes
 def test_a_count_without_arithmetic_equals_the_count_with_it(count_result):
     """The whole trial (bitsandbytes' NF4 layers, LoRA, TRL's chunked loss, AdamW) counted again with real
     arithmetic: the same peak in every phase, to the byte."""
@@ -355,6 +361,7 @@ def test_an_oom_inside_transformers_quantization_is_still_an_oom(bench):
     assert not bench._looks_like_oom(ValueError("out of memory"))
 
 
+@pytest.mark.slow  # the bench command in fresh processes
 def test_show_skips_files_that_are_not_bench_results(bench, smoke_result, tmp_path, capsys):
     doc, _, _ = smoke_result
     (tmp_path / "smoke.json").write_text(json.dumps(doc), encoding="utf-8")

@@ -36,10 +36,12 @@ from qlora_kit.bench.setups import (
     parse_setup,
 )
 from qlora_kit.bench.tables import markdown_tables, merge_documents
+from qlora_kit.cli import command_name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="See the module docstring for the "
+    parser = argparse.ArgumentParser(prog=command_name(None), description=__doc__.split("\n")[0],
+                                     epilog="See the module docstring for the "
                                      "GPU protocol.", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models through the same code path (CPU or GPU)")
     parser.add_argument("--count", action="store_true",
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
         print("bench.py: no CUDA GPU here. Full-size models measure VRAM and GPU speed; on a CPU only --smoke "
               "runs (the code path on tiny models). --allow-cpu runs them anyway.", file=sys.stderr)
         return 2
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["bench", *argv])
+    typed = [Path(sys.executable).name, *sys.argv] if argv is None else [*command_name("bench").split(), *argv]
+    command = shlex.join(typed)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     prefix = ("smoke-" if args.smoke else "") + ("count-" if args.count else "")
     out = Path(args.out or REPO / "bench" / "results" / f"{prefix}{stamp}.json")

@@ -14,6 +14,11 @@ SHARED_FIXTURES = Path(os.environ.get("QLORA_KIT_FIXTURES", REPO.parent / "share
 R1_TOKENIZER = SHARED_FIXTURES / "r1-distill-qwen-tokenizer"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the network must fail, not hang
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: each worker (and the processes its tests start) gets its share of the cores, set before torch
+    # loads; N workers each spinning on every core would be slower than one.
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 
 @pytest.fixture(scope="session")

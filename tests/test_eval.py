@@ -181,6 +181,20 @@ def test_generate_reads_the_letter_after_the_reasoning(tiny_run):
     assert 0 <= tuned["correct"] + tuned["unparsable"] <= 4
 
 
+def test_the_end_of_a_run_scores_the_recipes_eval_section(tiny_run):
+    """What qlora_kit.run calls once training is done: the [eval] file, read from the recipe's folder."""
+    from qlora_kit.eval.after_run import evaluate_finished_run
+    from qlora_kit.recipe import load_recipe
+
+    recipe_path = tiny_run["root"] / "with_eval.toml"
+    recipe_path.write_text((tiny_run["dir"] / "recipe.toml").read_text(), encoding="utf-8")
+    recipe = load_recipe(recipe_path, ["eval.file=questions.jsonl", "eval.limit=4", f"output.dir={tiny_run['dir']}"])
+    record = evaluate_finished_run(recipe, Console(file=io.StringIO()))
+    (task,) = record["tasks"]
+    assert task["questions"] == 4 and task["fine_tuned"]["correct"] == 4
+    assert evaluate_finished_run(load_recipe(tiny_run["dir"] / "recipe.toml"), Console(file=io.StringIO())) is None
+
+
 @pytest.mark.parametrize(("answer", "letter"), [
     ("C", "C"), ("(B) pancreas", "B"), ("The answer is D.", "D"), ("**A**", "A"), ("answer: c", "C"),
     ("I do not know", None), ("Vitamin C deficiency, so C.", "C"),

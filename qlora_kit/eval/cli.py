@@ -133,10 +133,11 @@ def evaluate(request: Request, console, command: str) -> dict:
         loaded = load_sides(source, request.batch_size)
     console.print(f"[dim]{loaded.description}")
     if questions:
-        tasks.insert(0, harness.local_task(questions, f"{request.file}"))
+        name = harness.task_name_for(request.file)
+        tasks.insert(0, harness.local_task(questions, f"{request.file}", name=name))
         if request.generate:
             tasks.insert(1, harness.local_task(questions, f"{request.file} (generated replies)", loaded.fmt,
-                                               request.max_new_tokens))
+                                               request.max_new_tokens, name=name))
     from qlora_kit.cpu_inference import dequantized_weights
     from qlora_kit.eval.runner import run_tasks
 

@@ -15,6 +15,7 @@ import functools
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qlora_kit.errors import UserError
 from qlora_kit.eval.questions import Question
@@ -106,11 +107,17 @@ def chosen_letter(answer: str, letters: list[str]) -> str | None:
     return None
 
 
-def local_task(questions: list[Question], source: str, fmt=None, max_new_tokens: int = 1024) -> Task:
+def task_name_for(path: str) -> str:
+    """A questions file's task name: its file name without the suffix (`medical_mc`), else `local`."""
+    return re.sub(r"[^\w-]+", "_", Path(path).stem).strip("_") or LOCAL_TASK
+
+
+def local_task(questions: list[Question], source: str, fmt=None, max_new_tokens: int = 1024,
+               name: str = LOCAL_TASK) -> Task:
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    config = local_config(questions, fmt=fmt, max_new_tokens=max_new_tokens)
+    config = local_config(questions, name, fmt=fmt, max_new_tokens=max_new_tokens)
     loaded = TaskManager(include_defaults=False).load([config])["tasks"]
     (name, task), = loaded.items()
     return Task(name, task, source, len(questions), questions)

@@ -181,6 +181,36 @@ def test_generate_reads_the_letter_after_the_reasoning(tiny_run):
     assert 0 <= tuned["correct"] + tuned["unparsable"] <= 4
 
 
+def test_ctrl_c_keeps_the_blocks_both_sides_scored(tiny_run):
+    """Ctrl-C arrives while the fine-tuned side scores the second block: the first block stays, on both sides."""
+    import contextlib
+
+    from qlora_kit.chat import locate
+    from qlora_kit.eval.cli import load_sides
+    from qlora_kit.eval.harness import local_task
+    from qlora_kit.eval.questions import load_questions
+    from qlora_kit.eval.results import eval_record
+    from qlora_kit.eval.runner import run_tasks
+
+    loaded = load_sides(locate(tiny_run["dir"]), batch_size=4)
+    entered = []
+
+    @contextlib.contextmanager
+    def interrupted_the_second_time():
+        entered.append(1)
+        if len(entered) == 2:
+            raise KeyboardInterrupt
+        yield
+
+    loaded.sides[1].context = interrupted_the_second_time
+    task = local_task(load_questions(tiny_run["questions"]), "questions.jsonl")
+    outcome = run_tasks([task], loaded.sides, 0, Console(file=io.StringIO()), block=4)
+    assert outcome.interrupted
+    assert {side: len(scores) for side, scores in outcome.results[0].scores.items()} == {"base": 4, "fine_tuned": 4}
+    record = eval_record(outcome, "run", "", {}, "", {})
+    assert record["interrupted"] and record["tasks"][0]["questions"] == 4 and record["tasks"][0]["of"] == 8
+
+
 def test_the_end_of_a_run_scores_the_recipes_eval_section(tiny_run):
     """What qlora_kit.run calls once training is done: the [eval] file, read from the recipe's folder."""
     from qlora_kit.eval.after_run import evaluate_finished_run

@@ -43,7 +43,7 @@ class Outcome:
     interrupted: bool
 
 
-def run_tasks(tasks: list[Task], sides: list[Side], limit: int, console) -> Outcome:
+def run_tasks(tasks: list[Task], sides: list[Side], limit: int, console, block: int = BLOCK) -> Outcome:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results = [TaskResult(task, min(task.size, limit) if limit else task.size) for task in tasks]
@@ -56,8 +56,8 @@ def run_tasks(tasks: list[Task], sides: list[Side], limit: int, console) -> Outc
         bar = progress.add_task("scoring", total=total)
         try:
             for result in results:
-                for start in range(0, result.asked, BLOCK):
-                    indices = list(range(start, min(start + BLOCK, result.asked)))
+                for start in range(0, result.asked, block):
+                    indices = list(range(start, min(start + block, result.asked)))
                     done = {}
                     for side in sides:
                         progress.update(bar, description=f"{result.task.name} · {side.label}")

@@ -181,6 +181,30 @@ def test_generate_reads_the_letter_after_the_reasoning(tiny_run):
     assert 0 <= tuned["correct"] + tuned["unparsable"] <= 4
 
 
+def test_a_merged_folder_is_scored_against_the_base_its_recipe_names(tiny_run):
+    """The adapter folded into the original 16-bit base (peft's merge_and_unload), saved with the run's recipe beside
+    it as qlora_kit.merge leaves a folder: merged vs that recipe's base, both 16-bit. The base still ties on every
+    option; the merged model gets 7 of 8 (measured): the adapter was trained on the NF4 base's activations, which
+    the original weights do not reproduce exactly (why qlora_kit.merge folds into the NF4 round trip by default)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.eval.cli import main
+    from qlora_kit.recipe import TRAINING_RECIPE_FILE, load_recipe
+
+    recipe = load_recipe(tiny_run["dir"] / "recipe.toml")
+    merged_dir = tiny_run["root"] / "merged"
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.name)
+    PeftModel.from_pretrained(base, tiny_run["dir"] / "adapter").merge_and_unload().save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(recipe.model.name).save_pretrained(merged_dir)
+    (merged_dir / TRAINING_RECIPE_FILE).write_text((tiny_run["dir"] / "recipe.toml").read_text(), encoding="utf-8")
+    assert main([str(merged_dir), "--file", str(tiny_run["questions"])]) == 0
+    record = json.loads((merged_dir / "eval.json").read_text())
+    (task,) = record["tasks"]
+    assert task["base"]["correct"] == BASE_CORRECT and task["fine_tuned"]["correct"] >= len(QUESTIONS) - 2
+    assert record["sides"]["fine_tuned"].startswith("merged") and record["sides"]["base"].startswith("base")
+
+
 def test_ctrl_c_keeps_the_blocks_both_sides_scored(tiny_run):
     """Ctrl-C arrives while the fine-tuned side scores the second block: the first block stays, on both sides."""
     import contextlib

@@ -136,6 +136,15 @@ def make_big(folder: Path, layers: int) -> None:
         (folder / name).write_bytes((tokenizer.parent / name).read_bytes())
 
 
+# The export process's own peak: VmHWM (Linux; reset at exec). ru_maxrss is not used: after fork + exec it
+# still counts the parent's pages at the fork (here the parent built the 3+ GB folder).
+PEAK_KIB = ("def peak_kib():\n"
+            "    try:\n"
+            "        return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            "    except OSError:\n"
+            "        import resource; return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n")
+
+
 def big(layers: int, type_name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "merged"
@@ -145,7 +154,8 @@ def big(layers: int, type_name: str) -> dict:
         code = (f"import resource, sys, time; sys.path.insert(0, {repo!r}); from qlora_kit.gguf.export import "
                 f"export_gguf; t = time.monotonic(); r = export_gguf({str(folder)!r}, {str(out)!r}, {type_name!r}, "
                 "modelfile=False, log=lambda *_: None); print(time.monotonic() - t, r.size_bytes, "
-                "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.types)")
+                "peak_kib(), r.types)")
+        code = PEAK_KIB + code
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         seconds, size, rss_kib, *types = done.stdout.strip().splitlines()[-1].split(" ", 3)
         written = parameters(config_of(MODELS["R1-Distill-Qwen-7B"], layers))

@@ -1156,7 +1156,7 @@ def scalar_make_qkx2(x, w, nmax, rmin, rdelta, nstep):
         diff = _f32(scale * levels[i] + mn - x[i])
         best = _f32(best + w[i] * diff * diff)
     for step in range(nstep + 1):
-        iscale = _f32((_f32(rmin + rdelta * step) + nmax) / (mx - mn))
+        iscale = _f32(_f32(_f32(rmin) + _f32(rdelta) * _f32(step)) + _f32(nmax)) / (mx - mn)
         aux = [int(max(0, min(nmax, np.rint(iscale * (x[i] - mn))))) for i in range(n)]
         sl = sl2 = sxl = _f32(0)
         for i in range(n):

@@ -59,7 +59,8 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in range(nstep + 1):
             # the C code divides by (max - min) with the *current* best min: it moves as better fits are found
-            iscale = (np.float32(rmin + rdelta * step) + np.float32(nmax)) / np.where(flat, 1, maximum - minimum)
+            trial_nmax = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)  # C's float math
+            iscale = trial_nmax / np.where(flat, np.float32(1), maximum - minimum)
             trial = np.clip(np.rint(iscale[:, None] * (x - minimum[:, None])), 0, nmax)
             weighted = weights * trial
             sum_l = weighted.sum(axis=1)

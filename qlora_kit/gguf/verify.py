@@ -32,12 +32,13 @@ from qlora_kit.merge.verify import (
 
 # Max |Δlogit| allowed, relative to the largest |logit| of the merged model. Measured on tiny random Qwen2 and
 # Llama models (tests/test_export_gguf.py): f16 ~1.3e-3, q8_0 ~3e-2 (q8_0's rounding amplified through the
-# layers, and nothing else: the same rounding applied to the original gives the file's logits); on SmolLM2-135M
-# (bench/results/gguf_quality.json): q6_k 0.064, q4_k_m 0.19, q5_k_m 0.29 (its Q5_1 fallback re-rounding weights
-# that sit on the Q4_1 grid of the GGUF they came from). A wrong tensor layout or a missing bias gives errors of
-# the order of the logits themselves.
-RELATIVE_TOLERANCE = {"f16": 1e-2, "bf16": 3e-2, "q8_0": 1e-1, "q6_k": 0.2, "q5_k_m": 0.4, "q5_k_s": 0.4,
-                      "q5_0": 0.4, "q4_k_m": 0.4, "q4_k_s": 0.4, "q4_0": 0.5}
+# layers, and nothing else: the same rounding applied to the original gives the file's logits). On SmolLM2-135M
+# (bench/results/gguf_quality.json) q6_k 0.064, q4_k_m 0.19, q5_k_m 0.29; on SmolLM2 fine-tuned 16 steps by the
+# real-model test q6_k 0.15, q5_k_m 0.37, q4_k_m 0.60 (a 135M model's logits move that much under 4-5 bit
+# rounding; its Q5_0/Q5_1 fallbacks carry most of it). The bounds sit above those; top-1 agreement is the
+# measure that tells a rounding from a broken file (a wrong layout agrees almost nowhere).
+RELATIVE_TOLERANCE = {"f16": 1e-2, "bf16": 3e-2, "q8_0": 1e-1, "q6_k": 0.3, "q5_k_m": 0.6, "q5_k_s": 0.6,
+                      "q5_0": 0.6, "q4_k_m": 0.8, "q4_k_s": 0.8, "q4_0": 0.8}
 GREEDY_TOKENS = 16
 
 

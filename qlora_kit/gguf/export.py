@@ -270,8 +270,11 @@ def progress_bar(total: int, label: str, enabled: bool):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from qlora_kit.cli import command_name
+
     parser = argparse.ArgumentParser(
-        prog="python tools/export_gguf.py",
+        prog=command_name("python tools/export_gguf.py" if Path(sys.argv[0]).name == "export_gguf.py"
+                          else "python -m qlora_kit.gguf_export"),
         description="Export a merged Qwen2/Llama model folder to GGUF (llama.cpp, Ollama) with an Ollama Modelfile.",
         epilog="examples:\n  python tools/export_gguf.py runs/medical/merged\n"
                "  python tools/export_gguf.py runs/medical/merged --type q8_0 --out medical-q8_0.gguf",

@@ -44,21 +44,40 @@ def run_bench(tmp_path_factory, name, *argv):
 def smoke_result(tmp_path_factory):
     """The GPU protocol's CPU rehearsal: the same command and code path on a tiny Llama 3.1 (the count below runs
     the Qwen2 family)."""
-    return run_bench(tmp_path_factory, "protocol-smoke", "--protocol", "--smoke", "--models", "r1-distill-llama-8b")
+    return run_bench(tmp_path_factory, "protocol-smoke", "--protocol", "--smoke", "--models", "r1-distill-llama-8b",
+                     "--warmup", "0", "--steps", "1")
 
 
 @pytest.fixture(scope="module")
-def count_result(tmp_path_factory):
-    return run_bench(tmp_path_factory, "count-smoke", "--count", "--smoke", "--models", "r1-distill-qwen-1.5b",
-                     "--lengths", "128", "--setups", "baseline,qlora_kit")
+def count_trials():
+    """Count trials of the smoke models in this process (the worker's own function), 2 layers, 128 tokens: the
+    baseline and qlora_kit counted without arithmetic as --count does, and qlora_kit again with the arithmetic."""
+    from qlora_kit.bench.cli import parse_args
+    from qlora_kit.bench.setups import model_config, settings_of
+    from qlora_kit.bench.worker import run_trial
+    from qlora_kit.run import quiet_libraries
+
+    quiet_libraries()
+    settings = settings_of(parse_args(["--count", "--smoke"]))
+    assert settings["no_arithmetic_min_elements"] == 4096  # low enough that the smoke's activations are skipped too
+
+    def count(setup, arithmetic=False):
+        spec = {"model": "r1-distill-qwen-1.5b", "setup": setup, "kind": "count", "length": 128, "warmup": 0,
+                "steps": 2, "capped": False, "config": model_config("r1-distill-qwen-1.5b", True, 2),
+                "settings": {**settings, "no_arithmetic_min_elements": None} if arithmetic else settings}
+        result = run_trial(spec)
+        assert result["status"] == "ok", result
+        return result
+
+    return {"baseline": count("baseline"), "qlora_kit": count("qlora_kit"),
+            "with arithmetic": count("qlora_kit", arithmetic=True)}
 
 
 @pytest.mark.slow  # the bench command in fresh processes
-def test_full_size_models_without_a_gpu_are_refused(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH), "--models", "r1-distill-qwen-7b", "--out", str(tmp_path / "x")],
-                          cwd=REPO, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert done.returncode == 2 and "only --smoke" in done.stderr and not (tmp_path / "x").exists()
+def test_full_size_models_without_a_gpu_are_refused(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the GPU probe runs in a child process, which inherits it
+    assert bench.main(["--models", "r1-distill-qwen-7b", "--out", str(tmp_path / "x")]) == 2
+    assert "only --smoke" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow  # the bench command in fresh processes
@@ -86,7 +105,7 @@ def test_protocol_rehearsal_trains_both_setups(smoke_result):
     assert [(r["model"], r["setup"]) for r in fixed] == [("r1-distill-llama-8b", s) for s in (switches, "baseline")]
     for r in fixed:
         assert r["status"] == "ok" and r["length"] == 128, r
-        assert r["steps_done"] == r["warmup"] + r["steps"]
+        assert r["steps_done"] == r["warmup"] + r["steps"] == 1
         assert r["losses"] and all(math.isfinite(v) for v in r["losses"]), r
         assert r["tokens_per_s"] > 0
         assert r["peak_rss_gib"] > 0 and r["planner_reserved_gib"] > 0
@@ -109,52 +128,28 @@ def test_smoke_skips_the_search_on_cpu_and_prints_the_tables(smoke_result):
     assert seconds < 120, f"smoke took {seconds:.0f} s"
 
 
-@pytest.mark.slow  # the bench command in fresh processes
-def test_count_compares_the_setups_at_two_depths(count_result):
-    doc, stdout, seconds = count_result
-    counted = [r for r in doc["trials"] if r["kind"] == "count"]
-    assert {(r["setup"], r["layers"]) for r in counted} == {(s, n) for s in ("baseline", "qlora_kit") for n in (1, 2)}
-    for r in counted:
-        assert r["status"] == "ok" and r["steps_done"] == 2 and r["tokens_per_s"] is None, r
-        assert r["tensor_peak_bytes"] > r["tensor_start_bytes"] > 0
-        assert r["full_layers"] == 2  # the smoke models are 2 layers deep: nothing to extrapolate
-        # The peak is TRL's loss: its [tokens, 32768] tile is allocated whole even for this 1,024-token vocabulary
-        # (16 MiB in float32, 8 MiB in bfloat16), in both setups alike.
-        assert max(r["tensor_phase_peaks_bytes"], key=r["tensor_phase_peaks_bytes"].get) == "loss backward"
-    from qlora_kit.bench.counts import full_depth_rows
-
-    rows = {row["setup"]: row for row in full_depth_rows(doc["trials"])}
-    deep = {r["setup"]: r for r in counted if r["layers"] == 2}
-    for setup, row in rows.items():
-        assert row["full_depth_gib"] * 1024**3 == pytest.approx(deep[setup]["tensor_peak_bytes"])
-    assert rows["baseline"]["full_depth_vs_baseline"] == 1
-    # Under bf16 autocast, as on a GPU, qlora_kit's extra over the baseline is its float32 adapter and optimizer
-    # state (the baseline's are bfloat16): per layer, not per token (the loss tile is the same in both).
-    extra = rows["qlora_kit"]["full_depth_gib"] - rows["baseline"]["full_depth_gib"]
-    assert 0 < extra * 1024 < 1.0 and rows["qlora_kit"]["measured_per_layer_gib"] > rows["baseline"][
-        "measured_per_layer_gib"]
-    assert "| r1-distill-qwen-1.5b | 128 | qlora_kit |" in stdout
-
-
-@pytest.mark.slow  # the bench command in fresh processes
-def test_a_count_without_arithmetic_equals_the_count_with_it(count_result):
-    """The whole trial (bitsandbytes' NF4 layers, LoRA, TRL's chunked loss, AdamW) counted again with real
-    arithmetic: the same peak in every phase, to the byte."""
-    from qlora_kit.bench.setups import model_config
-    from qlora_kit.bench.worker import run_trial
-    from qlora_kit.run import quiet_libraries
-
-    quiet_libraries()
-    doc, _, _ = count_result
-    record = next(r for r in doc["trials"] if (r["setup"], r["layers"]) == ("qlora_kit", 2))
-    settings = {**doc["settings"], "no_arithmetic_min_elements": None}
-    spec = {"model": record["model"], "setup": record["setup"], "kind": "count", "length": record["length"],
-            "warmup": 0, "steps": 2, "capped": False, "config": model_config(record["model"], True, 2),
-            "settings": settings}
-    real = run_trial(spec)
-    assert real["status"] == "ok" and real["losses"] and all(math.isfinite(v) for v in real["losses"])
+@pytest.mark.slow  # real training steps
+def test_a_count_without_arithmetic_equals_the_count_with_it(count_trials):
+    """The whole trial (bitsandbytes' NF4 layers, LoRA, TRL's chunked loss, 8-bit AdamW) counted with and without
+    the arithmetic: the same peak in every phase, to the byte; only the values differ."""
+    counted, real = count_trials["qlora_kit"], count_trials["with arithmetic"]
     assert (real["tensor_peak_bytes"], real["tensor_phase_peaks_bytes"]) == (
-        record["tensor_peak_bytes"], record["tensor_phase_peaks_bytes"])
+        counted["tensor_peak_bytes"], counted["tensor_phase_peaks_bytes"])
+    assert real["losses"] and all(math.isfinite(v) for v in real["losses"])
+    assert counted["tokens_per_s"] is None and counted["losses"] == []  # no values, no speed
+
+
+@pytest.mark.slow  # real training steps
+def test_under_bf16_autocast_the_smoke_setups_differ_by_the_adapter_only(count_trials):
+    """The smoke's old 21.1 vs 16.0 MiB was qlora_kit in float32 against the baseline in bf16. Under bf16 autocast
+    for both, the peak is TRL's loss in both (its [tokens, 32768] tile is allocated whole even for this 1,024-token
+    vocabulary), and qlora_kit's extra is its float32 adapter: under 1 MiB here."""
+    base, ours = count_trials["baseline"], count_trials["qlora_kit"]
+    for trial in (base, ours):
+        assert max(trial["tensor_phase_peaks_bytes"], key=trial["tensor_phase_peaks_bytes"].get) == "loss backward"
+    assert 0 < ours["tensor_peak_bytes"] - base["tensor_peak_bytes"] < 1024**2
+    assert (base["adapter_dtype"], ours["adapter_dtype"]) == ("bfloat16", "float32")
+    assert ours["optimizer"] == "paged_adamw_8bit"  # --count stands for a GPU step: qlora_kit's GPU optimizer
 
 
 def test_count_refuses_switches_that_do_nothing_on_a_cpu(bench):
@@ -369,6 +364,46 @@ def test_show_skips_files_that_are_not_bench_results(bench, smoke_result, tmp_pa
                                                encoding="utf-8")
     assert bench.main(["--show", str(tmp_path / "calibration.json"), str(tmp_path / "smoke.json")]) == 0
     out, err = capsys.readouterr()
-    assert "| r1-distill-qwen-1.5b | qlora_kit | 64 | ran |" in out
+    assert "| r1-distill-llama-8b | baseline | 128 | ran |" in out
     assert "skipping" in err and "calibration.json" in err
     assert bench.main(["--show", str(tmp_path / "calibration.json")]) == 2
+
+
+class FakeCountWorker(FakeGPUWorker):
+    """A CPU worker whose peak grows by a fixed amount per layer (what a checkpointed model does)."""
+
+    def start(self, timeout):
+        return {"status": "ready", "device": {"kind": "cpu", "name": "Fake CPU", "total_gib": 16.0},
+                "versions": {"torch": "t", "transformers": "x", "trl": "y", "cuda": None}}
+
+    def run(self, spec, timeout):
+        self.specs.append(spec)
+        layers = spec["config"]["num_hidden_layers"]
+        peak = (1000 + 10 * layers) * 1024**2 + spec["length"] * 1024 + (512 if spec["setup"] == "qlora_kit" else 0)
+        return {"status": "ok", "tensor_peak_bytes": peak, "tensor_peak_gib": peak / 1024**3,
+                "tensor_start_bytes": 1, "tensor_phase_peaks_bytes": {"backward": peak - 5, "loss backward": peak},
+                "tokens_per_s": None, "losses": [], "wall_s": 1.0, "build_s": 0.5}
+
+
+def test_count_derives_the_full_depth_from_two_depths(bench, tmp_path):
+    from qlora_kit.bench.counts import count_table, full_depth_rows
+
+    args = bench.parse_args(["--count", "--models", "r1-distill-llama-8b", "--lengths", "1024",
+                             "--setups", "baseline,qlora_kit", "--out", str(tmp_path / "c.json")])
+    doc = bench.open_document(args, "bench test")
+    runner = bench.Bench(args, doc, tmp_path / "c.json")
+    runner.worker = FakeCountWorker(0)
+    runner.start()
+    runner.bench("r1-distill-llama-8b")
+    assert [(s["setup"], s["config"]["num_hidden_layers"]) for s in runner.worker.specs] == [
+        ("baseline", 1), ("baseline", 2), ("qlora_kit", 1), ("qlora_kit", 2)]
+    assert all(s["config"]["vocab_size"] == 128256 and s["config"]["hidden_size"] == 4096 for s in runner.worker.specs)
+    rows = {row["setup"]: row for row in full_depth_rows(doc["trials"])}
+    expected = ((1000 + 10 * 32) * 1024**2 + 1024 * 1024) / 1024**3  # 2 layers + 30 more at 10 MiB each
+    assert rows["baseline"]["full_depth_gib"] == pytest.approx(expected)
+    assert rows["baseline"]["measured_per_layer_gib"] * 1024 == pytest.approx(10)
+    assert rows["qlora_kit"]["full_depth_vs_baseline"] == pytest.approx(1, abs=1e-6)
+    deep = next(r for r in doc["trials"] if (r["setup"], r["layers"]) == ("qlora_kit", 2))
+    assert deep["full_layers"] == 32 and deep["planner_per_layer_gib"] > 0  # the planner's per-layer terms
+    table = "\n".join(count_table(doc["trials"]))
+    assert "| r1-distill-llama-8b | 1,024 | qlora_kit | 0.987 | 0.997 | 10.0 / " in table and "(32 layers)" in table

@@ -5,7 +5,7 @@ per task, machine start included; 10 per command). Here: `bash ../shared/tools/g
 bitsandbytes / trl / datasets wheels into .whl/; carry .whl/ and run there:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-        && export PYTHONPATH=$PWD/.site:$PWD && python tools/bench.py --protocol --out $OUT/protocol.json
+        && export PYTHONPATH=$PWD/.site:$PWD && python3 tools/bench.py --protocol --out $OUT/protocol.json
 
 `--protocol` does the most valuable measurements first and stops itself by 9 minutes (no trial starts that
 would end after --max-minutes, 8.5, and one still running then is killed 15 s later): R1-Distill-Llama-8B under the

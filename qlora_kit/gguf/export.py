@@ -274,7 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(
         prog=command_name("python tools/export_gguf.py" if Path(sys.argv[0]).name == "export_gguf.py"
-                          else "python -m qlora_kit.gguf_export"),
+                          else "python -m qlora_kit.gguf"),
         description="Export a merged Qwen2/Llama model folder to GGUF (llama.cpp, Ollama) with an Ollama Modelfile.",
         epilog="examples:\n  python tools/export_gguf.py runs/medical/merged\n"
                "  python tools/export_gguf.py runs/medical/merged --type q8_0 --out medical-q8_0.gguf",

@@ -93,7 +93,9 @@ def load_model(recipe: Recipe, precision: Precision):
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=precision.compute_dtype,
             # Lets non-quantized modules (the input embedding) live on the CPU when the recipe asks.
-            llm_int8_enable_fp32_cpu_offload=recipe.memory.embeddings_on_cpu,
+            # Only with a GPU: on a CPU every module is "on the cpu", and this flag would then leave all of them
+            # unquantized (16-bit LoRA, silently) instead of just the embedding.
+            llm_int8_enable_fp32_cpu_offload=recipe.memory.embeddings_on_cpu and precision.device == "cuda",
             # FSDP shards parameters of one dtype: the packed 4-bit weights must be stored in the compute
             # dtype instead of uint8 so they can be flattened and sharded with the rest.
             bnb_4bit_quant_storage=precision.compute_dtype if recipe.distributed.fsdp else torch.uint8,

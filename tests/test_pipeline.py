@@ -44,6 +44,15 @@ def test_base_is_real_nf4_with_double_quant(trained):
     assert layers[0].weight.dtype == torch.uint8
 
 
+def test_the_gpu_only_memory_switches_leave_a_cpu_run_quantized():
+    """memory.embeddings_on_cpu is a GPU switch; on a CPU it once left every linear layer unquantized."""
+    import bitsandbytes as bnb
+
+    recipe = load_recipe(DEMO, ["memory.embeddings_on_cpu=true", "memory.offload_activations=true"])
+    model = load_model(recipe, choose_precision(recipe.quant))
+    assert len([m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 2 * 7
+
+
 def test_lora_weights_changed_and_base_weights_did_not(trained):
     model, before = trained["model"], trained["before"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

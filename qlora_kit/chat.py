@@ -79,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
 def chat(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from qlora_kit.console import make_console
     from qlora_kit.generate import GenerationSettings
     from qlora_kit.run import quiet_libraries
 
     quiet_libraries()
     source = locate(Path(args.model_dir))
     # The reply goes to stdout; what was loaded goes to stderr, so `--prompt ... > answer.txt` keeps only the reply.
-    console, notes = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False)
+    # notes: no wrapping off a terminal, so a long model path stays on one line (qlora_kit.console).
+    console, notes = Console(highlight=False, soft_wrap=True), make_console(stderr=True, highlight=False)
     with notes.status(f"loading {source.dir}"):
         loaded = load_run(source.dir) if source.kind == "run" else load_merged(source.dir)
     notes.print(f"[dim]{loaded.description}")

@@ -60,7 +60,7 @@ def test_only_rank_zero_writes_and_speaks(runs):
     assert (root / "double" / "adapter" / "adapter_model.safetensors").is_file()
     assert (root / "double" / "samples.md").is_file() and (root / "double" / "report.md").is_file()
     assert result.stdout.count("base vs fine-tuned, 1 ") == 1
-    assert result.stdout.count("run summary") == 1 and result.stdout.count("Resolved recipe") == 1
+    assert result.stdout.count("run summary") == 1 and result.stdout.count("everything else: the defaults") == 1
     assert "2 processes, global batch 4" in result.stdout
 
 

@@ -161,16 +161,8 @@ def smol_run(smollm2_gguf, tmp_path_factory):
     return {"dir": out, "stdout": result.stdout, "summary": json.loads((out / "summary.json").read_text())}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Every real-weights test trains or loads a real model: it belongs to the slow tests too.
-
-    Under pytest -n (--dist loadgroup), each file is one group, so its module fixtures are built once; the
-    real-weights tests of every file share one group, so the SmolLM2 run they all read (smol_run, a session
-    fixture) is trained once, not once per worker."""
+    """Every real-weights test trains or loads a real model: it belongs to the slow tests too."""
     for item in items:
-        real = item.get_closest_marker("real_model") is not None
-        if real:
+        if item.get_closest_marker("real_model"):
             item.add_marker(pytest.mark.slow)
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group("real_model" if real else item.path.stem))

@@ -342,28 +342,3 @@ def test_nothing_to_evaluate(tiny_run):
     from qlora_kit.eval.cli import main
 
     assert main([str(tiny_run["dir"])]) == 2  # the run's recipe has no [eval] section either
-
-
-# ------------------------------------------------------------------------------------------------ a real model
-
-OUR_QUESTIONS = Path(__file__).resolve().parents[1] / "recipes" / "medical_mc.jsonl"
-"""40 general medical questions written for qlora_kit, 10 answers on each letter: chance is 25 %."""
-
-
-@pytest.mark.real_model
-def test_real_model_on_our_own_questions(smol_run):
-    """SmolLM2-135M-Instruct, 4-bit, before and after the real-weights tier's 16 steps on the demo rows (they teach
-    a format, not medicine), on the first 8 of our questions. Measured on all 40: base 10/40 and fine-tuned 10/40,
-    both choosing "A" for every question. Letter scoring cannot see what a model this small knows; its preference
-    for the first letter is what it measures, and the test states exactly that."""
-    from qlora_kit.eval.cli import main
-
-    assert main([str(smol_run["dir"]), "--file", str(OUR_QUESTIONS), "--limit", "8"]) == 0
-    (task,) = json.loads((smol_run["dir"] / "eval.json").read_text())["tasks"]
-    assert task["questions"] == 8 and task["of"] == 40
-    answers = [row["answer"] for row in task["per_question"]]
-    assert answers.count("A") == 2
-    assert [row["base"] for row in task["per_question"]] == ["A"] * 8
-    assert [row["fine_tuned"] for row in task["per_question"]] == ["A"] * 8
-    assert task["base"]["correct"] == task["fine_tuned"]["correct"] == 2
-    assert "| task | questions | base | fine-tuned | change |" in (smol_run["dir"] / "report.md").read_text()

@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_kit.data import LOCAL_SUFFIXES
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import Recipe, is_local_reference
 
@@ -48,7 +49,7 @@ def hub_items(recipe: Recipe) -> list[HubItem]:
                 items.append(HubItem("model", value, key))
     source = recipe.data.source
     if recipe.data.hub == "huggingface" and source and not is_local_reference(source, base) \
-            and Path(source).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+            and Path(source).suffix.lower() not in LOCAL_SUFFIXES:
         items.append(HubItem("dataset", source, "data.source"))
     return items
 

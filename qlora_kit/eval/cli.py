@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_kit.chat import positive_int
 from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
 
 
@@ -40,9 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="score only the first N questions of each task and of the file (0: all)")
     parser.add_argument("--generate", action="store_true",
                         help="also let the model reason and read the letter it writes after </think> (slow)")
-    parser.add_argument("--max-new-tokens", type=positive, default=1024, metavar="N",
+    parser.add_argument("--max-new-tokens", type=positive_int, default=1024, metavar="N",
                         help="longest reply with --generate, reasoning included (default 1024)")
-    parser.add_argument("--batch-size", type=positive, default=8, metavar="N", help="sequences per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help="sequences per forward pass")
     return parser.parse_args(argv)
 
 
@@ -50,13 +51,6 @@ def non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 

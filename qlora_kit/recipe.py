@@ -344,7 +344,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), where: str = "recipe") -
     recipe = Recipe()
     for section_name, values in raw.items():
         if section_name not in SECTIONS:
-            problems.append(f"unknown section [{section_name}]{_did_you_mean(section_name, SECTIONS)}")
+            problems.append(f"unknown section [{section_name}]{did_you_mean(section_name, SECTIONS)}")
             continue
         if not isinstance(values, dict):
             problems.append(f"`{section_name}` must be a table ([{section_name}]), got {values!r}")
@@ -357,7 +357,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), where: str = "recipe") -
         for key, value in values.items():
             full = f"{section_name}.{key}"
             if key not in hints:
-                problems.append(f"unknown key `{full}`{_did_you_mean(key, hints, prefix=section_name + '.')}")
+                problems.append(f"unknown key `{full}`{did_you_mean(key, hints, prefix=section_name + '.')}")
                 continue
             coerced, error = _coerce(value, hints[key])
             if error:
@@ -456,7 +456,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         value = _get(recipe, full)
         if value not in allowed:
             problems.append(f"`{full}` must be one of {', '.join(allowed)}, got {value!r}"
-                            f"{_did_you_mean(str(value), allowed)}")
+                            f"{did_you_mean(str(value), allowed)}")
     for full, (check, expected) in RANGES.items():
         value = _get(recipe, full)
         if not check(value):
@@ -469,14 +469,16 @@ def _check_values(recipe: Recipe) -> list[str]:
     if data.format not in ("chat", "plain"):
         problems += [f"`data.format` {p}" for p in template_problems(data.format)]
     problems += [f"`output.report_to` has {name!r}: one of {', '.join(TRACKERS)} expected"
-                 f"{_did_you_mean(str(name), TRACKERS)}" for name in recipe.output.report_to if name not in TRACKERS]
+                 f"{did_you_mean(str(name), TRACKERS)}" for name in recipe.output.report_to if name not in TRACKERS]
     if recipe.train.eval_steps and not data.eval_rows:
         problems.append("`train.eval_steps` is set but `data.eval_rows` is 0: hold out rows to evaluate on")
     if recipe.memory.tiled_mlp and recipe.distributed.fsdp:
         problems.append("`memory.tiled_mlp` does not work with `distributed.fsdp` (its per-slice backward would run "
                         "FSDP's gradient hooks once per slice): turn one of them off")
     if recipe.sft:
-        problems += _check_sft_keys(recipe.sft)
+        from qlora_kit.sft_arguments import sft_table_problems
+
+        problems += sft_table_problems(recipe.sft)
     return problems
 
 
@@ -514,45 +516,6 @@ def _placeholders(template: str) -> list[str]:
         return []  # a broken brace: template_problems' format() check says so
 
 
-def _check_sft_keys(sft: dict[str, Any]) -> list[str]:
-    from qlora_kit.sft_arguments import sft_keys_we_set
-
-    # Every argument our SFTConfig call passes: [sft] giving one again would crash the call ("got multiple values")
-    # or silently fight the typed key.
-    owned = sft_keys_we_set()
-    problems = [f"`sft.{key}` is set by qlora_kit itself{_typed_key_for(key)}" for key in sft if key in owned]
-    others = [key for key in sft if key not in owned]
-    if others:
-        from trl import SFTConfig  # heavy import (seconds): only for the keys that must be looked up there
-
-        known = {f.name for f in dataclasses.fields(SFTConfig)}
-        problems += [f"unknown SFTConfig argument `sft.{key}`{_did_you_mean(key, known, 'sft.')}"
-                     for key in others if key not in known]
-    return problems
-
-
-SFT_KEY_HOMES = {
-    "report_to": "output.report_to", "eval_strategy": "train.eval_steps", "eval_steps": "train.eval_steps",
-    "per_device_eval_batch_size": "train.batch_size", "per_device_train_batch_size": "train.batch_size",
-    "disable_tqdm": "(the live status view replaces the progress bar)", "logging_steps": "train.logging_steps",
-    "max_length": "data.max_length", "learning_rate": "train.learning_rate", "num_train_epochs": "train.epochs",
-    "max_steps": "train.max_steps", "gradient_accumulation_steps": "train.grad_accum", "seed": "train.seed",
-    "lr_scheduler_type": "train.lr_scheduler", "warmup_steps": "train.warmup", "weight_decay": "train.weight_decay",
-    "max_grad_norm": "train.max_grad_norm", "optim": "train.optim", "save_steps": "train.save_steps",
-    "save_total_limit": "train.save_total_limit", "gradient_checkpointing": "train.gradient_checkpointing",
-    "output_dir": "output.dir", "activation_offloading": "memory.offload_activations", "fsdp": "distributed.fsdp",
-    "bf16": "quant.compute_dtype", "fp16": "quant.compute_dtype", "full_determinism": "train.deterministic",
-}
-"""Where a user sets what an [sft] key would: the typed recipe key (or why there is none)."""
-
-
-def _typed_key_for(sft_key: str) -> str:
-    home = SFT_KEY_HOMES.get(sft_key)
-    if not home:
-        return " (it follows from the other keys)"
-    return f": {home[1:-1]}" if home.startswith("(") else f"; use `{home}` instead"
-
-
 def recipe_changes(recipe: Recipe) -> list[str]:
     """`section.key = value` for every setting that differs from the defaults: the recipe at a glance."""
     import tomli_w
@@ -571,7 +534,7 @@ def recipe_changes(recipe: Recipe) -> list[str]:
     return lines
 
 
-def _did_you_mean(word: str, candidates, prefix: str = "") -> str:
+def did_you_mean(word: str, candidates, prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean `{prefix}{close[0]}`?)" if close else ""
 

@@ -6,10 +6,11 @@ of a second: the [sft] pass-through table may not give any of them again.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from qlora_kit.checkpoints import CHECKPOINT_DIR
-from qlora_kit.recipe import Recipe
+from qlora_kit.recipe import Recipe, did_you_mean
 
 
 def optimizer_name(choice: str, precision) -> str:
@@ -96,3 +97,41 @@ def fsdp_arguments(recipe: Recipe) -> dict:
     return {"fsdp": True, "fsdp_config": {
         "version": 2, "reshard_after_forward": True, "cpu_ram_efficient_loading": True,
         "activation_checkpointing": False, "state_dict_type": "FULL_STATE_DICT"}}
+
+
+def sft_table_problems(sft: dict) -> list[str]:
+    """What is wrong with the recipe's [sft] pass-through table: keys we set ourselves, keys SFTConfig lacks."""
+    # Every argument our SFTConfig call passes: [sft] giving one again would crash the call ("got multiple values")
+    # or silently fight the typed key.
+    owned = sft_keys_we_set()
+    problems = [f"`sft.{key}` is set by qlora_kit itself{_typed_key_for(key)}" for key in sft if key in owned]
+    others = [key for key in sft if key not in owned]
+    if others:
+        from trl import SFTConfig  # heavy import (seconds): only for the keys that must be looked up there
+
+        known = {f.name for f in dataclasses.fields(SFTConfig)}
+        problems += [f"unknown SFTConfig argument `sft.{key}`{did_you_mean(key, known, 'sft.')}"
+                     for key in others if key not in known]
+    return problems
+
+
+SFT_KEY_HOMES = {
+    "report_to": "output.report_to", "eval_strategy": "train.eval_steps", "eval_steps": "train.eval_steps",
+    "per_device_eval_batch_size": "train.batch_size", "per_device_train_batch_size": "train.batch_size",
+    "disable_tqdm": "(the live status view replaces the progress bar)", "logging_steps": "train.logging_steps",
+    "max_length": "data.max_length", "learning_rate": "train.learning_rate", "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps", "gradient_accumulation_steps": "train.grad_accum", "seed": "train.seed",
+    "lr_scheduler_type": "train.lr_scheduler", "warmup_steps": "train.warmup", "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm", "optim": "train.optim", "save_steps": "train.save_steps",
+    "save_total_limit": "train.save_total_limit", "gradient_checkpointing": "train.gradient_checkpointing",
+    "output_dir": "output.dir", "activation_offloading": "memory.offload_activations", "fsdp": "distributed.fsdp",
+    "bf16": "quant.compute_dtype", "fp16": "quant.compute_dtype", "full_determinism": "train.deterministic",
+}
+"""Where a user sets what an [sft] key would: the typed recipe key (or why there is none)."""
+
+
+def _typed_key_for(sft_key: str) -> str:
+    home = SFT_KEY_HOMES.get(sft_key)
+    if not home:
+        return " (it follows from the other keys)"
+    return f": {home[1:-1]}" if home.startswith("(") else f"; use `{home}` instead"

@@ -139,7 +139,7 @@ def hub_tasks(names: list[str], overrides: dict[str, dict] | None = None, task_d
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"lm_eval has no task named {', '.join(f'`{n}`' for n in unknown)}.",
-                        [f"`{n}`{did_you_mean(n, manager.all_tasks)}" for n in unknown],
+                        [f"`{n}`{_did_you_mean(n, manager.all_tasks)}" for n in unknown],
                         hint="`lm_eval ls tasks` lists them all; medical ones: medqa_4options, medmcqa, "
                              "cmmlu_clinical_knowledge, mmlu_clinical_knowledge, pubmedqa.")
     tasks = []
@@ -162,7 +162,7 @@ def hub_tasks(names: list[str], overrides: dict[str, dict] | None = None, task_d
     return tasks
 
 
-def did_you_mean(word: str, candidates: list[str]) -> str:
+def _did_you_mean(word: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(f'`{c}`' for c in close)}?)" if close else ""
 

@@ -12,8 +12,8 @@ import sys
 
 COMMANDS = {
     "run": ("qlora_kit.run", "fine-tune from a TOML recipe (--dry-run: check data and template, no weights)"),
-    "plan": ("qlora_kit.plan", "estimate a recipe's peak VRAM before loading any weight (exit 1: does not fit)"),
-    "chat": ("qlora_kit.chat", "talk to a run (adapter on its 4-bit base) or a merged folder"),
+    "plan": ("qlora_kit.plan.estimate", "estimate a recipe's peak VRAM before loading any weight (exit 1: no fit)"),
+    "chat": ("qlora_kit.chat.cli", "talk to a run (adapter on its 4-bit base) or a merged folder"),
     "merge": ("qlora_kit.merge", "merge a run's adapter into 16-bit weights you can run anywhere"),
     "export": ("qlora_kit.gguf.export", "write a merged folder as a GGUF file (+ Ollama Modelfile) for llama.cpp"),
     "eval": ("qlora_kit.eval", "multiple-choice accuracy, base vs fine-tuned (lm-evaluation-harness)"),

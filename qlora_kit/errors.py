@@ -45,3 +45,11 @@ def print_user_error(error: UserError) -> None:
         print(f"error: {error.render()}", file=sys.stderr)
         return
     console.print(Panel(Text(error.render()), title="[bold red]qlora_kit: cannot continue", expand=False))
+
+
+def did_you_mean(word: str, candidates, prefix: str = "") -> str:
+    """" (did you mean `x`?)" for the closest candidate to a misspelt name, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean `{prefix}{close[0]}`?)" if close else ""

@@ -1,6 +1,9 @@
-"""`python -m qlora_kit.run RECIPE [key=value ...] [--dry-run]`: one QLoRA fine-tuning run.
+"""`python -m qlora_kit.run RECIPE [key=value ...] [--dry-run]`: one QLoRA fine-tuning run, the spine of qlora_kit.
 
-recipe -> tokenizer -> rows -> prompt/completion examples -> 4-bit model + LoRA -> SFTTrainer -> artifacts
+recipe -> tokenizer -> rows -> prompt/completion examples -> plan -> 4-bit model + LoRA -> SFTTrainer -> adapter
+-> samples -> report.md (-> the recipe's [eval]). Each arrow is one package (ARCHITECTURE.md); `run` below calls
+them in that order and nothing else calls this module. Heavy imports happen inside the functions, so `--help` and a
+recipe typo are answered before torch loads.
 """
 
 from __future__ import annotations
@@ -8,7 +11,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
@@ -60,30 +62,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     # The recipe first, before torch and transformers load (seconds): a typo is answered at once.
-    from qlora_kit.recipe import load_recipe, recipe_changes, recipe_to_toml
+    from qlora_kit.console import make_console, quiet_libraries
+    from qlora_kit.recipe.loading import load_recipe, recipe_changes, recipe_to_toml
 
     recipe = load_recipe(args.recipe, args.overrides)
     recipe.output.overwrite |= args.overwrite
     out = Path(recipe.output.dir)
     if not args.dry_run:  # before the long preamble: a finished run is refused at once
-        from qlora_kit.artifacts import refuse_finished_run
+        from qlora_kit.train.artifacts import refuse_finished_run
 
         refuse_finished_run(out, recipe.output.overwrite)
-    from qlora_kit.hub import fetch_from_modelscope, settle_hub_access
-    from qlora_kit.trackers import check_trackers
+    from qlora_kit.data.hub import fetch_from_modelscope, settle_hub_access
+    from qlora_kit.train.trackers import check_trackers
 
     check_trackers(recipe)
     # One short look at the hub before the libraries load (and retry for a minute when it is unreachable).
     settle_hub_access(recipe, say=lambda text: print(text.removeprefix("[dim]")))
     quiet_libraries()
-    from qlora_kit import artifacts, distributed, report
-    from qlora_kit.console import make_console
-    from qlora_kit.model import load_tokenizer
-    from qlora_kit.preflight import check_model_files, check_model_matches
+    from qlora_kit import distributed
+    from qlora_kit.data.examples import build_examples
+    from qlora_kit.data.report import show_example
+    from qlora_kit.model.loading import load_tokenizer
+    from qlora_kit.model.preflight import check_model_files, check_model_matches
+    from qlora_kit.recipe.run_files import PREVIEW_FILE, RECIPE_FILE
+    from qlora_kit.train.summary import show_recipe, show_summary
 
     processes = distributed.start()
     console = make_console(quiet=not processes.is_main)  # one voice: rank 0 speaks for all ranks
-    report.show_recipe(console, recipe_changes(recipe), args.recipe, out / artifacts.RECIPE_FILE)
+    show_recipe(console, recipe_changes(recipe), args.recipe, out / RECIPE_FILE)
     fetch_from_modelscope(recipe, weights=not args.dry_run, say=console.print)
 
     use_gguf_base(recipe, console, weights=not args.dry_run, is_main=processes.is_main)
@@ -91,22 +97,28 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(recipe.model)
     check_model_matches(recipe, tokenizer)
     examples = build_examples(recipe, tokenizer, console)
-    report.show_example(console, examples.train[0], tokenizer)
+    show_example(console, examples.train[0], tokenizer)
     plan = check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
-        return write_dry_run(examples.train, recipe, tokenizer, console, processes.is_main)
+        if processes.is_main:
+            write_dry_run(examples.train, recipe, tokenizer)
+        console.print(f"[bold]dry run:[/] no weights loaded; {out / PREVIEW_FILE} shows input_ids and labels of the "
+                      f"first {recipe.output.preview_rows} examples.")
+        return 0
+
+    from qlora_kit.train.artifacts import prepare_output_dir
 
     # Every rank checks (so all refuse alike); only rank 0 changes the directory, the others wait for it.
-    resume_from, resume_step = artifacts.prepare_output_dir(out, recipe, recipe.output.overwrite, args.restart,
-                                                            change=processes.is_main)
+    resume_from, resume_step = prepare_output_dir(out, recipe, recipe.output.overwrite, args.restart,
+                                                  change=processes.is_main)
     if processes.is_main:
-        (out / artifacts.RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+        (out / RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
     distributed.wait_for_everyone()
     if resume_from:
         console.print(f"[bold]resuming[/] from step {resume_step} ({resume_from})")
 
-    from qlora_kit.train import fit
+    from qlora_kit.train.fit import fit
 
     outcome = fit(recipe, tokenizer, examples, out, console, resume_from, resume_step, processes)
     if outcome.interrupted:
@@ -116,8 +128,12 @@ def run(args: argparse.Namespace) -> int:
                       f"Resume with:\n  {resume}")
         return EXIT_INTERRUPTED
     if processes.is_main:
-        write_run_report(recipe, args.command, examples.data_report, outcome, plan)
-    report.show_summary(console, outcome.summary, out)
+        from qlora_kit.results.samples import sample_finished_run
+
+        samples = sample_finished_run(outcome, tokenizer, recipe, examples, out, console)
+        outcome.model = None  # freed before the evaluation loads the run afresh
+        write_run_report(recipe, args.command, examples.data_report, outcome.summary, samples, plan)
+    show_summary(console, outcome.summary, out)
     from qlora_kit.eval.after_run import evaluate_finished_run  # the recipe's [eval] section, when it has one
 
     evaluate_finished_run(recipe, console, is_main=processes.is_main)
@@ -127,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
 def use_gguf_base(recipe, console, weights: bool, is_main: bool) -> None:
     """A .gguf base becomes a 16-bit folder in the cache (made once, by rank 0; the other ranks then find it)."""
     from qlora_kit import distributed
-    from qlora_kit.gguf_base import is_gguf_base, prepare_gguf_base
+    from qlora_kit.model.gguf_base import prepare_gguf_base
+    from qlora_kit.recipe.schema import is_gguf_base
 
     if not is_gguf_base(recipe.model):
         return
@@ -138,88 +155,26 @@ def use_gguf_base(recipe, console, weights: bool, is_main: bool) -> None:
         prepare_gguf_base(recipe.model, weights=weights)
 
 
-def write_dry_run(train_examples, recipe, tokenizer, console, is_main: bool) -> int:
-    """--dry-run's only file: the first examples exactly as the trainer would see them."""
-    from qlora_kit import artifacts
+def write_dry_run(train_examples, recipe, tokenizer) -> None:
+    """--dry-run's files: the resolved recipe, and the first examples exactly as the trainer would see them."""
+    from qlora_kit.recipe.loading import recipe_to_toml
+    from qlora_kit.recipe.run_files import PREVIEW_FILE, RECIPE_FILE
+    from qlora_kit.train.artifacts import write_preview
 
     out = Path(recipe.output.dir)
-    if is_main:
-        from qlora_kit.recipe import recipe_to_toml
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / artifacts.RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
-        artifacts.write_preview(train_examples[: recipe.output.preview_rows], out / artifacts.PREVIEW_FILE, tokenizer)
-    console.print(f"[bold]dry run:[/] no weights loaded; {out / artifacts.PREVIEW_FILE} shows "
-                  f"input_ids and labels of the first {recipe.output.preview_rows} examples.")
-    return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+    write_preview(train_examples[: recipe.output.preview_rows], out / PREVIEW_FILE, tokenizer)
 
 
-def write_run_report(recipe, command: str, data_report: list[str], outcome, plan) -> None:
-    from qlora_kit.recipe import recipe_to_toml
-    from qlora_kit.run_report import write_report
+def write_run_report(recipe, command: str, data_report: list[str], summary: dict, samples: list, plan) -> None:
+    from qlora_kit.recipe.loading import recipe_to_toml
+    from qlora_kit.results.report import write_report
 
-    label = outcome.summary.get("model_weights", "")
+    label = summary.get("model_weights", "")
     write_report(Path(recipe.output.dir), title=f"{recipe.model.display_name} · {label}", command=command,
-                 recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=outcome.summary,
-                 samples=outcome.samples, planned_reserved_gib=plan.reserved_gib if plan else None)
-
-
-@dataclass
-class Examples:
-    train: list
-    """Training examples (qlora_kit.encode.Example), after the length policy."""
-    eval: list
-    """Held-out examples: rows that fit max_length, never truncated (a loss on cut rows is not theirs)."""
-    sample_rows: list
-    """The rows the end-of-run samples ask about: the held-out ones, else the first training rows."""
-    samples_from: str
-    data_report: list[str]
-
-
-def build_examples(recipe, tokenizer, console) -> Examples:
-    """Rows -> prompt/completion pairs -> token ids with the completion mask; reports lengths and drops.
-    Each row is encoded once; the eval rows are drawn from those that fit max_length, so data.eval_rows counts
-    rows actually evaluated."""
-    from qlora_kit import report
-    from qlora_kit.data import load_rows, split_rows
-    from qlora_kit.encode import Encoder, apply_length_policy
-    from qlora_kit.render import make_renderer
-
-    data = recipe.data
-    rowset = load_rows(data)
-    renderer, layout = make_renderer(tokenizer, data)
-    encoder = Encoder(tokenizer, renderer)
-    encoded = {}
-
-    def encode(row):
-        if row.number not in encoded:
-            encoded[row.number] = encoder.encode(row)
-        return encoded[row.number]
-
-    train_rows, eval_rows = split_rows(rowset.rows, data, recipe.train.seed,
-                                       usable_for_eval=lambda row: len(encode(row).input_ids) <= data.max_length)
-    train_examples, lengths = apply_length_policy([encode(r) for r in train_rows], data.max_length, data.over_length)
-    eval_examples = [encode(r) for r in eval_rows]
-    notes = report.data_notes(rowset, data)
-    if data.eval_rows and len(eval_rows) < data.eval_rows:
-        notes.append(f"only {len(eval_rows)} of the {data.eval_rows} eval rows asked for fit max_length = "
-                     f"{data.max_length}: the eval loss is over those")
-    data_report = report.data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples),
-                                    notes)
-    report.show_data(console, data_report)
-    if not train_examples:
-        raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",
-                        hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
-    if data.eval_rows and not eval_examples:
-        raise UserError(f"Every row is longer than data.max_length = {data.max_length} tokens, so there is nothing "
-                        "to evaluate on.",
-                        hint="Raise data.max_length, or set data.eval_rows = 0 and train.eval_steps = 0 to train "
-                             "without eval.")
-    if eval_rows:
-        sample_rows, samples_from = eval_rows, "held-out eval rows (not trained on)"
-    else:
-        sample_rows, samples_from = train_rows, "training rows (data.eval_rows = 0, so the model has seen these)"
-    return Examples(train_examples, eval_examples, sample_rows[:recipe.samples.count], samples_from, data_report)
+                 recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=summary,
+                 samples=samples, planned_reserved_gib=plan.reserved_gib if plan else None)
 
 
 def check_memory_plan(recipe, console, force: bool):
@@ -228,7 +183,7 @@ def check_memory_plan(recipe, console, force: bool):
     import torch
 
     from qlora_kit.distributed import current
-    from qlora_kit.plan import make_plan, print_plan, read_architecture
+    from qlora_kit.plan.estimate import make_plan, print_plan, read_architecture
 
     on_gpu = torch.cuda.is_available()
     vram_gib = torch.cuda.mem_get_info()[1] / 1024**3 if on_gpu else 8.0
@@ -243,24 +198,6 @@ def check_memory_plan(recipe, console, force: bool):
         raise UserError(f"The plan says this run needs about {plan.peak_gib:.1f} GiB; this GPU has "
                         f"{vram_gib:.1f} GiB.", hint=f"Try {plan.suggestion}, or pass --force to try anyway.")
     return plan if on_gpu else None
-
-
-def quiet_libraries() -> None:
-    """Our status view says what matters; the libraries' progress bars and advice would bury it."""
-    import logging
-    import warnings
-
-    # bitsandbytes advertises an optional CPU *inference* kernel on import; training never uses it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Deprecation notices about the libraries' own internals are for their authors, not for our users.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft)\.")
-    warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
 
 
 if __name__ == "__main__":

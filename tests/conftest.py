@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 @pytest.fixture(scope="session")
 def demo_rows():
-    from qlora_kit.demo_assets import make_rows
+    from qlora_kit.demo.build import make_rows
 
     return make_rows()
 
@@ -31,7 +31,7 @@ def demo_rows():
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_rows):
     """A byte-level BPE trained in the fixture, with R1's special tokens and an R1-like chat template."""
-    from qlora_kit.demo_assets import build_tokenizer
+    from qlora_kit.demo.build import build_tokenizer
 
     texts = [r["Question"] + "\n" + r["Complex_CoT"] + "\n" + r["Response"] for r in demo_rows]
     return build_tokenizer(texts)
@@ -57,7 +57,7 @@ def medical_rows_path(lang: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, demo_tokenizer):
     """A config-only Qwen2 model folder (2 layers) with the demo tokenizer: init = "random" builds it."""
-    from qlora_kit.demo_assets import tiny_qwen2_config
+    from qlora_kit.demo.build import tiny_qwen2_config
 
     folder = tmp_path_factory.mktemp("tiny-qwen2")
     config = tiny_qwen2_config(len(demo_tokenizer), bos_token_id=demo_tokenizer.bos_token_id,
@@ -90,10 +90,10 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
 
 def encode_for_training(recipe):
     """The run's own data steps for a recipe, in-process: (tokenizer, train rows, renderer, training examples)."""
-    from qlora_kit.data import load_rows, split_rows
-    from qlora_kit.encode import Encoder, apply_length_policy, encode_rows
-    from qlora_kit.model import load_tokenizer
-    from qlora_kit.render import make_renderer
+    from qlora_kit.data.encode import Encoder, apply_length_policy, encode_rows
+    from qlora_kit.data.render import make_renderer
+    from qlora_kit.data.rows import load_rows, split_rows
+    from qlora_kit.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     train_rows, _ = split_rows(load_rows(recipe.data).rows, recipe.data, recipe.train.seed)
@@ -132,8 +132,8 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf) -> Path:
     """The 16-bit model folder qlora_kit makes from that GGUF (in its cache: made once, reused by later sessions)."""
-    from qlora_kit.gguf_base import prepare_gguf_base
-    from qlora_kit.recipe import ModelSection
+    from qlora_kit.model.gguf_base import prepare_gguf_base
+    from qlora_kit.recipe.schema import ModelSection
 
     model = ModelSection(name=str(smollm2_gguf.parent), gguf_file=str(smollm2_gguf))
     prepare_gguf_base(model, weights=True)

@@ -190,7 +190,8 @@ VALUES = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4),
        st.lists(st.text(max_size=30), max_size=2))
 def test_fuzzed_overrides_never_raise_anything_but_a_user_error(pairs, junk):
-    from qlora_kit.recipe import Recipe, recipe_from_dict
+    from qlora_kit.recipe.loading import recipe_from_dict
+    from qlora_kit.recipe.schema import Recipe
 
     try:
         assert isinstance(recipe_from_dict({}, [f"{k}={v}" for k, v in pairs] + junk), Recipe)
@@ -206,10 +207,10 @@ ROW_VALUES = st.one_of(st.none(), st.text(max_size=40), st.integers(), st.lists(
 @given(st.lists(st.dictionaries(st.sampled_from(["Question", "Complex_CoT", "Response", "other"]), ROW_VALUES),
                 min_size=1, max_size=6))
 def test_fuzzed_rows_load_render_and_encode_or_explain(demo_tokenizer, tmp_path_factory, rows):
-    from qlora_kit.data import load_rows
-    from qlora_kit.encode import Encoder, encode_rows
-    from qlora_kit.recipe import DataSection
-    from qlora_kit.render import make_renderer
+    from qlora_kit.data.encode import Encoder, encode_rows
+    from qlora_kit.data.render import make_renderer
+    from qlora_kit.data.rows import load_rows
+    from qlora_kit.recipe.schema import DataSection
 
     data = DataSection(source=str(jsonl(tmp_path_factory.mktemp("fuzz"), rows)))
     try:

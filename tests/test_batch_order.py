@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from qlora_kit.batch_order import EpochSeededLengthGroupedSampler
+from qlora_kit.train.batch_order import EpochSeededLengthGroupedSampler
 
 RNG = random.Random(0)
 LENGTHS = [RNG.randint(10, 500) for _ in range(400)]

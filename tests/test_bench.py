@@ -55,7 +55,7 @@ def count_trials():
     from qlora_kit.bench.cli import parse_args
     from qlora_kit.bench.setups import model_config, settings_of
     from qlora_kit.bench.worker import run_trial
-    from qlora_kit.run import quiet_libraries
+    from qlora_kit.console import quiet_libraries
 
     quiet_libraries()
     settings = settings_of(parse_args(["--count", "--smoke"]))

@@ -12,19 +12,13 @@ import sys
 import pytest
 from conftest import REPO, run_cli
 
-from qlora_kit.chat import ReplyPrinter, load_run, main
-from qlora_kit.data import Row
-from qlora_kit.encode import Encoder
-from qlora_kit.generate import (
-    GenerationSettings,
-    ThinkRouter,
-    ask,
-    prompt_format,
-    split_think,
-    template_separator,
-)
-from qlora_kit.recipe import DataSection
-from qlora_kit.render import PLAIN_TEMPLATE, make_renderer
+from qlora_kit.chat.cli import ReplyPrinter, main
+from qlora_kit.chat.generate import GenerationSettings, ThinkRouter, ask, prompt_format, split_think, template_separator
+from qlora_kit.chat.loading import load_run
+from qlora_kit.data.encode import Encoder
+from qlora_kit.data.render import PLAIN_TEMPLATE, make_renderer
+from qlora_kit.data.rows import Row
+from qlora_kit.recipe.schema import DataSection
 
 DEMO = REPO / "recipes" / "demo.toml"
 QUESTION = "Is 39.8 °C a fever?"
@@ -120,7 +114,7 @@ def test_merged_folder_prompts_in_the_format_the_run_trained_on(demo_run, tmp_pa
     that format, as on the run, not in the chat template it never saw."""
     import shutil
 
-    from qlora_kit.chat import load_merged
+    from qlora_kit.chat.loading import load_merged
 
     merged = tmp_path / "merged"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -289,7 +283,7 @@ def test_streamed_text_without_a_reasoning_part_is_all_answer():
 def test_reply_printer_layout():
     from rich.console import Console
 
-    from qlora_kit.generate import Reply
+    from qlora_kit.chat.generate import Reply
 
     def show(show_think: bool) -> str:
         console = Console(file=io.StringIO(), width=60, soft_wrap=True)
@@ -314,7 +308,7 @@ def test_generation_finds_the_input_device_of_an_offloaded_embedding(tmp_path):
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from qlora_kit.generate import input_device
+    from qlora_kit.chat.generate import input_device
 
     config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

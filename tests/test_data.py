@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from qlora_kit.data import load_rows, split_rows
+from qlora_kit.data.rows import load_rows, split_rows
 from qlora_kit.errors import UserError
-from qlora_kit.recipe import DataSection
+from qlora_kit.recipe.schema import DataSection
 
 ROWS = [{"Question": f"q{i}", "Complex_CoT": f"c{i}", "Response": f"r{i}"} for i in range(10)]
 
@@ -126,7 +126,7 @@ def test_split_is_seeded_limited_and_disjoint(tmp_path):
 
 
 def test_data_notes_say_what_the_rows_will_not_teach(tmp_path):
-    from qlora_kit.report import data_notes
+    from qlora_kit.data.report import data_notes
 
     rows = [{"Question": "q1", "Complex_CoT": " ", "Response": "r"},
             {"Question": "q2", "Complex_CoT": "c", "Response": "r"}]
@@ -201,7 +201,7 @@ def test_a_layout_without_its_columns_says_which_are_missing(tmp_path):
 
 
 def test_a_row_system_turn_reaches_the_chat_template(tmp_path, demo_tokenizer):
-    from qlora_kit.render import make_renderer
+    from qlora_kit.data.render import make_renderer
 
     rows = load_rows(DataSection(source=str(write(tmp_path, ".jsonl", SHAREGPT[:2])))).rows
     renderer, _ = make_renderer(demo_tokenizer, DataSection(system_prompt="recipe system"))
@@ -210,7 +210,7 @@ def test_a_row_system_turn_reaches_the_chat_template(tmp_path, demo_tokenizer):
 
 
 def test_the_data_report_speaks_of_the_layout_it_read(tmp_path):
-    from qlora_kit.report import data_notes
+    from qlora_kit.data.report import data_notes
 
     data = DataSection(source=str(write(tmp_path, ".jsonl", ALPACA)))
     rowset = load_rows(data)

@@ -51,8 +51,8 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from qlora_kit.eval.questions import load_questions
-    from qlora_kit.model import choose_precision, load_model
-    from qlora_kit.recipe import load_recipe, recipe_to_toml
+    from qlora_kit.model.loading import choose_precision, load_model
+    from qlora_kit.recipe.loading import load_recipe, recipe_to_toml
 
     root = tmp_path_factory.mktemp("eval")
     base_dir = root / "zero-head"
@@ -142,7 +142,7 @@ def test_medqa_task_definition_scores_the_same(tiny_run, evaluated):
     """lm_eval's own medqa_4options (its YAML and preprocess_medqa.py), on our questions in MedQA's layout."""
     import lm_eval.tasks
 
-    from qlora_kit.chat import locate
+    from qlora_kit.chat.loading import locate
     from qlora_kit.eval.cli import load_sides
     from qlora_kit.eval.harness import hub_tasks
     from qlora_kit.eval.runner import run_tasks
@@ -190,7 +190,8 @@ def test_a_merged_folder_is_scored_against_the_base_its_recipe_names(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_kit.eval.cli import main
-    from qlora_kit.recipe import TRAINING_RECIPE_FILE, load_recipe
+    from qlora_kit.recipe.loading import load_recipe
+    from qlora_kit.recipe.schema import TRAINING_RECIPE_FILE
 
     recipe = load_recipe(tiny_run["dir"] / "recipe.toml")
     merged_dir = tiny_run["root"] / "merged"
@@ -209,7 +210,7 @@ def test_ctrl_c_keeps_the_blocks_both_sides_scored(tiny_run):
     """Ctrl-C arrives while the fine-tuned side scores the second block: the first block stays, on both sides."""
     import contextlib
 
-    from qlora_kit.chat import locate
+    from qlora_kit.chat.loading import locate
     from qlora_kit.eval.cli import load_sides
     from qlora_kit.eval.harness import local_task
     from qlora_kit.eval.questions import load_questions
@@ -238,7 +239,7 @@ def test_ctrl_c_keeps_the_blocks_both_sides_scored(tiny_run):
 def test_the_end_of_a_run_scores_the_recipes_eval_section(tiny_run):
     """What qlora_kit.run calls once training is done: the [eval] file, read from the recipe's folder."""
     from qlora_kit.eval.after_run import evaluate_finished_run
-    from qlora_kit.recipe import load_recipe
+    from qlora_kit.recipe.loading import load_recipe
 
     recipe_path = tiny_run["root"] / "with_eval.toml"
     recipe_path.write_text((tiny_run["dir"] / "recipe.toml").read_text(), encoding="utf-8")
@@ -322,7 +323,7 @@ def test_a_hub_task_where_the_network_allows(tiny_run):
     HF_HUB_OFFLINE=1 unless it is set to 0: then the one-screen message is checked and the test skips."""
     import lm_eval.tasks
 
-    from qlora_kit.chat import locate
+    from qlora_kit.chat.loading import locate
     from qlora_kit.eval.cli import load_sides
     from qlora_kit.eval.harness import hub_tasks
     from qlora_kit.eval.runner import run_tasks

@@ -8,18 +8,18 @@ import math
 import pytest
 import torch
 
-from qlora_kit.data import Row
-from qlora_kit.encode import Encoder, answer_mask
-from qlora_kit.evaluate import evaluate_losses
-from qlora_kit.recipe import DataSection
-from qlora_kit.render import make_renderer
+from qlora_kit.data.encode import Encoder, answer_mask
+from qlora_kit.data.render import make_renderer
+from qlora_kit.data.rows import Row
+from qlora_kit.recipe.schema import DataSection
+from qlora_kit.train.eval_loss import evaluate_losses
 
 
 @pytest.fixture(scope="module")
 def setup(demo_tokenizer, demo_rows):
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.demo_assets import tiny_qwen2_config
+    from qlora_kit.demo.build import tiny_qwen2_config
 
     config = tiny_qwen2_config(len(demo_tokenizer), bos_token_id=demo_tokenizer.bos_token_id,
                                eos_token_id=demo_tokenizer.eos_token_id, pad_token_id=demo_tokenizer.pad_token_id)

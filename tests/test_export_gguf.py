@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import R1_TOKENIZER
 
-from qlora_kit.demo_assets import build_tokenizer, make_rows, row_texts
+from qlora_kit.demo.build import build_tokenizer, make_rows, row_texts
 from qlora_kit.errors import UserError
 from qlora_kit.gguf.export import export_gguf, hyper_parameters, main
 from qlora_kit.gguf.tensors import llama3_rope_factors, permute_for_llama
@@ -890,7 +890,7 @@ def test_block_types_from_gguf_are_its_own_bytes_in_bounded_chunks(monkeypatch):
 
 
 def mixture_of(ft_name: str, hidden: int, intermediate: int, layers: int, tied: bool, vocab: int = 1000):
-    from qlora_kit.gguf.mixture import FILE_TYPES, tensor_type
+    from qlora_kit.plan.gguf_mixture import FILE_TYPES, tensor_type
 
     ft = FILE_TYPES[ft_name]
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
@@ -946,7 +946,7 @@ def test_row_lengths_256_does_not_divide_fall_back_as_in_llama_cpp():
 
 
 def test_type_names_accept_ollama_spellings():
-    from qlora_kit.gguf.mixture import file_type
+    from qlora_kit.plan.gguf_mixture import file_type
 
     assert file_type("q4_K_M").ftype == 15 == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert file_type("Q5_K_M").ftype == gguf.LlamaFileType.MOSTLY_Q5_K_M
@@ -1050,7 +1050,8 @@ def test_adapter_gguf_fits_the_base_gguf_and_applied_by_hand_gives_the_merged_lo
     from peft import LoraConfig, get_peft_model
 
     from qlora_kit.gguf.export import main as export_main
-    from qlora_kit.recipe import Recipe, recipe_to_toml
+    from qlora_kit.recipe.loading import recipe_to_toml
+    from qlora_kit.recipe.schema import Recipe
 
     folder, model, tokenizer, _ = k_exported
     base_gguf = tmp_path / "base-f16.gguf"
@@ -1118,7 +1119,7 @@ def test_adapter_export_refuses_a_base_gguf_it_does_not_fit(k_exported, tmp_path
 
 
 def test_sizes_per_type_and_the_card_advice_from_config_json():
-    from qlora_kit.gguf.sizes import advice_lines, file_bytes, kv_cache_bytes
+    from qlora_kit.plan.gguf_sizes import advice_lines, file_bytes, kv_cache_bytes
 
     qwen7b = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
               "num_key_value_heads": 4, "vocab_size": 152064, "architectures": ["Qwen2ForCausalLM"]}

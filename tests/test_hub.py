@@ -10,9 +10,10 @@ import time
 import pytest
 from conftest import REPO
 
+from qlora_kit.data.hub import HubItem, hub_items, is_cached, settle_hub_access
 from qlora_kit.errors import UserError
-from qlora_kit.hub import HubItem, hub_items, is_cached, settle_hub_access
-from qlora_kit.recipe import Recipe, recipe_from_dict
+from qlora_kit.recipe.loading import recipe_from_dict
+from qlora_kit.recipe.schema import Recipe
 
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 
@@ -73,8 +74,8 @@ def test_a_dry_run_against_an_unreachable_hub_answers_in_seconds(no_hub, tmp_pat
 
 
 def test_modelscope_without_its_package_says_how_to_install(monkeypatch):
-    from qlora_kit.data import load_rows
-    from qlora_kit.hub import fetch_from_modelscope
+    from qlora_kit.data.hub import fetch_from_modelscope
+    from qlora_kit.data.rows import load_rows
 
     if "modelscope" in sys.modules or __import__("importlib").util.find_spec("modelscope"):
         pytest.skip("modelscope is installed here: this checks the message when it is not")

@@ -19,7 +19,7 @@ def test_a_folder_named_qlora_kit_in_the_current_directory_does_not_shadow_the_p
         pytest.skip("qlora_kit is not installed (pip install -e .): the shadowing is about the installed package")
     (tmp_path / "qlora_kit" / "data").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", "from qlora_kit.data import Row; import qlora_kit.run"],
+    result = subprocess.run([sys.executable, "-c", "from qlora_kit.data.rows import Row; import qlora_kit.run"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 

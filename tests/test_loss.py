@@ -9,8 +9,8 @@ import torch
 
 @pytest.fixture
 def model_and_batch(tiny_model_dir):
-    from qlora_kit.model import random_model
-    from qlora_kit.recipe import ModelSection
+    from qlora_kit.model.loading import random_model
+    from qlora_kit.recipe.schema import ModelSection
 
     model = random_model(ModelSection(name=str(tiny_model_dir), init="random"), seed=0, dtype=torch.float32)
     torch.manual_seed(1)

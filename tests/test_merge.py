@@ -18,7 +18,8 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.merge import check_free_disk, compare_logits, main
-from qlora_kit.recipe import Recipe, recipe_to_toml
+from qlora_kit.recipe.loading import recipe_to_toml
+from qlora_kit.recipe.schema import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
@@ -215,7 +216,7 @@ def test_into_dequantized_matches_peft_on_the_nf4_base(runs, bases, tmp_path, ca
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_kit.model import keep_cpu_weights_trainable
+    from qlora_kit.model.loading import keep_cpu_weights_trainable
 
     original, dequantized = tmp_path / "original", tmp_path / "dequantized"
     assert main([str(runs[False]), "--out", str(original), "--dtype", "float32", "--no-verify",
@@ -253,8 +254,8 @@ def test_random_init_run_rebuilds_the_same_base(tokenizer_dir, tmp_path, capsys)
     """init = "random": the model folder holds only config + tokenizer; merge rebuilds the run's seeded weights."""
     from peft import PeftModel
 
-    from qlora_kit.model import random_model
-    from qlora_kit.recipe import ModelSection
+    from qlora_kit.model.loading import random_model
+    from qlora_kit.recipe.schema import ModelSection
 
     model_dir = tmp_path / "config-only"
     qwen2_config(tied=True).save_pretrained(model_dir)
@@ -456,16 +457,6 @@ def test_verification_fails_beyond_the_tolerance():
     far = [reference[0] + torch.tensor([[0.0, 7.0, 0.0]]), reference[1]]
     result = compare_logits(reference, far, base_only, "float16")
     assert not result.passed and result.top1_agreement == 0.5 and result.max_abs_diff == pytest.approx(7.0)
-
-
-def test_run_directory_names_agree_with_artifacts():
-    from qlora_kit import artifacts, merge
-
-    assert (merge.ADAPTER_DIR, merge.RECIPE_FILE, merge.SUMMARY_FILE) == (
-        artifacts.ADAPTER_DIR, artifacts.RECIPE_FILE, artifacts.SUMMARY_FILE)
-    from qlora_kit import chat
-
-    assert (chat.ADAPTER_DIR, chat.RECIPE_FILE) == (artifacts.ADAPTER_DIR, artifacts.RECIPE_FILE)
 
 
 def test_verification_memory_is_one_merged_model_plus_headroom(runs, tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import REPO, encode_for_training, run_cli
 
-from qlora_kit.encode import IGNORE_INDEX, to_dataset
-from qlora_kit.model import add_lora, choose_precision, load_model
-from qlora_kit.recipe import load_recipe
-from qlora_kit.train import build_trainer
+from qlora_kit.data.encode import IGNORE_INDEX, to_dataset
+from qlora_kit.model.loading import add_lora, choose_precision, load_model
+from qlora_kit.recipe.loading import load_recipe
+from qlora_kit.train.fit import build_trainer
 
 DEMO = REPO / "recipes" / "demo.toml"
 
@@ -142,7 +142,7 @@ def test_demo_run_from_the_command_line(tmp_path):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from qlora_kit.model import random_model
+    from qlora_kit.model.loading import random_model
 
     adapter_config = json.loads((out / "adapter/adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == saved.model.name
@@ -207,7 +207,7 @@ def test_lora_starts_from_the_seed_on_a_pretrained_base(tiny_model_dir, tmp_path
     seeds later): unseeded, two fresh runs of the same recipe started from different adapters."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_kit.recipe import recipe_from_dict
+    from qlora_kit.recipe.loading import recipe_from_dict
 
     folder = tmp_path / "pretrained"
     torch.manual_seed(0)

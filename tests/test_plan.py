@@ -9,9 +9,9 @@ import json
 import pytest
 from conftest import REPO
 
-from qlora_kit.architectures import ARCHITECTURES
-from qlora_kit.plan import GIB, Architecture, estimate, lora_parameters, main, make_plan
-from qlora_kit.recipe import recipe_from_dict
+from qlora_kit.plan.architectures import ARCHITECTURES
+from qlora_kit.plan.estimate import GIB, Architecture, estimate, lora_parameters, main, make_plan
+from qlora_kit.recipe.loading import recipe_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def mid_model_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_weight_and_lora_terms_match_a_loaded_model(mid_model_dir, double_quant):
-    from qlora_kit.model import add_lora, choose_precision, load_model
+    from qlora_kit.model.loading import add_lora, choose_precision, load_model
 
     recipe = recipe_from_dict({"model": {"name": str(mid_model_dir), "init": "random"},
                                "quant": {"double_quant": double_quant}, "lora": {"r": 8}})
@@ -172,8 +172,8 @@ def test_the_plan_title_keeps_a_long_model_path_on_one_line(tmp_path):
 
     from rich.console import Console
 
-    from qlora_kit.plan import print_plan, read_architecture
-    from qlora_kit.recipe import load_recipe
+    from qlora_kit.plan.estimate import print_plan, read_architecture
+    from qlora_kit.recipe.loading import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "demo.toml")
     plan = make_plan(read_architecture(recipe.model), recipe, 8.0)
@@ -199,16 +199,16 @@ def test_cli_reports_a_missing_model_folder(tmp_path, capsys):
                                                       ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 4096, 32),
                                                       ("someone/deepseek-r1-distill-qwen-1.5b", 1536, 28)])
 def test_target_models_are_planned_offline_from_their_built_in_configs(model_id, hidden, layers):
-    from qlora_kit.plan import read_architecture
-    from qlora_kit.recipe import ModelSection
+    from qlora_kit.plan.estimate import read_architecture
+    from qlora_kit.recipe.schema import ModelSection
 
     arch = read_architecture(ModelSection(name=model_id))  # HF_HUB_OFFLINE=1 (conftest): no download possible
     assert (arch.hidden, arch.layers) == (hidden, layers)
 
 
 def test_a_length_bounded_by_the_context_says_so():
-    from qlora_kit.plan import read_architecture
-    from qlora_kit.recipe import load_recipe
+    from qlora_kit.plan.estimate import read_architecture
+    from qlora_kit.recipe.loading import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "demo.toml")
     arch = read_architecture(recipe.model)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from qlora_kit.errors import UserError
-from qlora_kit.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_toml
+from qlora_kit.recipe.loading import load_recipe, recipe_from_dict, recipe_to_toml
+from qlora_kit.recipe.schema import Recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
 
@@ -141,9 +142,9 @@ def test_every_argument_of_our_sftconfig_call_is_refused_in_sft():
     crash, so each must be refused before anything is written."""
     import torch
 
-    from qlora_kit.model import Precision
-    from qlora_kit.sft_arguments import sft_arguments, sft_keys_we_set
-    from qlora_kit.train import sft_config
+    from qlora_kit.model.loading import Precision
+    from qlora_kit.recipe.sft_arguments import sft_arguments, sft_keys_we_set
+    from qlora_kit.train.fit import sft_config
 
     passed = set(sft_arguments(Recipe(), Precision("cpu", torch.float32), Path("/tmp/x")))
     assert passed <= sft_keys_we_set()

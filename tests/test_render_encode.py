@@ -10,11 +10,11 @@ import logging
 import pytest
 from conftest import medical_rows_path
 
-from qlora_kit.data import Row, load_rows
-from qlora_kit.encode import IGNORE_INDEX, Encoder, apply_length_policy, encode_rows
+from qlora_kit.data.encode import IGNORE_INDEX, Encoder, apply_length_policy, encode_rows
+from qlora_kit.data.render import make_renderer
+from qlora_kit.data.rows import Row, load_rows
 from qlora_kit.errors import UserError
-from qlora_kit.recipe import DataSection
-from qlora_kit.render import make_renderer
+from qlora_kit.recipe.schema import DataSection
 
 ROW = Row("Is 38.5 C a fever?", "Normal is about 37 C.\nFever starts at 38 C, and 38.5 is above it.",
           "Yes, that is a fever.", 1)

@@ -99,7 +99,7 @@ def test_a_resumed_run_keeps_its_eval_before_training(tmp_path):
 def test_a_half_written_checkpoint_is_skipped(uninterrupted, tmp_path):
     import shutil
 
-    from qlora_kit.checkpoints import latest_valid_checkpoint
+    from qlora_kit.train.checkpoints import latest_valid_checkpoint
 
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted, out)
@@ -157,7 +157,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
 
 def test_resume_in_a_later_epoch_replays_the_length_grouped_order(tmp_path):
     """240 rows at batch 4: epoch 2 starts at step 61. transformers' own length-grouped sampler shuffles with the
-    global RNG, so a run resumed there trained on other batches (qlora_kit.batch_order); ours replays them."""
+    global RNG, so a run resumed there trained on other batches (qlora_kit.train.batch_order); ours replays them."""
     later = [*SHORT, "train.max_steps=70"]
     whole = run_cli(DEMO, *later, f"output.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from qlora_kit.data import Row
-from qlora_kit.generate import Reply
-from qlora_kit.markdown import table_cell
-from qlora_kit.run_report import throughput, write_report
-from qlora_kit.samples import Sample
+from qlora_kit.chat.generate import Reply
+from qlora_kit.data.rows import Row
+from qlora_kit.results.markdown import table_cell
+from qlora_kit.results.report import throughput, write_report
+from qlora_kit.results.samples import Sample
 
 RECORDS = [
     {"step": 1, "time_s": 1.0, "num_tokens": 100, "loss": 6.0, "vram_used_gib": 3.0, "vram_peak_gib": 4.0},
@@ -67,7 +67,7 @@ def test_report_without_memory_records_has_no_picture(tmp_path, records):
 
 
 def test_a_line_cut_short_is_left_out(tmp_path):
-    from qlora_kit.artifacts import read_records
+    from qlora_kit.train.artifacts import read_records
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1]) + "\n" + '{"step": 3, "lo')
@@ -76,7 +76,7 @@ def test_a_line_cut_short_is_left_out(tmp_path):
 
 
 def test_the_smoothed_loss_does_not_lag_behind_a_falling_loss():
-    from qlora_kit.artifacts import centered_mean
+    from qlora_kit.train.artifacts import centered_mean
 
     falling = [10.0 - 0.05 * i for i in range(100)]
     smoothed = centered_mean(falling)

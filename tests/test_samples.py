@@ -12,15 +12,15 @@ import torch
 from conftest import REPO, encode_for_training
 from rich.console import Console
 
-from qlora_kit.artifacts import SAMPLES_FILE
-from qlora_kit.data import load_rows, split_rows
-from qlora_kit.encode import Encoder, to_dataset
-from qlora_kit.markdown import fenced
-from qlora_kit.model import add_lora, choose_precision, load_model
-from qlora_kit.recipe import load_recipe
-from qlora_kit.run import build_examples
-from qlora_kit.samples import format_counts, write_run_samples
-from qlora_kit.train import build_trainer
+from qlora_kit.data.encode import Encoder, to_dataset
+from qlora_kit.data.examples import build_examples
+from qlora_kit.data.rows import load_rows, split_rows
+from qlora_kit.model.loading import add_lora, choose_precision, load_model
+from qlora_kit.recipe.loading import load_recipe
+from qlora_kit.recipe.run_files import SAMPLES_FILE
+from qlora_kit.results.markdown import fenced
+from qlora_kit.results.samples import format_counts, write_run_samples
+from qlora_kit.train.fit import build_trainer
 
 DEMO = REPO / "recipes" / "demo.toml"
 COUNT = 3

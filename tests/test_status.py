@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from qlora_kit.status import StatusCallback
+from qlora_kit.train.status import StatusCallback
 
 
 def drive(callback: StatusCallback, logs: list[dict]) -> TrainerState:

@@ -1,10 +1,10 @@
-"""qlora_kit.tensor_peak: the live-tensor counter that checks the planner on CPU must itself count exactly."""
+"""qlora_kit.plan.tensor_peak: the live-tensor counter that checks the planner on CPU must itself count exactly."""
 
 from __future__ import annotations
 
 import torch
 
-from qlora_kit.tensor_peak import LiveTensorBytes, NoArithmetic
+from qlora_kit.plan.tensor_peak import LiveTensorBytes, NoArithmetic
 
 MIB = 1024**2
 

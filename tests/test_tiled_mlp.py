@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import REPO, encode_for_training, run_cli
 
-from qlora_kit.encode import to_dataset
+from qlora_kit.data.encode import to_dataset
 from qlora_kit.errors import UserError
-from qlora_kit.model import add_lora, choose_precision, load_model
-from qlora_kit.recipe import load_recipe
-from qlora_kit.tiled_mlp import tile_mlps
-from qlora_kit.train import build_trainer
+from qlora_kit.model.loading import add_lora, choose_precision, load_model
+from qlora_kit.model.tiled_mlp import tile_mlps
+from qlora_kit.recipe.loading import load_recipe
+from qlora_kit.train.fit import build_trainer
 
 DEMO = REPO / "recipes" / "demo.toml"
 

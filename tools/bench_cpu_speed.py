@@ -8,9 +8,9 @@ qlora_kit's own training setup for the SmolLM2 GGUF base (NF4, LoRA r 16 on all 
 medical-o1 rows where the fixtures are present (else the demo rows), batch 1, and measures
 
     train      tokens/s over `--steps` optimizer steps after one warm-up step
-    eval       rows/s of qlora_kit.evaluate over `--eval-rows` held-out rows, and of transformers' evaluation loop
-               (what TRL ran before it) over the same rows
-    generate   greedy new tokens/s, with and without qlora_kit.cpu_inference's dequantized weights
+    eval       rows/s of qlora_kit.train.eval_loss over `--eval-rows` held-out rows, and of transformers' evaluation
+               loop (what TRL ran before it) over the same rows
+    generate   greedy new tokens/s, with and without qlora_kit.chat.cpu_inference's dequantized weights
 
 Variants: `spin` (OMP_WAIT_POLICY=ACTIVE: threads spin between parallel regions, what an unset policy does for
 a while after each region), `passive` (qlora_kit's default since it sets OMP_WAIT_POLICY=PASSIVE), each with
@@ -59,16 +59,17 @@ def worker(args) -> dict:
     from rich.console import Console
     from transformers import TrainerCallback
 
-    from qlora_kit.cpu_inference import dequantized_weights
-    from qlora_kit.encode import to_dataset
-    from qlora_kit.evaluate import evaluate_losses
-    from qlora_kit.generate import GenerationSettings, generate_ids, prompt_format
-    from qlora_kit.gguf_base import prepare_gguf_base
-    from qlora_kit.model import add_lora, choose_precision, load_model, load_tokenizer
-    from qlora_kit.recipe import recipe_from_dict
-    from qlora_kit.run import build_examples, quiet_libraries
+    from qlora_kit.chat.cpu_inference import dequantized_weights
+    from qlora_kit.chat.generate import GenerationSettings, generate_ids, prompt_format
+    from qlora_kit.console import quiet_libraries
+    from qlora_kit.data.encode import to_dataset
+    from qlora_kit.data.examples import build_examples
+    from qlora_kit.model.gguf_base import prepare_gguf_base
+    from qlora_kit.model.loading import add_lora, choose_precision, load_model, load_tokenizer
+    from qlora_kit.recipe.loading import recipe_from_dict
     from qlora_kit.smollm2 import find
-    from qlora_kit.train import build_trainer
+    from qlora_kit.train.eval_loss import evaluate_losses
+    from qlora_kit.train.fit import build_trainer
 
     quiet_libraries()
     _, checkpointing = VARIANTS[args.worker]
@@ -104,7 +105,7 @@ def worker(args) -> dict:
     started = time.monotonic()
     loss = evaluate_losses(trainer.model, examples.eval)
     eval_s = time.monotonic() - started
-    # Before qlora_kit.evaluate: transformers' evaluation loop over the same rows as TRL runs it (full logits
+    # Before qlora_kit.train.eval_loss: transformers' evaluation loop over the same rows as TRL runs it (full logits
     # over the whole vocabulary at every position, TRL's entropy and token accuracy on top).
     started = time.monotonic()
     stock = trainer.evaluate(eval_dataset=to_dataset(examples.eval))

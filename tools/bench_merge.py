@@ -93,7 +93,8 @@ def build_fixture(work: Path, args) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from qlora_kit.recipe import Recipe, recipe_to_toml
+    from qlora_kit.recipe.loading import recipe_to_toml
+    from qlora_kit.recipe.schema import Recipe
 
     base, run = fixture_paths(work, args)
     if (run / "recipe.toml").is_file():

@@ -8,7 +8,7 @@
 
 Why on a CPU: the planner's activation terms (qlora_kit.plan.PROFILES) describe which tensors PyTorch keeps alive
 during a QLoRA step: checkpointed layer inputs, the recomputed layer and its gradients, bitsandbytes' dequantized
-weight, TRL's chunked loss tiles. Those are the same tensors on a CPU, and qlora_kit.tensor_peak counts them op by
+weight, TRL's chunked loss tiles. Those are the same tensors on a CPU, and qlora_kit.plan.tensor_peak counts them op by
 op, so each term can be measured without a GPU. A point is one real qlora_kit training run (tools/bench.py's
 trial: random weights, real NF4, real LoRA r 32 on all linear layers, two TRL steps at batch 1), on a shape
 that keeps the architecture family and the layer dimensions but shrinks the depth and, mostly, the vocabulary.
@@ -65,7 +65,8 @@ VALIDATION = [("qwen2", 4096, 1536, 8960, 6, 12, 2, 1024, "bfloat16", 0.0, False
               ("llama", 4096, 4096, 14336, 2, 32, 8, 1024, "bfloat16", 0.0, False),
               ("qwen2", 4096, 1536, 8960, 3, 12, 2, 151936, "bfloat16", 0.0, False),
               ("llama", 2048, 4096, 14336, 2, 32, 8, 1024, "float32", 0.0, False)]
-# memory.tiled_mlp: the MLP's intermediates are bounded by the slice (qlora_kit.tiled_mlp); lengths past the slice.
+# memory.tiled_mlp: the MLP's intermediates are bounded by the slice (qlora_kit.model.tiled_mlp); lengths past the
+# slice.
 TILED_SHAPES = [("qwen2", 2048, 1024, 4096, 2, 8, 2, 1024), ("qwen2", 4096, 1024, 4096, 2, 8, 2, 1024),
                 ("qwen2", 8192, 1536, 8960, 2, 12, 2, 1024), ("qwen2", 4096, 512, 2048, 2, 8, 2, 1024),
                 ("qwen2", 4096, 3584, 18944, 1, 28, 4, 1024), ("llama", 8192, 4096, 14336, 1, 32, 8, 1024)]
@@ -190,7 +191,7 @@ def fit(measurements: list[dict]) -> dict[str, dict[str, float]]:
     + one [rows, 32768] tile + f x float32 copies of the tile (a CPU has no Triton)."""
     import numpy as np
 
-    from qlora_kit.recipe import TILED_MLP_SLICE_TOKENS as SLICE_TOKENS
+    from qlora_kit.recipe.schema import TILED_MLP_SLICE_TOKENS as SLICE_TOKENS
 
     profiles = {}
     held_out = {tuple(v) for v in VALIDATION}
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from qlora_kit.run import quiet_libraries
+    from qlora_kit.console import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the measured tensors do not depend on threads

@@ -43,8 +43,8 @@ def parse_args(argv):
 
 def measure(loaded, examples, rows, settings) -> dict:
     """Eval losses and greedy replies of one loaded model (qlora_kit.chat.Loaded)."""
-    from qlora_kit.evaluate import evaluate_losses
-    from qlora_kit.generate import ask
+    from qlora_kit.chat.generate import ask
+    from qlora_kit.train.eval_loss import evaluate_losses
 
     started = time.monotonic()
     losses = evaluate_losses(loaded.model, examples)
@@ -68,11 +68,12 @@ def main(argv=None) -> int:
     import torch
     from rich.console import Console
 
-    from qlora_kit.chat import load_merged, load_run
-    from qlora_kit.generate import GenerationSettings
+    from qlora_kit.chat.generate import GenerationSettings
+    from qlora_kit.chat.loading import load_merged, load_run
+    from qlora_kit.console import quiet_libraries
+    from qlora_kit.data.examples import build_examples
     from qlora_kit.merge.cli import main as merge_main
-    from qlora_kit.recipe import load_recipe
-    from qlora_kit.run import build_examples, quiet_libraries
+    from qlora_kit.recipe.loading import load_recipe
 
     quiet_libraries()
     run_dir = args.run_dir.resolve()

@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout, installed or not
 
-from qlora_kit.demo_assets import write_demo  # noqa: E402
+from qlora_kit.demo.build import write_demo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
     python tools/measure_gguf.py quality [--types q4_k_m,q5_k_m,q6_k,q8_0,f16] [--json bench/results/gguf_quality.json]
         SmolLM2-135M-Instruct (the 16-bit folder qlora_kit makes from its official Q4_1 GGUF: `python -m
-        qlora_kit.smollm2` fetches it): each type exported, read back by transformers, compared with the folder on
+        qlora_kit.model.smollm2` fetches it): each type exported, read back by transformers, compared with the folder on
         the merge check's sample prompts (top-1 agreement per position, max |Δlogit|, greedy tokens agreeing).
     python tools/measure_gguf.py sizes
         The bytes each type would take for R1-Distill-Qwen-1.5B / -7B / R1-Distill-Llama-8B, computed from their
@@ -43,14 +43,14 @@ def config_of(m: dict, layers: int | None = None) -> dict:
 
 
 def parameters(config: dict) -> int:
-    from qlora_kit.gguf.sizes import gguf_shapes
+    from qlora_kit.plan.gguf_sizes import gguf_shapes
 
     return sum(math.prod(shape) for shape in gguf_shapes(config).values())
 
 
 def sizes() -> dict:
     """Each type's file for the three models (the mixture the export writes) and the KV cache the advice counts."""
-    from qlora_kit.gguf.sizes import CONTEXT, advice_lines, file_bytes, kv_cache_bytes
+    from qlora_kit.plan.gguf_sizes import CONTEXT, advice_lines, file_bytes, kv_cache_bytes
 
     table = {}
     for name, m in MODELS.items():
@@ -64,8 +64,8 @@ def sizes() -> dict:
 def quality(types: list[str]) -> dict:
     from qlora_kit.gguf.export import export_gguf
     from qlora_kit.gguf.verify import check_gguf
-    from qlora_kit.gguf_base import prepare_gguf_base
-    from qlora_kit.recipe import ModelSection
+    from qlora_kit.model.gguf_base import prepare_gguf_base
+    from qlora_kit.recipe.schema import ModelSection
     from qlora_kit.smollm2 import find
 
     source = find()

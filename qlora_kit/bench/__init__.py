@@ -32,9 +32,9 @@ CPU (no GPU here):
 - `python tools/bench.py --count` (~40 min on 2 busy cores): live tensors of two real TRL training steps at the three
   targets' real layer dimensions and full vocabularies, 1 and 2 layers deep, 1,024 / 2,048 / 4,096 tokens, bf16
   autocast, for the baseline, qlora_kit and qlora_kit+tiled_mlp (the one switch that acts on a CPU), counted by
-  qlora_kit.tensor_peak without arithmetic (NoArithmetic: same allocations, no values; tested equal to the count with
-  arithmetic), and the full-depth figure from the counted per-layer increment and from the planner's per-layer terms
-  (qlora_kit.bench.counts).
+  qlora_kit.plan.tensor_peak without arithmetic (NoArithmetic: same allocations, no values; tested equal to the count
+  with arithmetic), and the full-depth figure from the counted per-layer increment and from the planner's per-layer
+  terms (qlora_kit.bench.counts).
 - `python tools/bench.py --smoke`: the whole code path on tiny models in about a minute; fixed lengths only, no cap
   (the OOM search is marked skipped), live tensors instead of VRAM. Both setups run under bf16 autocast, as on a GPU
   (`--cpu-dtype float32` trains qlora_kit the way it trains on a CPU, in float32). tools/calibrate_plan.py uses the

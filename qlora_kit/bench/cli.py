@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlora_kit.architectures import ARCHITECTURES
 from qlora_kit.bench.document import open_document
 from qlora_kit.bench.runner import Bench, OutOfTime
 from qlora_kit.bench.setups import (
@@ -37,6 +36,7 @@ from qlora_kit.bench.setups import (
 )
 from qlora_kit.bench.tables import markdown_tables, merge_documents
 from qlora_kit.cli import command_name
+from qlora_kit.plan.architectures import ARCHITECTURES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

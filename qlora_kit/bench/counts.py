@@ -2,10 +2,10 @@
 
 A count trial is a bench trial (real NF4 layers quantized by bitsandbytes on the CPU, real LoRA, two real TRL steps
 under bf16 autocast) on a model with the target's real layer dimensions and full vocabulary but only 1 or 2 decoder
-layers, counted by qlora_kit.tensor_peak without computing (NoArithmetic: the same allocations, no values). Two
+layers, counted by qlora_kit.plan.tensor_peak without computing (NoArithmetic: the same allocations, no values). Two
 depths give what one more layer adds to the peak, measured: its NF4 weights and norms, its LoRA weights, gradients
 and optimizer state, its checkpointed input. The full-depth figure is the 2-layer peak plus the remaining layers at
-that measured increment; beside it, the same with the planner's per-layer terms instead (qlora_kit.plan).
+that measured increment; beside it, the same with the planner's per-layer terms instead (qlora_kit.plan.estimate).
 """
 
 from __future__ import annotations

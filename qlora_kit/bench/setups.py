@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_kit.architectures import ARCHITECTURES
+from qlora_kit.plan.architectures import ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 1024**3
@@ -94,7 +94,7 @@ def model_config(name: str, smoke: bool, layers: int | None = None) -> dict:
 def bench_recipe(setup: Setup, length: int, steps: int, settings: dict, model_name: str = "bench/random"):
     """The recipe a qlora_kit user would write for this trial; the baseline is modelled as the same recipe with
     plain AdamW (the planner has no bf16-adapter option, so its baseline figure is an approximation)."""
-    from qlora_kit.recipe import recipe_from_dict
+    from qlora_kit.recipe.loading import recipe_from_dict
 
     lora = settings["lora"]
     # No checkpoints: writing them is not what is measured (and a benchmark has nothing to resume).
@@ -117,7 +117,7 @@ def bench_recipe(setup: Setup, length: int, steps: int, settings: dict, model_na
 def planner_estimate(config: dict, setup: Setup, length: int, settings: dict, device: str = "cuda"):
     """The planner's estimate for one trial. On CPU: qlora_kit computes in float32 (or bf16 with --cpu-dtype), the
     baseline in bf16 autocast (its bf16=True), and TRL's loss runs without Triton."""
-    from qlora_kit.plan import Architecture, estimate
+    from qlora_kit.plan.estimate import Architecture, estimate
 
     arch = Architecture.from_config(config, "bench")
     dtype = None

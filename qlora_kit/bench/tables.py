@@ -86,8 +86,9 @@ def markdown_tables(doc: dict) -> str:
                 if row:
                     lines.append("| " + " | ".join(row) + " |")
     lines += ["", "The planner plans qlora_kit runs, so its columns are blank for the baseline (the JSON has its rough "
-              "figure)." + ("" if on_gpu else " On a CPU the memory column counts live tensors (qlora_kit.tensor_peak) "
-                            "and the planner's figure is its `allocated` estimate for a CPU step.")]
+              "figure)." + ("" if on_gpu else " On a CPU the memory column counts live tensors "
+                            "(qlora_kit.plan.tensor_peak) and the planner's figure is its `allocated` estimate for a "
+                            "CPU step.")]
     if any(r["kind"] == "uncapped" and r["status"] == "ok" for r in doc["trials"]):
         lines += ["", "† measured without the cap, because this length does not fit under it: what it needs."]
     return "\n".join(lines)

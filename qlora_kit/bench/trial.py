@@ -14,8 +14,8 @@ from qlora_kit.bench.setups import DEMO_TOKENIZER, GIB, bench_recipe, parse_setu
 
 def bench_tokenizer():
     """The demo tokenizer: data are token ids already, so only its pad/eos ids matter (both below every vocab)."""
-    from qlora_kit.model import load_tokenizer
-    from qlora_kit.recipe import ModelSection
+    from qlora_kit.model.loading import load_tokenizer
+    from qlora_kit.recipe.schema import ModelSection
 
     return load_tokenizer(ModelSection(name=str(DEMO_TOKENIZER)))
 
@@ -28,7 +28,7 @@ def build_model(spec: dict):
     name = f"random/{spec['model']}"
     with random_weights(spec["config"], spec["settings"]["seed"]):
         if setup.base == "qlora_kit":
-            from qlora_kit.model import add_lora, load_model
+            from qlora_kit.model.loading import add_lora, load_model
 
             recipe = bench_recipe(setup, spec["length"], spec["warmup"] + spec["steps"], spec["settings"], name)
             model = load_model(recipe, trial_precision(spec, recipe))
@@ -47,7 +47,7 @@ def trial_precision(spec: dict, recipe):
     with float32 adapters, as on a GPU: tools/calibrate_plan.py measures the planner's GPU profile that way."""
     import torch
 
-    from qlora_kit.model import Precision, choose_precision
+    from qlora_kit.model.loading import Precision, choose_precision
 
     if spec["settings"].get("cpu_dtype") == "bfloat16" and not torch.cuda.is_available():
         return Precision("cpu", torch.bfloat16)
@@ -137,8 +137,8 @@ def build_bench_trainer(spec: dict, model, tokenizer, folder: Path, timer):
     ids, mask = synthetic_rows(spec, spec["config"]["vocab_size"])
     setup = parse_setup(spec["setup"])
     if setup.base == "qlora_kit":
-        from qlora_kit.encode import Example, to_dataset
-        from qlora_kit.train import build_trainer
+        from qlora_kit.data.encode import Example, to_dataset
+        from qlora_kit.train.fit import build_trainer
 
         recipe = bench_recipe(setup, spec["length"], spec["warmup"] + spec["steps"], spec["settings"])
         examples = [Example(i, m, row) for row, (i, m) in enumerate(zip(ids, mask, strict=True))]
@@ -192,7 +192,7 @@ def make_step_timer(cuda: bool):
 
 
 def measurements(spec: dict, trainer, timer) -> dict:
-    from qlora_kit.model import count_parameters
+    from qlora_kit.model.loading import count_parameters
 
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     timed = timer.times[spec["warmup"]:]
@@ -255,13 +255,13 @@ def optimizer_figures(trainer) -> dict:
 
 @contextlib.contextmanager
 def tensor_peak(cuda: bool, model, no_arithmetic: int | None = None):
-    """On CPU, count live tensors op by op (qlora_kit.tensor_peak): the planner's `allocated` figure can be checked
+    """On CPU, count live tensors op by op (qlora_kit.plan.tensor_peak): the planner's `allocated` figure can be checked
     there too. Not on a GPU: torch.cuda's own statistics are exact there, and the counter would slow every step.
     `no_arithmetic`: count without computing (qlora_kit.tensor_peak.NoArithmetic with this min_elements)."""
     if cuda:
         yield None
         return
-    from qlora_kit.tensor_peak import LiveTensorBytes, NoArithmetic, loss_phases
+    from qlora_kit.plan.tensor_peak import LiveTensorBytes, NoArithmetic, loss_phases
 
     counter = LiveTensorBytes("cpu", model)
     skipping = NoArithmetic(no_arithmetic) if no_arithmetic is not None else contextlib.nullcontext()

@@ -126,7 +126,7 @@ def worker_main(conn, log_path: str) -> None:
         started = time.monotonic()
         device = setup_device()
         versions = {**library_versions(), "cuda": device.pop("cuda", None), "python": platform.python_version()}
-        from qlora_kit.run import quiet_libraries
+        from qlora_kit.console import quiet_libraries
 
         quiet_libraries()
         import trl  # noqa: F401  (import cost belongs to the start-up, not to the first trial)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_kit.chat import positive_int
+from qlora_kit.chat.cli import positive_int
 from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
 
 
@@ -87,14 +87,15 @@ def split_names(text: str) -> list[str]:
 
 
 def request_from_args(args: argparse.Namespace) -> Request:
-    from qlora_kit.chat import RECIPE_FILE, locate
+    from qlora_kit.chat.loading import locate
     from qlora_kit.eval.questions import parse_column_map
+    from qlora_kit.recipe.run_files import RECIPE_FILE
 
     source = locate(Path(args.model_dir))
     request = Request(source.dir, split_names(args.tasks or ""), args.file or "", parse_column_map(args.columns),
                       args.limit or 0, args.generate, args.max_new_tokens, args.batch_size)
     if args.tasks is None and args.file is None and source.kind == "run":  # the run's own [eval] section
-        from qlora_kit.recipe import load_recipe
+        from qlora_kit.recipe.loading import load_recipe
 
         asked = load_recipe(source.dir / RECIPE_FILE).eval
         request.tasks, request.file = split_names(asked.tasks), asked.file
@@ -113,10 +114,10 @@ def request_from_args(args: argparse.Namespace) -> Request:
 
 def evaluate(request: Request, console, command: str) -> dict:
     """Check the inputs, load the model(s), score every task on both sides, write eval.json and report.md."""
-    from qlora_kit.chat import locate
+    from qlora_kit.chat.loading import locate
+    from qlora_kit.console import quiet_libraries
     from qlora_kit.eval import harness, results
     from qlora_kit.eval.questions import load_questions
-    from qlora_kit.run import quiet_libraries
 
     quiet_libraries()
     questions = load_questions(request.file, request.columns) if request.file else []  # bad rows: before loading
@@ -132,7 +133,7 @@ def evaluate(request: Request, console, command: str) -> dict:
         if request.generate:
             tasks.insert(1, harness.local_task(questions, f"{request.file} (generated replies)", loaded.fmt,
                                                request.max_new_tokens, name=name))
-    from qlora_kit.cpu_inference import dequantized_weights
+    from qlora_kit.chat.cpu_inference import dequantized_weights
     from qlora_kit.eval.runner import run_tasks
 
     with dequantized_weights(loaded.model):  # a 4-bit base on a CPU: each weight dequantized once, not per pass
@@ -175,7 +176,7 @@ class Loaded:
 
 
 def load_sides(source, batch_size: int) -> Loaded:
-    from qlora_kit.chat import load_merged, load_run
+    from qlora_kit.chat.loading import load_merged, load_run
     from qlora_kit.eval.harness import wrap_model
     from qlora_kit.eval.runner import Side
 
@@ -200,10 +201,11 @@ def merged_base(folder: Path):
     """The base a merged folder came from (its recipe names it), loaded as the merged model is: 16-bit."""
     import dataclasses
 
-    from qlora_kit.gguf_base import prepare_gguf_base
-    from qlora_kit.model import choose_precision, load_model
-    from qlora_kit.preflight import check_model_files
-    from qlora_kit.recipe import TRAINING_RECIPE_FILE, QuantSection, load_recipe
+    from qlora_kit.model.gguf_base import prepare_gguf_base
+    from qlora_kit.model.loading import choose_precision, load_model
+    from qlora_kit.model.preflight import check_model_files
+    from qlora_kit.recipe.loading import load_recipe
+    from qlora_kit.recipe.schema import TRAINING_RECIPE_FILE, QuantSection
 
     path = Path(folder) / TRAINING_RECIPE_FILE
     if not path.is_file():

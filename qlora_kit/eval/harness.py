@@ -88,7 +88,7 @@ def local_config(questions: list[Question], name: str = LOCAL_TASK, fmt=None, ma
 def score_reply(doc: dict, reply: str, fmt) -> dict:
     """A generated reply against the right letter: the answer after </think> (the whole reply when the model
     answered directly), its chosen letter, and whether there was one to read."""
-    from qlora_kit.generate import split_think
+    from qlora_kit.chat.generate import split_think
 
     split = split_think(reply, fmt.separator, fmt.opener, fmt.starts_inside(doc["listing"]))
     letter = chosen_letter(split.answer, doc["choices"]) if split.closed or not split.opened else None

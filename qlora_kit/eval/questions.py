@@ -16,7 +16,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_kit.data import row_list
+from qlora_kit.data.rows import row_list
 from qlora_kit.errors import UserError
 
 LETTERS = string.ascii_uppercase[:10]
@@ -58,7 +58,7 @@ def parse_column_map(text: str) -> dict[str, str]:
 
 
 def load_questions(path: str | Path, columns: dict[str, str] | None = None) -> list[Question]:
-    """Every row checked; one error lists every bad row (with its line number), as qlora_kit.data does."""
+    """Every row checked; one error lists every bad row (with its line number), as qlora_kit.data.rows does."""
     path = Path(path).expanduser()
     names = {c: (columns or {}).get(c, c) for c in COLUMNS}
     if not path.is_file():

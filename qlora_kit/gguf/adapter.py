@@ -37,7 +37,7 @@ class AdapterExport:
 def base_folder(recipe) -> Path:
     """The folder with the base's config.json (and tokenizer): local as is, a hub id from the local cache."""
     from qlora_kit.merge.hub import hub_file
-    from qlora_kit.recipe import is_local_reference
+    from qlora_kit.recipe.schema import is_local_reference
 
     model = recipe.model
     if is_local_reference(model.name, Path.cwd()):

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
-from qlora_kit.gguf.mixture import FILE_TYPES, FileType, file_type
 from qlora_kit.gguf.modelfile import chat_trained, modelfile_path, write_modelfile
 from qlora_kit.gguf.tensors import encode_tensor, load_tensor, plan_tensors, stored_bytes, weight_files
 from qlora_kit.gguf.tokenizer import load_tokenizer, write_tokenizer
+from qlora_kit.plan.gguf_mixture import FILE_TYPES, FileType, file_type
 
 if TYPE_CHECKING:  # gguf is imported where used: `--help` and the error paths stay instant
     import gguf

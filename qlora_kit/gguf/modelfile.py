@@ -228,7 +228,8 @@ def write_modelfile(gguf_path: Path, folder: Path, tokenizer, info: TokenizerInf
 def chat_trained(folder: Path, log: Callable[[str], object]) -> bool:
     """False when qlora_kit trained this model on a plain or custom prompt format (its recipe travels in the
     merged folder): the Modelfile speaks the chat template's format, which that model never saw."""
-    from qlora_kit.recipe import TRAINING_RECIPE_FILE, load_recipe
+    from qlora_kit.recipe.loading import load_recipe
+    from qlora_kit.recipe.schema import TRAINING_RECIPE_FILE
 
     recipe = folder / TRAINING_RECIPE_FILE
     if not recipe.is_file():

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from qlora_kit.gguf.export import Architecture, HyperParameters
-    from qlora_kit.gguf.mixture import FileType
+    from qlora_kit.plan.gguf_mixture import FileType
 
 F16_MAX = 65504.0  # largest finite float16: a weight beyond it would be stored as inf
 EMBEDDING, OUTPUT = "model.embed_tokens.weight", "lm_head.weight"  # the safetensors keys of both decoders
@@ -133,7 +133,7 @@ def embedding_sources(files: dict[str, Path], tied: bool) -> tuple[dict[str, Pat
 def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, ft: FileType) -> list[TensorPlan]:
     import gguf
 
-    from qlora_kit.gguf.mixture import tensor_type
+    from qlora_kit.plan.gguf_mixture import tensor_type
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_name], hp.block_count)
     files, renamed = embedding_sources(files, hp.tied_embeddings)
@@ -182,7 +182,7 @@ def stored_bytes(plan: TensorPlan) -> tuple[tuple[int, ...], np.dtype, int]:
     import gguf
     import numpy as np
 
-    from qlora_kit.gguf.mixture import tensor_bytes
+    from qlora_kit.plan.gguf_mixture import tensor_bytes
 
     if plan.qtype in ("F32", "F16"):
         dtype = np.dtype(np.float32 if plan.qtype == "F32" else np.float16)

@@ -32,8 +32,7 @@ initialisations such as PiSSA) is refused with the setting named, rather than me
 
 from qlora_kit.merge.checks import check_free_disk
 from qlora_kit.merge.cli import main
-from qlora_kit.merge.run_dir import ADAPTER_DIR, RECIPE_FILE, SUMMARY_FILE
 from qlora_kit.merge.verify import compare_logits
 
 # main is the entry point; the rest is what tests/test_merge.py reaches for from outside the package.
-__all__ = ["main", "check_free_disk", "compare_logits", "ADAPTER_DIR", "RECIPE_FILE", "SUMMARY_FILE"]
+__all__ = ["main", "check_free_disk", "compare_logits"]

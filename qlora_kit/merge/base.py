@@ -80,7 +80,7 @@ def locate_base(recipe, base_override: str | None, revision: str, stack: context
 
 
 def rebuild_random_base(recipe, stack: contextlib.ExitStack, console) -> Checkpoint:
-    from qlora_kit.model import random_model
+    from qlora_kit.model.loading import random_model
 
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qlora_kit-merge-base-")))
     console.print(f"[bold yellow]base:[/] the run used model.init = 'random': rebuilding its RANDOM-INIT weights "
@@ -94,7 +94,7 @@ def rebuild_random_base(recipe, stack: contextlib.ExitStack, console) -> Checkpo
 
 def resolve_model_folder(name: str, revision: str, allow_pickle: bool) -> Path:
     """A local folder as is; a hub id through the huggingface_hub cache (HF_HUB_OFFLINE is respected)."""
-    from qlora_kit.recipe import is_local_reference
+    from qlora_kit.recipe.schema import is_local_reference
 
     if is_local_reference(name, Path.cwd()):
         folder = Path(name).expanduser()

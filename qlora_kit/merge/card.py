@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_kit.recipe import is_local_reference, recipe_to_toml
+from qlora_kit.recipe.loading import recipe_to_toml
+from qlora_kit.recipe.schema import is_local_reference
 
 
 def write_model_card(path: Path, *, run, base, adapter, plan, dtype_name: str, verification) -> None:

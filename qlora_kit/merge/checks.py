@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def expected_architecture(recipe) -> dict | None:
     """model_type/architectures of the model the run trained on, when its config can be read offline-safely."""
-    from qlora_kit.recipe import is_local_reference
+    from qlora_kit.recipe.schema import is_local_reference
 
     name = recipe.model.name
     try:
@@ -68,7 +68,7 @@ def check_adapter_fits(base: Checkpoint, adapter: Adapter) -> None:
 
 def local_inputs(recipe, base_override: str | None) -> list[Path]:
     """The local folders the merge reads from: --overwrite must never delete one of them."""
-    from qlora_kit.recipe import is_local_reference
+    from qlora_kit.recipe.schema import is_local_reference
 
     names = [recipe.model.name, recipe.model.tokenizer, base_override]
     return [Path(n).expanduser().resolve() for n in names if n and is_local_reference(n, Path.cwd())]

@@ -23,11 +23,12 @@ from qlora_kit.merge.checks import (
 )
 from qlora_kit.merge.model_files import tokenizer_source, write_model_files
 from qlora_kit.merge.plan import plan_merge
-from qlora_kit.merge.run_dir import RECIPE_FILE, read_run
+from qlora_kit.merge.run_dir import read_run
 from qlora_kit.merge.shards import DTYPES, write_merged_shards
 from qlora_kit.merge.staging import staging_dir
 from qlora_kit.merge.verify import verify_if_it_fits
-from qlora_kit.recipe import TRAINING_RECIPE_FILE
+from qlora_kit.recipe.run_files import RECIPE_FILE
+from qlora_kit.recipe.schema import TRAINING_RECIPE_FILE
 
 EXIT_VERIFICATION_FAILED = 1
 
@@ -129,11 +130,8 @@ def merge(args: argparse.Namespace) -> int:
 
 def print_gguf_advice(config: dict, out: Path, console) -> None:
     """Which GGUF type to export for which card (file size + KV cache), for the architectures the export writes."""
-    from qlora_kit.gguf.export import ARCHITECTURES
-    from qlora_kit.gguf.sizes import advice_lines
+    from qlora_kit.plan.gguf_sizes import advice_lines
 
-    if not set(config.get("architectures") or []) & set(ARCHITECTURES):
-        return
     for line in advice_lines(config, str(out)):
         console.print(line)
 

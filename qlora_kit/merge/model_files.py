@@ -63,7 +63,7 @@ def tokenizer_source(run: Run, base: Checkpoint, console) -> Path | None:
 
 
 def resolve_tokenizer_folder(location: str, revision: str) -> Path | None:
-    from qlora_kit.recipe import is_local_reference
+    from qlora_kit.recipe.schema import is_local_reference
 
     if is_local_reference(location, Path.cwd()):
         folder = Path(location).expanduser()

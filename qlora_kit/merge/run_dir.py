@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import UserError
+from qlora_kit.recipe.run_files import ADAPTER_DIR, RECIPE_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
-    from qlora_kit.recipe import Recipe
+    from qlora_kit.recipe.schema import Recipe
 
 
 @dataclass
@@ -21,13 +22,10 @@ class Run:
     summary: dict
 
 
-# The run directory's names, as qlora_kit.artifacts defines them (not imported from there: it pulls in the
-# transformers Trainer, 4 s of imports a merge never needs; tests check the names agree).
-ADAPTER_DIR, RECIPE_FILE, SUMMARY_FILE = "adapter", "recipe.toml", "summary.json"
 
 
 def read_run(run_dir: Path) -> Run:
-    from qlora_kit.recipe import load_recipe
+    from qlora_kit.recipe.loading import load_recipe
 
     if not run_dir.is_dir():
         raise UserError(f"Run directory not found: {run_dir}", hint="Pass the output.dir of a finished run.")
@@ -38,7 +36,7 @@ def read_run(run_dir: Path) -> Run:
     summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
     recipe = load_recipe(run_dir / RECIPE_FILE)
-    from qlora_kit.gguf_base import prepare_gguf_base
+    from qlora_kit.model.gguf_base import prepare_gguf_base
 
     prepare_gguf_base(recipe.model, weights=True)  # a GGUF base: its 16-bit folder, rebuilt if the cache lost it
     return Run(run_dir.resolve(), recipe, (run_dir / ADAPTER_DIR).resolve(), summary)

@@ -22,11 +22,11 @@ import torch
 from qlora_kit.merge.shards import DTYPES
 
 if TYPE_CHECKING:
-    from qlora_kit.evaluate import EvalLosses
     from qlora_kit.merge.adapter import Adapter
     from qlora_kit.merge.base import Checkpoint
     from qlora_kit.merge.plan import MergePlan
     from qlora_kit.merge.run_dir import Run
+    from qlora_kit.train.eval_loss import EvalLosses
 
 # Verification passes when max |merged - reference| over all logits <= tolerance x the largest |reference logit|.
 # Relative, because logit scales differ by orders of magnitude (a random demo model: ~1; a trained 7B: ~30).
@@ -197,8 +197,8 @@ class Reading:
 
 
 def read_model(model, *, prompts: list[torch.Tensor], device: str, examples: list, with_base: bool) -> Reading:
-    from qlora_kit.cpu_inference import dequantized_weights
-    from qlora_kit.evaluate import evaluate_losses
+    from qlora_kit.chat.cpu_inference import dequantized_weights
+    from qlora_kit.train.eval_loss import evaluate_losses
 
     try:
         model.eval()
@@ -223,7 +223,7 @@ def held_out_examples(run: Run, tokenizer) -> list:
 
     from rich.console import Console
 
-    from qlora_kit.run import build_examples
+    from qlora_kit.data.examples import build_examples
 
     if not run.recipe.data.eval_rows:
         return []
@@ -272,7 +272,7 @@ def adapter_model(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan,
     if device == "cpu":
         # bitsandbytes' CPU inference path would repack the 4-bit weights and compute in bfloat16 whatever the
         # compute dtype; training ran the plain dequantize-then-matmul path, so the reference must as well.
-        from qlora_kit.model import keep_cpu_weights_trainable
+        from qlora_kit.model.loading import keep_cpu_weights_trainable
 
         keep_cpu_weights_trainable(base_model)
     return PeftModel.from_pretrained(base_model, adapter.folder)

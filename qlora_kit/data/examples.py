@@ -1,0 +1,70 @@
+"""Rows -> prompt/completion pairs -> token ids with the completion mask: the training and held-out examples of a
+recipe, with the length policy applied and the data report shown.
+
+    data.source ─► rows (qlora_kit.data.rows) ─► split train / held-out
+                ─► prompt + completion (qlora_kit.data.render) ─► token ids + completion mask (qlora_kit.data.encode)
+                ─► the length policy: rows over data.max_length dropped (never cut silently), counted in the report
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora_kit.data.encode import Encoder, apply_length_policy
+from qlora_kit.data.render import make_renderer
+from qlora_kit.data.report import data_lines, data_notes, show_data
+from qlora_kit.data.rows import load_rows, split_rows
+from qlora_kit.errors import UserError
+
+
+@dataclass
+class Examples:
+    train: list
+    """Training examples (qlora_kit.encode.Example), after the length policy."""
+    eval: list
+    """Held-out examples: rows that fit max_length, never truncated (a loss on cut rows is not theirs)."""
+    sample_rows: list
+    """The rows the end-of-run samples ask about: the held-out ones, else the first training rows."""
+    samples_from: str
+    data_report: list[str]
+
+
+def build_examples(recipe, tokenizer, console) -> Examples:
+    """Rows -> prompt/completion pairs -> token ids with the completion mask; reports lengths and drops.
+    Each row is encoded once; the eval rows are drawn from those that fit max_length, so data.eval_rows counts
+    rows actually evaluated."""
+    data = recipe.data
+    rowset = load_rows(data)
+    renderer, layout = make_renderer(tokenizer, data)
+    encoder = Encoder(tokenizer, renderer)
+    encoded = {}
+
+    def encode(row):
+        if row.number not in encoded:
+            encoded[row.number] = encoder.encode(row)
+        return encoded[row.number]
+
+    train_rows, eval_rows = split_rows(rowset.rows, data, recipe.train.seed,
+                                       usable_for_eval=lambda row: len(encode(row).input_ids) <= data.max_length)
+    train_examples, lengths = apply_length_policy([encode(r) for r in train_rows], data.max_length, data.over_length)
+    eval_examples = [encode(r) for r in eval_rows]
+    notes = data_notes(rowset, data)
+    if data.eval_rows and len(eval_rows) < data.eval_rows:
+        notes.append(f"only {len(eval_rows)} of the {data.eval_rows} eval rows asked for fit max_length = "
+                     f"{data.max_length}: the eval loss is over those")
+    data_report = data_lines(rowset, layout, len(train_rows), len(eval_rows), lengths, len(train_examples),
+                                    notes)
+    show_data(console, data_report)
+    if not train_examples:
+        raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",
+                        hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
+    if data.eval_rows and not eval_examples:
+        raise UserError(f"Every row is longer than data.max_length = {data.max_length} tokens, so there is nothing "
+                        "to evaluate on.",
+                        hint="Raise data.max_length, or set data.eval_rows = 0 and train.eval_steps = 0 to train "
+                             "without eval.")
+    if eval_rows:
+        sample_rows, samples_from = eval_rows, "held-out eval rows (not trained on)"
+    else:
+        sample_rows, samples_from = train_rows, "training rows (data.eval_rows = 0, so the model has seen these)"
+    return Examples(train_examples, eval_examples, sample_rows[:recipe.samples.count], samples_from, data_report)

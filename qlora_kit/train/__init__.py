@@ -1,0 +1,3 @@
+"""train/: TRL's SFTTrainer from the recipe, and everything around the training loop: checkpoints and resume,
+Ctrl-C and out-of-memory, the live view, metrics, trackers, the artifacts a run leaves behind.
+"""

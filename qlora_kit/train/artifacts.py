@@ -1,0 +1,226 @@
+"""What a run leaves behind in its output directory (the names: qlora_kit.recipe.run_files), and the guard that
+keeps finished runs safe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from qlora_kit.data.encode import Example
+from qlora_kit.errors import UserError
+from qlora_kit.recipe.run_files import (
+    ADAPTER_DIR,
+    FINISHED_RUN_FILES,
+    RECIPE_FILE,
+    SUMMARY_FILE,
+)
+from qlora_kit.train.memory_use import snapshot
+
+
+def prepare_output_dir(directory: Path, recipe, overwrite: bool, restart: bool,
+                       change: bool = True) -> tuple[Path | None, int]:
+    """Make the run directory ready. Returns the checkpoint to resume from (or None) and its step.
+
+    A finished run is never replaced without --overwrite. An unfinished one with a checkpoint is
+    resumed, unless the recipe changed in a way that matters (then we refuse and show how) or the
+    user asked to --restart. Only this directory's own checkpoints are ever deleted, and only when
+    `change` is set (rank 0 of a multi-process run; the other ranks only check).
+    """
+    from qlora_kit.recipe.loading import load_recipe
+    from qlora_kit.recipe.run_files import CHECKPOINT_DIR
+    from qlora_kit.train.checkpoints import latest_valid_checkpoint, recipe_differences
+
+    finished = refuse_finished_run(directory, overwrite)
+    checkpoint, step = latest_valid_checkpoint(directory)
+    if finished or restart or not checkpoint:
+        if change:
+            shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
+            if finished:  # --overwrite: from here on an ordinary unfinished run, which an interrupt can resume
+                remove_finished_run(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+        return None, 0
+    saved = directory / RECIPE_FILE
+    changes = recipe_differences(load_recipe(saved), recipe) if saved.is_file() else []
+    if changes:
+        raise UserError(f"{directory} holds an unfinished run (checkpoint at step {step}) trained with a "
+                        "different recipe:", changes,
+                        hint="Run it with the same settings to resume, pass --restart to start over in this "
+                             "directory, or choose another output.dir.")
+    return checkpoint, step
+
+
+def remove_finished_run(directory: Path) -> None:
+    for name in FINISHED_RUN_FILES:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def refuse_finished_run(directory: Path, overwrite: bool) -> list[str]:
+    """Raise unless `directory` is free or replacing it was asked for; returns the finished run's files."""
+    finished = [name for name in (ADAPTER_DIR, SUMMARY_FILE) if (directory / name).exists()]
+    if finished and not overwrite:
+        raise UserError(f"{directory} already holds a finished run ({', '.join(finished)}).",
+                        hint=f"Choose another output.dir (e.g. output.dir={directory}-2), or pass --overwrite "
+                             "to replace it.")
+    return finished
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short (the process killed mid-write, a full disk) is left out."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+class LogFinalStep(TrainerCallback):
+    """Log the last step whatever train.logging_steps says, so the final train loss in summary.json and
+    report.md is the last step's. Every rank needs it: logging gathers the loss across ranks."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+class MetricsRecorder(TrainerCallback):
+    """Appends every log (train and eval) to metrics.jsonl, with time and memory, as it happens:
+    a run that dies still leaves its curve behind."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        # A resumed run keeps the records up to its checkpoint and continues the same file.
+        self.records = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step else []
+        # ... and its clock: time_s runs on from the checkpoint, so throughput across the resume stays right. It
+        # starts with the first step: the eval before training is logged at 0 s and not counted as training time.
+        self.clock_offset = max((r.get("time_s", 0.0) for r in self.records), default=0.0)
+        self.started: float | None = None
+        # TRL counts trained tokens (num_tokens) from 0 in every process, resumed or not; the file stays
+        # cumulative over the whole run, so a resumed run continues from the count at its checkpoint.
+        self.token_offset = max((r.get("num_tokens", 0) for r in self.records), default=0)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic() - self.clock_offset
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        mem = snapshot()
+        elapsed = time.monotonic() - self.started if self.started is not None else self.clock_offset
+        record = {"step": state.global_step, "time_s": round(elapsed, 3),
+                  **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
+                  **({"num_tokens": logs["num_tokens"] + self.token_offset} if "num_tokens" in (logs or {}) else {}),
+                  f"{mem.kind.lower()}_used_gib": round(mem.used_gib, 4),
+                  f"{mem.kind.lower()}_peak_gib": round(mem.peak_gib, 4)}
+        self.records.append(record)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_loss_curve(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed: CI, servers, nohup
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train loss")
+        ax.plot(steps, centered_mean(losses), color="tab:blue", linewidth=2, label="train loss (smoothed)")
+    if evals:
+        steps, losses = zip(*evals, strict=True)
+        ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def centered_mean(values: list[float]) -> list[float]:
+    """A moving average centred on each point (about a tenth of the points wide): unlike a running average it
+    does not lag behind a falling loss, so the smoothed curve stays on the raw one."""
+    half = max(1, len(values) // 20)
+    return [sum(window) / len(window) for window in
+            (values[max(0, i - half):i + half + 1] for i in range(len(values)))]
+
+
+def write_preview(examples: list[Example], path: Path, tokenizer) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"row": e.row, "input_ids": e.input_ids, "labels": e.labels,
+                                "text": tokenizer.decode(e.input_ids)}, ensure_ascii=False) + "\n")
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def summarize(records: list[dict], steps: int, train_rows: int, trainable: int, weights: str,
+              resume_step: int = 0) -> dict:
+    """The run in one dict, over the whole run (a resumed one included: metrics.jsonl holds every step, its clock
+    and its token count run on across the resume).
+
+    tokens_per_s counts training time only: wall time minus the periodic and final evaluations (the one before
+    training is not in the wall time at all). Eval losses: before the first step and at the end, over all
+    completion tokens and split into the reasoning's and the answer's."""
+    # num_tokens: the running count of tokens trained on (padding excluded), cumulative over the whole run.
+    tokens = max((r.get("num_tokens", 0) for r in records), default=0)
+    wall = max((r.get("time_s", 0.0) for r in records), default=0.0)
+    eval_time = sum(r.get("eval_runtime", 0.0) for r in records if r["step"] > 0)
+    train_time = max(wall - eval_time, 0.0)
+    train = [r for r in records if "loss" in r]
+    before = next((r for r in records if r["step"] == 0 and "eval_loss" in r), {})
+    final = next((r for r in reversed(records) if "eval_loss" in r and r["step"] == steps and r["step"] > 0), {})
+    mem = snapshot()
+
+    def rounded(record: dict, key: str):
+        return round(record[key], 4) if key in record else None
+
+    return {
+        "steps": steps,
+        "wall_time_s": round(wall, 1),
+        "eval_time_s": round(eval_time, 1),
+        "train_rows": train_rows,
+        "tokens_per_s": round(tokens / train_time, 1) if train_time else 0.0,
+        f"peak_{mem.kind.lower()}_gib": round(mem.peak_gib, 3),
+        "first_train_loss": round(train[0]["loss"], 4) if train else None,
+        "final_train_loss": round(train[-1]["loss"], 4) if train else None,
+        "mean_train_loss": mean_train_loss(train),
+        "eval_rows": int(before.get("eval_rows") or final.get("eval_rows") or 0) or None,
+        "eval_loss_before": rounded(before, "eval_loss"),
+        "final_eval_loss": rounded(final, "eval_loss"),
+        "eval_answer_loss_before": rounded(before, "eval_answer_loss"),
+        "final_eval_answer_loss": rounded(final, "eval_answer_loss"),
+        "eval_reasoning_loss_before": rounded(before, "eval_reasoning_loss"),
+        "final_eval_reasoning_loss": rounded(final, "eval_reasoning_loss"),
+        "trainable_parameters": trainable,
+        "model_weights": weights,
+        **({"resumed_from_step": resume_step} if resume_step else {}),
+    }
+
+
+def mean_train_loss(train: list[dict]) -> float | None:
+    """Mean loss per optimizer step: each logged loss is the mean over the steps since the previous log."""
+    if not train:
+        return None
+    steps = [r["step"] - previous["step"] for previous, r in zip([{"step": 0}, *train], train, strict=False)]
+    return round(sum(r["loss"] * n for r, n in zip(train, steps, strict=True)) / max(sum(steps), 1), 4)

@@ -1,0 +1,167 @@
+"""The live view of a training run: a rich panel on a terminal, one plain line per log otherwise.
+
+This is the only module that uses rich's live widgets. It is a `TrainerCallback`, so it sees what
+the trainer logs (loss, learning rate, gradient norm, tokens) and adds memory and ETA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from transformers import TrainerCallback
+
+from qlora_kit.train.memory_use import snapshot
+
+
+class StatusCallback(TrainerCallback):
+    def __init__(self, title: str, console: Console | None = None, live: bool | None = None,
+                 eval_before: dict[str, float] | None = None):
+        self.title = title
+        self.console = console or Console()
+        self.use_live = self.console.is_terminal if live is None else live
+        self.live: Live | None = None
+        self.values: dict[str, float] = {}
+        self.smoothed_loss: float | None = None
+        self.started = 0.0
+        self.total = 0
+        self.last_tokens = (0.0, 0, 0.0)  # (time, tokens, eval_seconds) at the previous log, for tokens/s
+        self.eval_seconds = 0.0
+        """Time spent evaluating since training began: neither tokens/s nor the ETA count it."""
+        self.eval_before: dict[str, float] = dict(eval_before or {})
+        """eval_loss / eval_answer_loss before training (a resumed run: from metrics.jsonl)."""
+
+    # -- trainer events ---------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        self.last_tokens = (self.started, 0, 0.0)
+        self.total = state.max_steps
+        if self.use_live:
+            self.live = Live(self.render(state), console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+        else:
+            self.console.print(f"training: {self.title}", highlight=False, soft_wrap=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.live:
+            self.live.update(self.render(state))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step > 0 and self.started:
+            self.eval_seconds += float((metrics or {}).get("eval_runtime", 0.0))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        now = time.monotonic()
+        if state.global_step == 0 and "eval_loss" in logs:  # the eval before training: the "before" of every view
+            self.eval_before = {k: float(v) for k, v in logs.items() if k.startswith("eval_") and "loss" in k}
+            self.console.print(f"eval loss before training: {eval_text(logs)}", highlight=False, soft_wrap=True)
+            return
+        if "loss" in logs and math.isfinite(logs["loss"]):
+            loss = float(logs["loss"])
+            self.values["loss"] = loss
+            # Exponential moving average: the raw per-step loss of small batches is too noisy to read.
+            self.smoothed_loss = loss if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * loss
+        for key in ("learning_rate", "grad_norm", "eval_loss", "eval_answer_loss"):
+            if key in logs:
+                self.values[key] = float(logs[key])
+        if "num_tokens" in logs:
+            then, tokens_then, eval_then = self.last_tokens
+            tokens = int(logs["num_tokens"])
+            busy = now - then - (self.eval_seconds - eval_then)  # an evaluation between two logs is not training
+            if busy > 0 and tokens > tokens_then:
+                rate = (tokens - tokens_then) / busy
+                previous = self.values.get("tokens_per_s")
+                # Smoothed like the loss: an evaluation or a long batch between two logs makes one rate jump.
+                self.values["tokens_per_s"] = rate if previous is None else 0.8 * previous + 0.2 * rate
+            self.last_tokens = (now, tokens, self.eval_seconds)
+        if self.live:
+            self.live.update(self.render(state))
+        elif "loss" in logs:
+            self.console.print(self.plain_line(state), highlight=False, soft_wrap=True)
+        elif "eval_loss" in logs:
+            self.console.print(f"step {state.global_step}/{self.total} | eval loss {eval_text(logs, self.eval_before)}",
+                               highlight=False, soft_wrap=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close(state)
+
+    def close(self, state=None):
+        if self.live:
+            if state is not None:
+                self.live.update(self.render(state))
+            self.live.stop()
+            self.live = None
+
+    # -- rendering --------------------------------------------------------------------------------
+    def eta(self, step: int) -> str:
+        if step <= 0 or not self.total:
+            return "--"
+        training = time.monotonic() - self.started - self.eval_seconds
+        remaining = training / step * (self.total - step)
+        return _duration(remaining)
+
+    def plain_line(self, state) -> str:
+        v, mem = self.values, snapshot()
+        parts = [f"step {state.global_step}/{self.total}"]
+        if "loss" in v:
+            parts.append(f"loss {v['loss']:.4f} (smoothed {self.smoothed_loss:.4f})")
+        if "learning_rate" in v:
+            parts.append(f"lr {v['learning_rate']:.2e}")
+        if "grad_norm" in v:
+            parts.append(f"gnorm {v['grad_norm']:.3f}")
+        if "tokens_per_s" in v:
+            parts.append(f"{v['tokens_per_s']:.0f} tok/s")
+        parts.append(f"{mem.kind} {mem.used_gib:.2f} GiB (peak {mem.peak_gib:.2f} of {mem.total_gib:.1f})")
+        parts.append(f"eta {self.eta(state.global_step)}")
+        return " | ".join(parts)
+
+    def render(self, state):
+        v, mem = self.values, snapshot()
+        step = state.global_step
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold cyan", justify="right")
+        grid.add_column(width=30)
+        grid.add_column()
+        grid.add_row("step", ProgressBar(total=max(self.total, 1), completed=step, width=30),
+                     f"{step}/{self.total}  elapsed {_duration(time.monotonic() - self.started)}  "
+                     f"eta {self.eta(step)}")
+        bar_style = "red" if mem.peak_gib > 0.9 * mem.total_gib else "green"
+        grid.add_row(mem.kind, ProgressBar(total=mem.total_gib, completed=mem.used_gib, width=30,
+                                           complete_style=bar_style),
+                     f"{mem.used_gib:.2f} GiB used, peak {mem.peak_gib:.2f} of {mem.total_gib:.1f} GiB")
+        loss = f"{v['loss']:.4f}  (smoothed {self.smoothed_loss:.4f})" if "loss" in v else "--"
+        grid.add_row("loss", "", loss)
+        if "eval_loss" in v or self.eval_before:
+            now = {k: v[k] for k in ("eval_loss", "eval_answer_loss") if k in v}
+            grid.add_row("eval loss", "", eval_text(now, self.eval_before) if now else
+                         f"{self.eval_before['eval_loss']:.4f} before training")
+        grid.add_row("lr", "", f"{v['learning_rate']:.2e}" if "learning_rate" in v else "--")
+        grid.add_row("grad norm", "", f"{v['grad_norm']:.3f}" if "grad_norm" in v else "--")
+        grid.add_row("tokens/s", "", f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else "--")
+        return Panel(grid, title=self.title, title_align="left", expand=False)
+
+
+def eval_text(logs: dict, before: dict | None = None) -> str:
+    """"2.9310 → 2.3810 (answer 2.4120 → 1.9770)": the eval loss now, after its value before training when known,
+    and the same for the answer tokens alone."""
+    before = before or {}
+
+    def change(key: str) -> str:
+        now = f"{float(logs[key]):.4f}"
+        return f"{before[key]:.4f} → {now}" if key in before else now
+
+    text = change("eval_loss")
+    return text + (f" (answer {change('eval_answer_loss')})" if "eval_answer_loss" in logs else "")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,52 @@
+"""What the run prints around training: the recipe at a glance before, the outcome and summary after. (The data
+report and the highlighted example are qlora_kit.data.report; the live view during training is status.py.)"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+
+def show_recipe(console: Console, changes: list[str], source: str, resolved_file) -> None:
+    """The recipe at a glance: only what differs from the defaults (the full resolved one is saved in the run)."""
+    console.rule(f"[bold]recipe[/] {source}")
+    for line in changes:
+        console.print(Text(f"  {line}"))
+    console.print(f"[dim]  everything else: the defaults (README, recipe reference); every setting as used: "
+                  f"{resolved_file}")
+
+
+def outcome_lines(summary: dict) -> list[str]:
+    """Did it work, in two lines: the eval loss before -> after (all tokens, the answer's, the reasoning's) and the
+    format compliance of the samples."""
+    lines = []
+    before, after = summary.get("eval_loss_before"), summary.get("final_eval_loss")
+    if after is not None:
+        rows = f" on {summary['eval_rows']} held-out rows" if summary.get("eval_rows") else ""
+        lines.append(f"eval loss {change(before, after)}{rows}")
+        parts = [f"{part} tokens {change(summary.get(f'eval_{part}_loss_before'), summary[f'final_eval_{part}_loss'])}"
+                 for part in ("answer", "reasoning") if summary.get(f"final_eval_{part}_loss") is not None]
+        if parts:
+            lines.append("  " + ", ".join(parts))
+    if summary.get("format_fine_tuned"):
+        lines.append(f"format: base {summary['format_base']}, fine-tuned {summary['format_fine_tuned']} "
+                     "(replies with the reasoning closed, an answer, and EOS)")
+    return lines
+
+
+def change(before: float | None, after: float) -> str:
+    return f"{before:.4f} → {after:.4f}" if before is not None else f"{after:.4f}"
+
+
+def show_summary(console: Console, summary: dict, output_dir) -> None:
+    for line in outcome_lines(summary):
+        console.print(Text(line, style="bold"))
+    table = Table(title="run summary", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in summary.items():
+        if value is not None:
+            table.add_row(key.replace("_", " "), f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"[bold green]done.[/] adapter, report.md, loss curve and metrics in {output_dir}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import textwrap
 import typing
 from dataclasses import dataclass
 from functools import cache
@@ -47,7 +48,7 @@ def kind_of(annotation) -> str:
 @cache
 def field_texts(cls: type) -> dict[str, str]:
     """name -> the string literal written right under the field `name: type = default` in the class body."""
-    tree = ast.parse(inspect.getsource(cls))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     texts = {}
     for node, after in zip(body, body[1:] + [None], strict=True):

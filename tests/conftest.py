@@ -121,7 +121,7 @@ def calibrate():
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's official Q4_1 GGUF (`python -m qlora_kit.smollm2` fetches it; .ci/run does)."""
-    from qlora_kit.smollm2 import default_path, find
+    from qlora_kit.model.smollm2 import default_path, find
 
     path = find()
     if path is None:

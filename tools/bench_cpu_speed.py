@@ -66,8 +66,8 @@ def worker(args) -> dict:
     from qlora_kit.data.examples import build_examples
     from qlora_kit.model.gguf_base import prepare_gguf_base
     from qlora_kit.model.loading import add_lora, choose_precision, load_model, load_tokenizer
-    from qlora_kit.recipe.loading import recipe_from_dict
     from qlora_kit.model.smollm2 import find
+    from qlora_kit.recipe.loading import recipe_from_dict
     from qlora_kit.train.eval_loss import evaluate_losses
     from qlora_kit.train.fit import build_trainer
 

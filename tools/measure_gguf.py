@@ -65,8 +65,8 @@ def quality(types: list[str]) -> dict:
     from qlora_kit.gguf.export import export_gguf
     from qlora_kit.gguf.verify import check_gguf
     from qlora_kit.model.gguf_base import prepare_gguf_base
-    from qlora_kit.recipe.schema import ModelSection
     from qlora_kit.model.smollm2 import find
+    from qlora_kit.recipe.schema import ModelSection
 
     source = find()
     if source is None:

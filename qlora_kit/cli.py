@@ -18,6 +18,7 @@ COMMANDS = {
     "export": ("qlora_kit.gguf.export", "write a merged folder as a GGUF file (+ Ollama Modelfile) for llama.cpp"),
     "eval": ("qlora_kit.eval", "multiple-choice accuracy, base vs fine-tuned (lm-evaluation-harness)"),
     "bench": ("qlora_kit.bench", "memory and speed against plain transformers + peft + TRL"),
+    "studio": ("qlora_kit.studio.cli", "the whole run in a browser: data, settings, fit, live charts, chat, export"),
 }
 
 _invoked_as: str | None = None

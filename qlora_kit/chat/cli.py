@@ -1,4 +1,5 @@
-"""`python -m qlora_kit.chat RUN_DIR_OR_MERGED_DIR [--prompt "..."] [--greedy] [--max-new-tokens N] [--hide-think]`
+"""`python -m qlora_kit.chat RUN_DIR_OR_MERGED_DIR [--prompt "..."] [--greedy] [--max-new-tokens N] [--hide-think]
+[--base]`
 
 Talk to a fine-tuned model. Two kinds of folder:
 
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=positive_int, default=2048, metavar="N",
                         help="longest reply in tokens, reasoning included (default 2048)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed, re-applied for every question")
+    parser.add_argument("--base", action="store_true",
+                        help="answer with the adapter disabled: the base model as the run loaded it (a run directory "
+                             "only), for a side-by-side comparison with the fine-tuned answers")
     think = parser.add_mutually_exclusive_group()
     think.add_argument("--show-think", dest="show_think", action="store_true", default=True,
                        help="stream the reasoning, dimmed, before the answer (default)")
@@ -79,16 +83,24 @@ def chat(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     source = locate(Path(args.model_dir))
+    if args.base and source.kind != "run":
+        raise UserError(f"--base needs a run directory; {source.dir} is a merged folder (its adapter is merged in).",
+                        hint="Pass the run directory the merged folder came from, or chat with the base model's own "
+                             "folder.")
     # The reply goes to stdout; what was loaded goes to stderr, so `--prompt ... > answer.txt` keeps only the reply.
     # notes: no wrapping off a terminal, so a long model path stays on one line (qlora_kit.console).
     console, notes = Console(highlight=False, soft_wrap=True), make_console(stderr=True, highlight=False)
     with notes.status(f"loading {source.dir}"):
         loaded = load_run(source.dir) if source.kind == "run" else load_merged(source.dir)
-    notes.print(f"[dim]{loaded.description}")
+    notes.print(f"[dim]{loaded.description}" + (" [bold](adapter disabled: the base answers)" if args.base else ""))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
+    from contextlib import nullcontext
+
     from qlora_kit.chat.cpu_inference import dequantized_weights
 
-    with dequantized_weights(loaded.model):  # a run's 4-bit base on a CPU: dequantized once, not once per token
+    # peft's disable_adapter(): the same loaded base without the LoRA update, as samples.md compares them.
+    adapter_off = loaded.model.disable_adapter() if args.base else nullcontext()
+    with dequantized_weights(loaded.model), adapter_off:  # a 4-bit base on a CPU: dequantized once, not per token
         if args.prompt is not None:
             try:
                 answer(loaded, args.prompt, settings, console, args.show_think)

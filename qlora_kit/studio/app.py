@@ -1,0 +1,607 @@
+"""The page: Gradio Blocks, one tab per step of the beginner's path, every action a `qlora-kit` child process.
+
+Model & data -> Settings & fit -> Train -> Results -> Chat -> Export. The settings form is generated from the
+recipe's keys (form.py); the charts, results and files are read from the run directory (runs.py). Element ids
+(`elem_id`) name what a user clicks and reads; the browser tests find the page by them too.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from qlora_kit.errors import UserError
+from qlora_kit.studio import chat, fit, form, runs
+from qlora_kit.studio.i18n import LANGUAGES, t
+from qlora_kit.studio.workspace import Workspace, demo_dir, toolkit_cache
+
+R1_MODELS = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+             "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "HuggingFaceTB/SmolLM2-135M-Instruct")
+DEMO_PRESET = "demo: tiny model + embedded rows (a minute on a CPU)"
+EXPORT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16")
+
+CSS = """
+.tok-prompt { color: #888; }
+.tok-trained { background: #d7f5dc; color: #14532d; }
+.preview-row { font-family: monospace; white-space: pre-wrap; border: 1px solid #ddd; padding: 6px;
+               margin-bottom: 6px; border-radius: 4px; font-size: 0.85em; }
+.studio-error { color: #b71c1c; background: #fff4f4; border: 1px solid #f2b8b8; padding: 8px; white-space: pre-wrap;
+                border-radius: 4px; }
+"""
+
+
+def demo_raw() -> dict[str, dict[str, Any]]:
+    """recipes/demo.toml, pointing at the demo assets inside the installed package (a workspace may be empty)."""
+    assets = demo_dir()
+    return {"model": {"name": str(assets / "tiny-qwen2"), "init": "random"},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "data": {"source": str(assets / "data.jsonl"), "max_length": 256, "eval_rows": 16},
+            "train": {"max_steps": 200, "batch_size": 4, "grad_accum": 1, "learning_rate": 3e-3, "warmup": 0.05,
+                      "logging_steps": 2, "eval_steps": 50},
+            "output": {"dir": "runs/demo"},
+            "samples": {"count": 3, "max_new_tokens": 160}}
+
+
+def model_choices() -> list[str]:
+    choices = [str(demo_dir() / "tiny-qwen2"), *R1_MODELS]
+    choices += [str(p) for p in sorted((toolkit_cache() / "smollm2").glob("*.gguf"))]
+    return choices
+
+
+def error_box(error: UserError | str) -> str:
+    text = error.render() if isinstance(error, UserError) else error
+    return f"<pre class='studio-error'>{html.escape(text)}</pre>"
+
+
+def build(ws: Workspace) -> gr.Blocks:
+    found = sorted((ws.root / "recipes").glob("*.toml"))
+    presets = {DEMO_PRESET: None, **{str(p.relative_to(ws.root)): p for p in found}}
+    texts: list[tuple[Any, str, str]] = []  # (component, attribute, text key): what the language switch re-sends
+
+    def tr(component, key: str, attr: str = "label"):
+        texts.append((component, attr, key))
+        return component
+
+    def recipe_path_for(recipe) -> Path:
+        return ws.root / "recipes" / f"{Path(recipe.output.dir).name}.toml"
+
+    def confined_recipe(values: list, sft: str):
+        """The form as a Recipe whose paths are inside the workspace (the CLI's loader checks the rest)."""
+        values = list(values)
+        for name, what in (("model.name", "model"), ("data.source", "data"), ("model.tokenizer", "tokenizer"),
+                           ("model.gguf_file", "GGUF file"), ("eval.file", "questions file")):
+            i = form.KEYS.index(form.BY_NAME[name])
+            if values[i]:
+                values[i] = ws.reference(str(values[i]), what)
+        out_i = form.KEYS.index(form.BY_NAME["output.dir"])
+        values[out_i] = str(ws.resolve(str(values[out_i] or "runs/studio"), "output.dir"))
+        return form.form_recipe(values, sft)
+
+    with gr.Blocks(title="qlora_kit studio", analytics_enabled=False) as page:
+        with gr.Row():
+            tr(gr.Markdown(f"## {t('title')}\n{t('intro')}", elem_id="intro"), "intro", "value")
+            lang = tr(gr.Radio(list(LANGUAGES), value="English", label=t("language"), elem_id="lang", scale=0,
+                               min_width=200), "language")
+        components: list[Any] = []
+        by_key: dict[str, Any] = {}
+
+        def widget(key) -> Any:
+            label = f"{key.full}"
+            info = key.doc.split("\n")[0][:300]
+            default = form.to_widget_value(key, key.default)
+            elem = "key-" + key.full.replace(".", "-")
+            if key.kind == "bool":
+                comp = gr.Checkbox(value=default, label=label, info=info, elem_id=elem)
+            elif key.kind in ("int", "float"):
+                comp = gr.Number(value=default, label=label, info=info, elem_id=elem,
+                                 precision=0 if key.kind == "int" else None)
+            elif key.choices:
+                comp = gr.Dropdown(list(key.choices), value=default, label=label, info=info, elem_id=elem,
+                                   allow_custom_value=True)
+            else:
+                comp = gr.Textbox(value=default, label=label, info=info, elem_id=elem)
+            by_key[key.full] = comp
+            return comp
+
+        with gr.Tabs(elem_id="tabs") as tabs:
+            # ---------------------------------------------------------------- 1. model and data
+            with tr(gr.Tab(t("tab_model"), id="model", elem_id="tab-model"), "tab_model"):
+                preset = tr(gr.Dropdown(list(presets), value=None, label=t("preset"), elem_id="preset"), "preset")
+                model_box = tr(gr.Dropdown(model_choices(), value=form.BY_NAME["model.name"].default,
+                                           label=t("model_name"), allow_custom_value=True, elem_id="key-model-name"),
+                               "model_name")
+                by_key["model.name"] = model_box
+                with gr.Row():
+                    data_box = tr(gr.Textbox(value=form.BY_NAME["data.source"].default, label=t("data_source"),
+                                             elem_id="key-data-source", scale=3), "data_source")
+                    by_key["data.source"] = data_box
+                    upload = tr(gr.File(label=t("upload"), file_types=[".jsonl", ".json", ".csv", ".parquet"],
+                                        elem_id="upload", scale=2), "upload")
+                model_error = gr.HTML(elem_id="model-error")
+                preview_btn = tr(gr.Button(t("preview_btn"), variant="primary", elem_id="preview-btn"), "preview_btn",
+                                 "value")
+                tr(gr.Markdown(t("preview_help")), "preview_help", "value")
+                preview = gr.HTML(elem_id="preview")
+                preview_log = gr.Textbox(label="qlora-kit run --dry-run", lines=12, max_lines=30, elem_id="preview-log",
+                                         autoscroll=False)
+
+            # ---------------------------------------------------------------- 2. settings and fit
+            with tr(gr.Tab(t("tab_settings"), id="settings", elem_id="tab-settings"), "tab_settings"):
+                form_error = gr.HTML(elem_id="form-error")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        tr(gr.Markdown(f"### {t('common')}"), "common", "value")
+                        for key in form.common_keys():
+                            widget(key)
+                        with tr(gr.Accordion(t("advanced"), open=False, elem_id="advanced"), "advanced"):
+                            for section, keys in form.advanced_keys().items():
+                                gr.Markdown(f"**[{section}]**")
+                                for key in keys:
+                                    widget(key)
+                            sft_box = gr.Code("", language=None, label="[sft] (trl.SFTConfig arguments, TOML)",
+                                              elem_id="sft", interactive=True)
+                    with gr.Column(scale=2):
+                        tr(gr.Markdown(f"### {t('fit_title')}"), "fit_title", "value")
+                        card = tr(gr.Dropdown(fit.card_choices(), value=fit.card_choices()[0 if fit.detected_gpu()
+                                                                                          else 1],
+                                              label=t("card"), elem_id="card"), "card")
+                        fit_box = gr.HTML(elem_id="fit")
+                        toml_box = tr(gr.Code("", language=None, label=t("toml"), elem_id="toml"), "toml")
+                        download = tr(gr.DownloadButton(t("download_recipe"), elem_id="download-recipe"),
+                                      "download_recipe", "label")
+                components = [by_key[k.full] for k in form.KEYS]
+
+            # ---------------------------------------------------------------- 3. train
+            with tr(gr.Tab(t("tab_train"), id="train", elem_id="tab-train"), "tab_train"):
+                with gr.Row():
+                    run_dir = tr(gr.Dropdown(runs.list_runs(ws.runs_dir()), value=None, label=t("run_pick"),
+                                             allow_custom_value=True, elem_id="run-dir", scale=4), "run_pick")
+                    refresh_btn = tr(gr.Button(t("refresh_runs"), elem_id="refresh-runs", scale=1), "refresh_runs",
+                                     "value")
+                with gr.Row():
+                    start_btn = tr(gr.Button(t("start"), variant="primary", elem_id="start"), "start", "value")
+                    stop_btn = tr(gr.Button(t("stop"), variant="stop", elem_id="stop"), "stop", "value")
+                    resume_btn = tr(gr.Button(t("resume"), elem_id="resume"), "resume", "value")
+                status = gr.Markdown(t("no_run"), elem_id="status")
+                train_error = gr.HTML(elem_id="train-error")
+                with gr.Row():
+                    loss_plot = tr(gr.LinePlot(x="step", y="value", color="series", label=t("loss_chart"),
+                                               elem_id="loss-plot", height=260), "loss_chart")
+                    memory_plot = tr(gr.LinePlot(x="step", y="value", color="series", label=t("memory_chart"),
+                                                 elem_id="memory-plot", height=260), "memory_chart")
+                with gr.Row():
+                    speed_plot = tr(gr.LinePlot(x="step", y="value", label=t("speed_chart"), elem_id="speed-plot",
+                                                height=220), "speed_chart")
+                    lr_plot = tr(gr.LinePlot(x="step", y="value", label=t("lr_chart"), elem_id="lr-plot",
+                                             height=220), "lr_chart")
+                log_box = tr(gr.Textbox(label=t("log"), lines=10, max_lines=10, elem_id="log", autoscroll=True),
+                             "log")
+                seen = gr.State("")
+                timer = gr.Timer(1.0)
+
+            # ---------------------------------------------------------------- 4. results
+            with tr(gr.Tab(t("tab_results"), id="results", elem_id="tab-results"), "tab_results") as results_tab:
+                results_btn = tr(gr.Button(t("results_refresh"), elem_id="results-refresh"), "results_refresh",
+                                 "value")
+                results_md = gr.Markdown(elem_id="results-summary")
+                with gr.Row():
+                    curve_img = gr.Image(label="loss_curve.png", type="filepath", elem_id="loss-curve",
+                                         interactive=False)
+                    memory_img = gr.Image(label="memory_speed.png", type="filepath", elem_id="memory-speed",
+                                          interactive=False)
+                samples_md = gr.Markdown(elem_id="samples")
+                eval_btn = tr(gr.Button(t("eval_btn"), elem_id="eval-btn"), "eval_btn", "value")
+                eval_log = gr.Textbox(label="qlora-kit eval", lines=8, elem_id="eval-log")
+                eval_table = gr.Markdown(elem_id="eval-table")
+
+            # ---------------------------------------------------------------- 5. chat
+            with tr(gr.Tab(t("tab_chat"), id="chat", elem_id="tab-chat"), "tab_chat"):
+                question = tr(gr.Textbox(label=t("question"), elem_id="question"), "question")
+                with gr.Row():
+                    max_tokens = gr.Number(value=256, precision=0, label="max new tokens", elem_id="max-new-tokens")
+                    ask_btn = tr(gr.Button(t("ask"), variant="primary", elem_id="ask"), "ask", "value")
+                with gr.Row():
+                    base_reply = gr.HTML(elem_id="reply-base")
+                    tuned_reply = gr.HTML(elem_id="reply-tuned")
+
+            # ---------------------------------------------------------------- 6. export
+            with tr(gr.Tab(t("tab_export"), id="export", elem_id="tab-export"), "tab_export") as export_tab:
+                with gr.Row():
+                    gguf_type = tr(gr.Dropdown(list(EXPORT_TYPES), value="q8_0", label=t("gguf_type"),
+                                               elem_id="gguf-type"), "gguf_type")
+                    export_btn = tr(gr.Button(t("export_btn"), variant="primary", elem_id="export-btn"), "export_btn",
+                                    "value")
+                advice = gr.Textbox(label="GGUF advice", lines=8, elem_id="gguf-advice")
+                export_log = gr.Textbox(label="qlora-kit merge / export", lines=10, max_lines=20, elem_id="export-log")
+                export_files = tr(gr.File(label=t("export_files"), file_count="multiple", interactive=False,
+                                          elem_id="export-files"), "export_files")
+
+        # ==================================================================== events
+        def on_lang(choice):
+            code = LANGUAGES.get(choice, "en")
+            updates = []
+            for _component, attr, key in texts:
+                text = t(key, code)
+                if key == "intro":
+                    text = f"## {t('title', code)}\n{text}"
+                elif key in ("common", "fit_title"):
+                    text = f"### {text}"
+                updates.append(gr.update(**{attr: text}))
+            return updates
+
+        lang.change(on_lang, lang, [c for c, _, _ in texts])
+
+        def on_preset(name):
+            if name is None:
+                return [gr.skip()] * (len(components) + 1)
+            from qlora_kit.recipe.loading import load_recipe, recipe_from_dict
+
+            try:
+                recipe = recipe_from_dict(demo_raw(), where="the demo") if presets[name] is None \
+                    else load_recipe(presets[name])
+            except UserError as error:
+                return [gr.skip()] * len(components) + [error_box(error)]
+            values = form.recipe_values(recipe)
+            if presets[name] is not None:  # a recipe's output.dir, relative to where the studio runs its commands
+                values[form.KEYS.index(form.BY_NAME["output.dir"])] = recipe.output.dir
+            return [*values, ""]
+
+        preset.change(on_preset, preset, [*components, model_error])
+
+        def on_upload(file):
+            if not file:
+                return gr.skip(), ""
+            try:
+                saved = ws.save_upload(file, Path(file).name)
+            except UserError as error:
+                return gr.skip(), error_box(error)
+            return str(saved.relative_to(ws.root)), ""
+
+        upload.upload(on_upload, upload, [data_box, model_error])
+
+        def on_preview(*values):
+            sft = values[-1]
+            try:
+                recipe = confined_recipe(values[:-1], sft)
+            except UserError as error:
+                yield error_box(error), "", ""
+                return
+            scratch = ws.studio_dir() / "preview"
+            recipe = form.changed(recipe, output={"dir": str(scratch), "overwrite": True})
+            recipe_file = ws.studio_dir() / "preview.toml"
+            recipe_file.parent.mkdir(parents=True, exist_ok=True)
+            from qlora_kit.recipe.loading import recipe_to_dict
+
+            recipe_file.write_text(form.raw_to_toml(recipe_to_dict(recipe)), encoding="utf-8")
+            (scratch / "preview.jsonl").unlink(missing_ok=True)
+            yield "", "", "…"
+            for text, code in runs.stream(runs.command("run", str(recipe_file), "--dry-run"), ws.root):
+                if code is None:
+                    yield gr.skip(), gr.skip(), text
+                elif code != 0:
+                    yield error_box(runs.failure_text(text, code, "The dry run")), "", text
+                else:
+                    yield "", preview_html(scratch), text
+
+        preview_btn.click(on_preview, [*components, sft_box], [model_error, preview, preview_log])
+
+        def on_form(*values):
+            *values, sft, card_choice = values
+            try:
+                recipe = confined_recipe(values, sft)
+            except UserError as error:
+                return error_box(error), gr.skip(), gr.skip(), gr.skip()
+            text = form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft))
+            target = ws.studio_dir() / "recipe.toml"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+            return "", text, fit.plan_html(recipe, card_choice), str(target)
+
+        gr.on([c.change for c in [*components, sft_box, card]], on_form, [*components, sft_box, card],
+              [form_error, toml_box, fit_box, download], trigger_mode="always_last", queue=True)
+        page.load(on_form, [*components, sft_box, card], [form_error, toml_box, fit_box, download])
+
+        def on_start(*values):
+            *values, sft = values
+            try:
+                recipe = confined_recipe(values, sft)
+            except UserError as error:
+                return gr.skip(), error_box(error), gr.skip()
+            out = Path(recipe.output.dir)
+            if runs.running_pid(out) is not None:
+                return gr.skip(), error_box(f"{out} is already training: stop it first."), gr.skip()
+            recipe_file = recipe_path_for(recipe)
+            recipe_file.parent.mkdir(parents=True, exist_ok=True)
+            recipe_file.write_text(form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft)),
+                                   encoding="utf-8")
+            runs.start_run(out, recipe_file, ws.root)
+            return gr.update(choices=runs.list_runs(ws.runs_dir()) or [str(out)], value=str(out)), "", ""
+
+        start_btn.click(on_start, [*components, sft_box], [run_dir, train_error, seen])
+
+        def checked_run_dir(text) -> Path:
+            if not text:
+                raise UserError("No run chosen.", hint="Start a run, or pick one from the list.")
+            return ws.resolve(str(text), "run directory")
+
+        def on_stop(text):
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                return error_box(error)
+            if not runs.stop_run(path):
+                return error_box(f"{path} is not training.")
+            return ""
+
+        stop_btn.click(on_stop, run_dir, train_error)
+
+        def on_resume(text):
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                return error_box(error), gr.skip()
+            if runs.running_pid(path) is not None:
+                return error_box(f"{path} is already training."), gr.skip()
+            recipe_file = path / "recipe.toml"
+            if not recipe_file.is_file():
+                return error_box(f"{path} has no recipe.toml: it is not a run directory."), gr.skip()
+            runs.start_run(path, recipe_file, ws.root, (f"output.dir={path}",))
+            return "", ""
+
+        resume_btn.click(on_resume, run_dir, [train_error, seen])
+        refresh_btn.click(lambda: gr.update(choices=runs.list_runs(ws.runs_dir())), None, run_dir)
+
+        def on_tick(text, lang_choice, last):
+            code = LANGUAGES.get(lang_choice, "en")
+            if not text:
+                return [gr.skip()] * 7 + [last]
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                return [error_box(error)] + [gr.skip()] * 6 + [last]
+            state = runs.run_status(path)
+            metrics = path / "metrics.jsonl"
+            log = path / runs.LOG_FILE
+            signature = (f"{state.status}:{state.exit_code}:{metrics.stat().st_size if metrics.exists() else 0}:"
+                         f"{log.stat().st_size if log.exists() else 0}:{code}")
+            if signature == last:  # nothing new: no redraw (the page polls every second)
+                return [gr.skip()] * 7 + [last]
+            records = runs.read_metrics(path)
+            tail = runs.log_tail(path)
+            headline = status_markdown(path, state, records, code)
+            problem = ""
+            if state.status == "failed":
+                problem = error_box(runs.failure_text(tail, state.exit_code, "The training") +
+                                    "\n\nFix what the lines above say, then Start again (or Resume to continue "
+                                    "from the last checkpoint).")
+            return [headline, *charts(records), tail, problem, signature]
+
+        timer.tick(on_tick, [run_dir, lang, seen],
+                   [status, loss_plot, memory_plot, speed_plot, lr_plot, log_box, train_error, seen],
+                   show_progress="hidden")
+
+        def on_results(text):
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                return error_box(error), None, None, ""
+            summary = runs.read_json(path / "summary.json")
+            if not summary:
+                return t("no_run") if not text else f"{path}: no summary.json yet (the run has not finished).", \
+                    None, None, ""
+            samples = (path / "samples.md").read_text(encoding="utf-8") if (path / "samples.md").is_file() else ""
+            curve, memory = (str(path / name) if (path / name).is_file() else None
+                             for name in ("loss_curve.png", "memory_speed.png"))
+            return results_markdown(summary), curve, memory, samples
+
+        results_btn.click(on_results, run_dir, [results_md, curve_img, memory_img, samples_md])
+        results_tab.select(on_results, run_dir, [results_md, curve_img, memory_img, samples_md])
+
+        def on_eval(text):
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                yield error_box(error).replace("<pre class='studio-error'>", "").replace("</pre>", ""), ""
+                return
+            for output, code in runs.stream(runs.command("eval", str(path)), ws.root):
+                if code is None:
+                    yield output, ""
+                elif code != 0:
+                    yield runs.failure_text(output, code, "The evaluation"), ""
+                else:
+                    yield output, eval_markdown(runs.read_json(path / "eval.json"))
+
+        eval_btn.click(on_eval, run_dir, [eval_log, eval_table])
+
+        def on_ask(text, q, limit, lang_choice):
+            code = LANGUAGES.get(lang_choice, "en")
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                yield error_box(error), ""
+                return
+            if not (q or "").strip():
+                yield error_box("Type a question first."), ""
+                return
+            labels = (t("base_model", code), t("tuned_model", code))
+            for base_text, tuned_text, base_code, tuned_code in chat.ask_both(path, q, ws.root, int(limit or 256)):
+                sides = []
+                for label, out, rc in ((labels[0], base_text, base_code), (labels[1], tuned_text, tuned_code)):
+                    if rc > 0:
+                        sides.append(error_box(runs.failure_text(out, rc, "The chat")))
+                    else:
+                        sides.append(chat.reply_html(out, label, t("reasoning", code), done=rc == 0))
+                yield sides[0], sides[1]
+
+        ask_btn.click(on_ask, [run_dir, question, max_tokens, lang], [base_reply, tuned_reply])
+
+        def on_export_tab(text):
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                return error.render()
+            return gguf_advice(path)
+
+        export_tab.select(on_export_tab, run_dir, advice)
+
+        def on_export(text, kind):
+            try:
+                path = checked_run_dir(text)
+            except UserError as error:
+                yield error.render(), None
+                return
+            merged = path / "merged"
+            log = ""
+            steps = []
+            if not (merged / "config.json").is_file():
+                steps.append(("The merge", runs.command("merge", str(path))))
+            target = path / f"merged-{kind}.gguf"
+            steps.append(("The export", runs.command("export", str(merged), "--type", kind, "--out", str(target),
+                                                     "--overwrite")))
+            for what, argv in steps:
+                log += f"$ qlora-kit {' '.join(argv[3:])}\n"
+                for output, code in runs.stream(argv, ws.root):
+                    if code is None:
+                        yield log + output, gr.skip()
+                    elif code != 0:
+                        yield log + runs.failure_text(output, code, what), None
+                        return
+                    else:
+                        log += output
+            files = [str(p) for p in sorted(path.iterdir()) if p.is_file() and (p.suffix == ".gguf"
+                                                                                or p.name.startswith("Modelfile"))]
+            yield log + "\ndone.", files
+
+        export_btn.click(on_export, [run_dir, gguf_type], [export_log, export_files])
+        page.load(lambda: gr.update(choices=runs.list_runs(ws.runs_dir())), None, run_dir)
+        del tabs
+    return page
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def preview_html(scratch: Path) -> str:
+    """The dry run's preview.jsonl: each row's tokens, the untrained prompt dim and the trained ones green."""
+    import json
+
+    path = scratch / "preview.jsonl"
+    if not path.is_file():
+        return error_box("The dry run wrote no preview.jsonl.")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    decode = token_decoder(scratch / "recipe.toml")
+    blocks = []
+    for row in rows[:3]:
+        ids, labels = row["input_ids"], row["labels"]
+        spans, start = [], 0
+        for i in range(1, len(ids) + 1):  # runs of tokens that are all trained or all not
+            if i == len(ids) or (labels[i] == -100) != (labels[start] == -100):
+                cls = "tok-prompt" if labels[start] == -100 else "tok-trained"
+                spans.append(f"<span class='{cls}'>{html.escape(decode(ids[start:i]))}</span>")
+                start = i
+        trained = sum(label != -100 for label in labels)
+        blocks.append(f"<div class='preview-row'><b>row {row.get('row', '?')}: {len(ids)} tokens, {trained} "
+                      f"trained</b>\n{''.join(spans)}</div>")
+    return "".join(blocks)
+
+
+def token_decoder(recipe_file: Path):
+    """ids -> text with the run's tokenizer: its tokenizer.json through the small `tokenizers` library when the
+    folder has one (no transformers import in the page), else transformers."""
+    from qlora_kit.recipe.loading import load_recipe
+
+    recipe = load_recipe(recipe_file)
+    folder = Path(recipe.model.tokenizer or recipe.model.name)
+    if recipe.model.gguf_file or recipe.model.name.lower().endswith(".gguf"):
+        from qlora_kit.model.gguf_base import prepare_gguf_base
+
+        prepare_gguf_base(recipe.model, weights=False)
+        folder = Path(recipe.model.name)
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return lambda ids: tok.decode(ids, skip_special_tokens=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), revision=recipe.model.revision)
+    return lambda ids: tok.decode(ids)
+
+
+def status_markdown(path: Path, state: runs.RunState, records: list[dict], lang: str) -> str:
+    words = t(f"status_{state.status}", lang)
+    steps = [r for r in records if "loss" in r]
+    if not records:
+        return f"**{path.name}**: {words}"
+    last = records[-1]
+    step = last.get("step", 0)
+    from qlora_kit.recipe.loading import load_recipe
+
+    try:
+        total = load_recipe(path / "recipe.toml").train.max_steps
+    except (UserError, OSError):
+        total = 0
+    eta = ""
+    if total and step and state.status == "running" and last.get("time_s"):
+        eta = f" · ETA {max(total - step, 0) * last['time_s'] / step:.0f} s"
+    loss = f" · loss {steps[-1]['loss']:.4f}" if steps else ""
+    of = f" / {total}" if total else ""
+    return f"**{path.name}**: {words} · step {step}{of}{loss} · {len(steps)} points logged{eta}"
+
+
+def charts(records: list[dict]):
+    import pandas as pd
+
+    def frame(pairs):
+        rows = [{"step": r["step"], "value": r[key], "series": name} for r in records for key, name in pairs
+                if key in r]
+        return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+    memory_keys = sorted({k for r in records for k in r if k.endswith(("_used_gib", "_peak_gib"))})
+    return (frame([("loss", "train"), ("eval_loss", "eval")]),
+            frame([(k, k.removesuffix("_gib").replace("_", " ")) for k in memory_keys]),
+            frame([("tokens_per_s", "tokens/s")]),
+            frame([("learning_rate", "learning rate")]))
+
+
+def results_markdown(summary: dict) -> str:
+    lines = [f"### {summary.get('steps', '?')} steps, {summary.get('wall_time_s', 0):.0f} s"]
+    if "eval_loss_before" in summary:
+        lines.append(f"**eval loss {summary['eval_loss_before']:.4f} → {summary.get('final_eval_loss', 0):.4f}** "
+                     f"({summary.get('eval_rows', '?')} held-out rows)")
+    if "format_base" in summary:
+        lines.append(f"format compliance (reasoning closed, an answer, EOS): base {summary['format_base']}, "
+                     f"fine-tuned {summary.get('format_fine_tuned', '?')}")
+    lines.append(f"tokens/s {summary.get('tokens_per_s', 0):.0f} · weights: {summary.get('model_weights', '')}")
+    return "\n\n".join(lines)
+
+
+def eval_markdown(record: dict) -> str:
+    if not record:
+        return ""
+    import json
+
+    return "```json\n" + json.dumps(record, indent=2, ensure_ascii=False)[:4000] + "\n```"
+
+
+def gguf_advice(run_dir: Path) -> str:
+    import json
+
+    from qlora_kit.plan.gguf_sizes import advice_lines
+
+    config_path = run_dir / "merged" / "config.json"
+    if not config_path.is_file():
+        from qlora_kit.recipe.loading import load_recipe
+
+        try:
+            name = Path(load_recipe(run_dir / "recipe.toml").model.name)
+        except (UserError, OSError) as error:
+            return str(error)
+        config_path = name / "config.json"
+    if not config_path.is_file():
+        return "The sizes per GGUF type appear once the run is merged (the button below merges first)."
+    lines = advice_lines(json.loads(config_path.read_text(encoding="utf-8")), str(run_dir / "merged"))
+    return "\n".join(lines) or "This architecture has no GGUF size advice."

@@ -1,0 +1,128 @@
+"""The settings form, generated from the recipe's own dataclasses: keys <-> form values <-> TOML.
+
+Every field of recipe/schema.py becomes one form field (kind -> widget in app.py), in the schema's order, so a new
+key appears in the page without UI code. Values travel as a flat list in `KEYS` order (Gradio passes component
+values positionally), plus the free `[sft]` table as TOML text. The TOML the form writes holds only what differs
+from the defaults, like a hand-written recipe, and loads back equal through recipe.loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipe.field_docs import Key, recipe_keys
+from qlora_kit.recipe.schema import Recipe
+
+KEYS: list[Key] = recipe_keys()
+BY_NAME = {k.full: k for k in KEYS}
+
+SCREEN_KEYS = ("model.name", "data.source")
+"""Shown on the Model & data screen rather than in the settings form."""
+COMMON = ("output.dir", "data.max_length", "train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum",
+          "train.learning_rate", "lora.r", "lora.alpha", "data.eval_rows", "data.limit", "quant.load_in_4bit",
+          "train.gradient_checkpointing", "memory.offload_activations", "memory.embeddings_on_cpu",
+          "memory.tiled_mlp")
+"""Up front in the form; every other key sits under "advanced", by section. Names absent from the schema are
+skipped, so renaming a key never breaks the page."""
+FIT_KEYS = ("data.max_length", "lora.r", "train.batch_size", "train.grad_accum", "quant.load_in_4bit",
+            "train.gradient_checkpointing", "memory.offload_activations", "memory.embeddings_on_cpu",
+            "memory.tiled_mlp", "model.name")
+"""Keys whose change re-runs the planner."""
+
+
+def common_keys() -> list[Key]:
+    return [BY_NAME[name] for name in COMMON if name in BY_NAME]
+
+
+def advanced_keys() -> dict[str, list[Key]]:
+    """Section -> its keys not shown up front (nor on the Model & data screen), in schema order."""
+    shown = set(COMMON) | set(SCREEN_KEYS)
+    sections: dict[str, list[Key]] = {}
+    for key in KEYS:
+        if key.full not in shown:
+            sections.setdefault(key.section, []).append(key)
+    return sections
+
+
+def to_widget_value(key: Key, value: Any) -> Any:
+    """A recipe value as its widget holds it: lists as comma-separated text."""
+    if key.kind == "list":
+        return ", ".join(value)
+    return value
+
+
+def from_widget_value(key: Key, value: Any) -> Any:
+    """A widget's value as the recipe holds it. A number box gives floats; an int key gets an int when the number is
+    whole (a fraction is passed on as it is, so that loading names the key and the wrong type)."""
+    if key.kind == "list":
+        return [part.strip() for part in str(value or "").split(",") if part.strip()]
+    if key.kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if key.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if key.kind == "str" and value is None:
+        return ""
+    return value
+
+
+def defaults() -> list[Any]:
+    return [to_widget_value(k, k.default) for k in KEYS]
+
+
+def recipe_values(recipe: Recipe) -> list[Any]:
+    """The form's values for a recipe, in KEYS order."""
+    return [to_widget_value(k, getattr(getattr(recipe, k.section), k.name)) for k in KEYS]
+
+
+def sft_text(recipe: Recipe) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(recipe.sft) if recipe.sft else ""
+
+
+def form_to_raw(values: list[Any], sft: str = "") -> dict[str, dict[str, Any]]:
+    """The form as a recipe's TOML tables, holding what differs from the defaults. An empty number box means the
+    default. model.name, data.source and output.dir are always written: they say what the recipe is about."""
+    if len(values) != len(KEYS):
+        raise ValueError(f"form has {len(values)} values for {len(KEYS)} keys")
+    raw: dict[str, dict[str, Any]] = {}
+    for key, widget in zip(KEYS, values, strict=True):
+        if widget is None and key.kind in ("int", "float"):
+            continue
+        value = from_widget_value(key, widget)
+        if value != key.default or key.full in (*SCREEN_KEYS, "output.dir"):
+            raw.setdefault(key.section, {})[key.name] = value
+    if sft.strip():
+        try:
+            raw["sft"] = tomllib.loads(sft)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError("The [sft] table is not valid TOML:", [str(e)],
+                            hint="Write one `name = value` per line, e.g. neftune_noise_alpha = 5") from None
+    return raw
+
+
+def raw_to_toml(raw: dict[str, Any]) -> str:
+    import tomli_w
+
+    return "# Written by qlora_kit studio: `qlora-kit run THIS_FILE` trains the same run.\n" + tomli_w.dumps(raw)
+
+
+def form_recipe(values: list[Any], sft: str = "") -> Recipe:
+    """The form as a validated Recipe (the CLI's loader, so the page shows the CLI's messages)."""
+    from qlora_kit.recipe.loading import recipe_from_dict
+
+    return recipe_from_dict(form_to_raw(values, sft), where="the form")
+
+
+def changed(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:
+    """A copy of `recipe` with some keys replaced: changed(r, train={"max_steps": 5})."""
+    return dataclasses.replace(recipe, **{name: dataclasses.replace(getattr(recipe, name), **values)
+                                          for name, values in sections.items()})

@@ -96,8 +96,14 @@ def run(args: argparse.Namespace) -> int:
     check_model_files(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     check_model_matches(recipe, tokenizer)
-    examples = build_examples(recipe, tokenizer, console)
-    show_example(console, examples.train[0], tokenizer)
+    grpo = recipe.train.method == "grpo"  # reinforcement learning on checkable answers instead of SFT (docs/grpo.md)
+    if grpo:
+        from qlora_kit.data.checkable import build_grpo_examples
+
+        examples = build_grpo_examples(recipe, tokenizer, console)
+    else:
+        examples = build_examples(recipe, tokenizer, console)
+        show_example(console, examples.train[0], tokenizer)
     plan = check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
@@ -119,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold]resuming[/] from step {resume_step} ({resume_from})")
 
     from qlora_kit.train.fit import fit
+    from qlora_kit.train.grpo import fit_grpo
 
-    outcome = fit(recipe, tokenizer, examples, out, console, resume_from, resume_step, processes)
+    outcome = (fit_grpo if grpo else fit)(recipe, tokenizer, examples, out, console, resume_from, resume_step,
+                                          processes)
     if outcome.interrupted:
         # Without --overwrite: the directory now holds an unfinished run, which re-running resumes.
         resume = args.command.replace(" --overwrite", "")
@@ -128,11 +136,15 @@ def run(args: argparse.Namespace) -> int:
                       f"Resume with:\n  {resume}")
         return EXIT_INTERRUPTED
     if processes.is_main:
+        from qlora_kit.results.grpo_samples import judge_finished_run
         from qlora_kit.results.samples import sample_finished_run
 
-        samples = sample_finished_run(outcome, tokenizer, recipe, examples, out, console)
+        if grpo:  # held-out rows answered before and after, scored by the run's rewards
+            samples, judged = [], judge_finished_run(outcome, tokenizer, recipe, examples, out, console).lines()
+        else:
+            samples, judged = sample_finished_run(outcome, tokenizer, recipe, examples, out, console), []
         outcome.model = None  # freed before the evaluation loads the run afresh
-        write_run_report(recipe, args.command, examples.data_report, outcome.summary, samples, plan)
+        write_run_report(recipe, args.command, examples.data_report, outcome.summary, samples, plan, judged)
     show_summary(console, outcome.summary, out)
     from qlora_kit.eval.after_run import evaluate_finished_run  # the recipe's [eval] section, when it has one
 
@@ -164,17 +176,23 @@ def write_dry_run(train_examples, recipe, tokenizer) -> None:
     out = Path(recipe.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+    if recipe.train.method == "grpo":  # prompts only: the completions are the model's own, written in training
+        from qlora_kit.train.artifacts import write_prompt_preview
+
+        write_prompt_preview(train_examples[: recipe.output.preview_rows], out / PREVIEW_FILE)
+        return
     write_preview(train_examples[: recipe.output.preview_rows], out / PREVIEW_FILE, tokenizer)
 
 
-def write_run_report(recipe, command: str, data_report: list[str], summary: dict, samples: list, plan) -> None:
+def write_run_report(recipe, command: str, data_report: list[str], summary: dict, samples: list, plan,
+                     judged: list[str] = ()) -> None:
     from qlora_kit.recipe.loading import recipe_to_toml
     from qlora_kit.results.report import write_report
 
     label = summary.get("model_weights", "")
     write_report(Path(recipe.output.dir), title=f"{recipe.model.display_name} · {label}", command=command,
                  recipe_toml=recipe_to_toml(recipe), data_report=data_report, summary=summary,
-                 samples=samples, planned_reserved_gib=plan.reserved_gib if plan else None)
+                 samples=samples, planned_reserved_gib=plan.reserved_gib if plan else None, judged_lines=judged)
 
 
 def check_memory_plan(recipe, console, force: bool):

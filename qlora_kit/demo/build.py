@@ -197,6 +197,26 @@ def make_rows(n: int = 240, seed: int = 0) -> list[Row]:
     return rows
 
 
+def make_checkable_rows(n: int = 96, seed: int = 1) -> list[dict]:
+    """`n` rows with answers a program can check, for the GRPO demo (qlora_kit/demo/grpo.jsonl): the same toy
+    families as the SFT rows, asked as multiple choice (the option letters shuffled), and the dose family as a
+    short numeric answer. Deterministic: the same seed gives the same rows."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        family = FAMILIES[i % len(FAMILIES)]
+        question, _, response = family(rng)
+        if family is _dose:
+            rows.append({"question": question + " Answer with the number of mg.",
+                         "answer": response.removeprefix("The dose is ").removesuffix(" mg.")})
+            continue
+        wrong = sorted({r for _, _, r in (family(rng) for _ in range(12))} - {response})
+        options = [response, *rng.sample(wrong, min(3, len(wrong)))]
+        rng.shuffle(options)
+        rows.append({"question": question, "options": options, "answer": "ABCD"[options.index(response)]})
+    return rows
+
+
 def row_texts(rows: list[Row]) -> list[str]:
     """The texts the demo tokenizer is trained on (the same join as the test fixture)."""
     return [r["Question"] + "\n" + r["Complex_CoT"] + "\n" + r["Response"] for r in rows]
@@ -282,6 +302,10 @@ def write_demo(directory: Path) -> None:
     rows = make_rows()
     with open(directory / "data.jsonl", "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    with open(directory / "grpo.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        for row in make_checkable_rows():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     model_dir = directory / "tiny-qwen2"

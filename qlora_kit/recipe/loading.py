@@ -21,7 +21,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from qlora_kit.errors import UserError, did_you_mean
-from qlora_kit.recipe.schema import TRACKERS, ModelSection, Recipe, is_local_reference
+from qlora_kit.recipe.schema import REWARD_NAMES, TRACKERS, ModelSection, Recipe, is_local_reference
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "random"),
@@ -32,6 +32,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("auto", "columns", "alpaca", "sharegpt"),
     "data.hub": ("huggingface", "modelscope"),
     "model.hub": ("huggingface", "modelscope"),
+    "train.method": ("sft", "grpo"),
+    "grpo.loss_type": ("dapo", "grpo", "dr_grpo", "bnpo"),
     "train.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
                            "polynomial", "inverse_sqrt"),
 }
@@ -60,6 +62,12 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "samples.count": (lambda v: v >= 0, "0 (none) or more"),
     "samples.max_new_tokens": (lambda v: v >= 1, "at least 1"),
     "eval.limit": (lambda v: v >= 0, "0 (all questions) or more"),
+    "grpo.num_generations": (lambda v: v >= 2, "at least 2 (GRPO compares completions within a group)"),
+    "grpo.max_completion_length": (lambda v: v >= 1, "at least 1 token"),
+    "grpo.temperature": (lambda v: v > 0, "greater than 0"),
+    "grpo.top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+    "grpo.beta": (lambda v: v >= 0, "0 (no reference model) or more"),
+    "grpo.length_cache": (lambda v: v >= 0, "0 (a quarter of max_completion_length) or more"),
 }
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "source_path"}
@@ -227,11 +235,55 @@ def _check_values(recipe: Recipe) -> list[str]:
     if recipe.memory.tiled_mlp and recipe.distributed.fsdp:
         problems.append("`memory.tiled_mlp` does not work with `distributed.fsdp` (its per-slice backward would run "
                         "FSDP's gradient hooks once per slice): turn one of them off")
+    problems += grpo_problems(recipe)
     if recipe.sft:
         from qlora_kit.recipe.sft_arguments import sft_table_problems
 
         problems += sft_table_problems(recipe.sft)
     return problems
+
+
+def grpo_problems(recipe: Recipe) -> list[str]:
+    """The [grpo] section against itself and the rest of the recipe (its keys matter only with method = grpo,
+    but a broken reward table is reported either way: it would fail the day the method is switched)."""
+    g, t = recipe.grpo, recipe.train
+    problems = []
+    for name, weight in g.rewards.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            problems.append(f"`grpo.rewards.{name}` must be a number (the reward's weight), got {weight!r}")
+        if name not in REWARD_NAMES and not is_reward_file(name):
+            problems.append(f"`grpo.rewards` has {name!r}: one of {', '.join(REWARD_NAMES)} expected, or your own "
+                            f'as "path/to/file.py:function"{did_you_mean(name, REWARD_NAMES)}')
+    if g.rewards and not any(w for w in g.rewards.values() if isinstance(w, (int, float))):
+        problems.append("`grpo.rewards` gives every reward weight 0: GRPO would have nothing to learn from")
+    if g.length_cache >= g.max_completion_length:
+        problems.append(f"`grpo.length_cache` ({g.length_cache}) must be below grpo.max_completion_length "
+                        f"({g.max_completion_length})")
+    if t.method != "grpo":
+        if recipe.model.adapter:
+            problems.append("`model.adapter` (start from a trained adapter) is for train.method = \"grpo\"; an SFT run "
+                            "starts from a fresh adapter")
+        return problems
+    if not g.rewards:
+        problems.append('`grpo.rewards` is empty: name at least one reward, e.g. {format = 0.5, choice = 1.0}')
+    if (t.batch_size * t.grad_accum) % g.num_generations:
+        problems.append(f"train.batch_size x train.grad_accum ({t.batch_size} x {t.grad_accum}) must be a multiple of "
+                        f"grpo.num_generations ({g.num_generations}): each step scores whole groups of completions")
+    if g.max_completion_length >= recipe.data.max_length:
+        problems.append(f"`grpo.max_completion_length` ({g.max_completion_length}) leaves no room for the prompt "
+                        f"in data.max_length ({recipe.data.max_length}): raise data.max_length")
+    if recipe.distributed.fsdp:
+        problems.append("`distributed.fsdp` is not supported with train.method = \"grpo\" (generation would need every "
+                        "rank's shard): use one GPU")
+    if recipe.memory.tiled_mlp:
+        problems.append("`memory.tiled_mlp` is an SFT switch: turn it off for train.method = \"grpo\"")
+    return problems
+
+
+def is_reward_file(name: str) -> bool:
+    """`path/to/file.py:function`: a reward of your own, from that file."""
+    path, sep, function = name.rpartition(":")
+    return bool(sep) and path.endswith(".py") and function.isidentifier()
 
 
 def template_problems(template: str) -> list[str]:
@@ -293,6 +345,18 @@ def _resolve_local_paths(recipe: Recipe, base_dir: Path) -> None:
         value = getattr(getattr(recipe, section), key)
         if value and is_local_reference(value, base_dir):
             setattr(getattr(recipe, section), key, str((base_dir / Path(value).expanduser()).resolve()))
+    if recipe.model.adapter:
+        # A run directory is named like output.dir (from where the command runs); the recipe's folder is tried first.
+        here = base_dir / Path(recipe.model.adapter).expanduser()
+        recipe.model.adapter = str((here if here.exists() else Path(recipe.model.adapter).expanduser()).resolve())
+    # Your own reward files: read from the recipe's folder, kept absolute so the saved recipe finds them too.
+    recipe.grpo.rewards = {(_absolute_reward(name, base_dir) if is_reward_file(name) else name): weight
+                           for name, weight in recipe.grpo.rewards.items()}
+
+
+def _absolute_reward(name: str, base_dir: Path) -> str:
+    path, _, function = name.rpartition(":")
+    return f"{(base_dir / Path(path).expanduser()).resolve()}:{function}"
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -38,6 +38,11 @@ class ModelSection:
     deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B). Ignored for local folders and .gguf files."""
     attn_implementation: str = "sdpa"
     """Attention kernel: `sdpa` (PyTorch, works everywhere), `eager`, or `flash_attention_2` if installed."""
+    adapter: str = ""
+    """Start from a trained LoRA adapter instead of a fresh one (train.method = "grpo" only): a finished run's
+    directory (e.g. "runs/medical", its adapter/ is read) or an adapter folder. The adapter keeps its own rank and
+    target modules (the [lora] keys are not used then). Relative paths: from the recipe's folder if it is there,
+    else from where you run the command. Empty: a fresh adapter on the base."""
 
     @property
     def display_name(self) -> str:
@@ -121,6 +126,12 @@ class DataSection:
 
 @dataclass
 class TrainSection:
+    method: str = "sft"
+    """`sft`: supervised fine-tuning on reasoning + answer rows (the default). `grpo`: reinforcement learning with
+    verifiable rewards (TRL's GRPOTrainer): the model writes several completions per question, rewards score them
+    ([grpo] section), and the adapter learns from how each one compares with the others. GRPO rows are
+    multiple-choice (question, options, answer) or short-answer (question, answer); docs/grpo.md says when it
+    helps."""
     epochs: float = 1.0
     """Passes over the training rows (ignored when max_steps > 0)."""
     max_steps: int = 0
@@ -235,6 +246,47 @@ class EvalSection:
     per question and side, up to samples.max_new_tokens). Off: log-likelihood of each option only."""
 
 
+REWARD_NAMES = ("format", "choice", "exact", "numeric", "length")
+"""The built-in GRPO rewards (qlora_kit.train.rewards); grpo.rewards may also name "file.py:function"."""
+
+DEFAULT_REWARDS = {"format": 0.5, "choice": 1.0, "exact": 1.0, "numeric": 1.0}
+"""grpo.rewards' default: the format, and whichever of choice / exact / numeric a row is checked by."""
+
+
+@dataclass
+class GrpoSection:
+    """Reinforcement learning with verifiable rewards (train.method = "grpo"); docs/grpo.md explains the keys."""
+
+    num_generations: int = 4
+    """Completions sampled per question; each is rewarded against the mean of its group. More: a finer signal, and
+    memory and time grow with it (the planner counts their KV cache). train.batch_size x train.grad_accum must be a
+    multiple of it (both count completions, not questions)."""
+    max_completion_length: int = 512
+    """Longest completion in tokens, reasoning included; a longer one is cut (and counted as clipped). Prompt +
+    this must fit data.max_length."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions: GRPO needs the completions of a group to differ."""
+    top_p: float = 1.0
+    """Nucleus sampling of the completions (1.0: off)."""
+    beta: float = 0.0
+    """Weight of the KL penalty against the starting model. 0: no reference model is kept or run (less memory and
+    time); above 0 the KL is logged, and the reference is the model with the adapter switched off."""
+    rewards: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
+    """Reward functions and their weights, summed per completion: `format` (one think block, closed, a non-empty
+    answer, EOS), `choice` (the letter after </think> is the right one), `exact` (the answer equals a text
+    reference after normalisation), `numeric` (the last number of the answer equals a numeric reference), `length`
+    (DAPO's soft over-long penalty, 0 to -1 near max_completion_length). A row is checked by one of
+    choice / exact / numeric: a function that does not apply to a row gives it no score. Your own reward:
+    "path/to/file.py:function" = weight, loaded from that file only (relative paths: from the recipe's folder);
+    it is Python code and runs with your rights, so name only files you trust. Weight 0 turns a reward off."""
+    length_cache: int = 0
+    """The `length` reward's soft zone: completions longer than max_completion_length minus this many tokens get a
+    penalty growing to -1 at the limit. 0: a quarter of max_completion_length."""
+    loss_type: str = "dapo"
+    """TRL's GRPO loss: `dapo` (tokens weighted equally across the batch, TRL's default), `grpo` (per-sequence
+    mean, the original paper), `dr_grpo` (no length bias), `bnpo`."""
+
+
 @dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
@@ -247,6 +299,7 @@ class Recipe:
     output: OutputSection = field(default_factory=OutputSection)
     samples: SamplesSection = field(default_factory=SamplesSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
     sft: dict[str, Any] = field(default_factory=dict)
     """Pass-through table for rare `trl.SFTConfig` arguments, e.g. `[sft] neftune_noise_alpha = 5`."""
     source_path: str = ""

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_kit.recipe.run_files import CURVE_FILE, MEMORY_SPEED_FILE, METRICS_FILE, REPORT_FILE, SAMPLES_FILE
+from qlora_kit.recipe.run_files import (
+    CURVE_FILE,
+    MEMORY_SPEED_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+    REWARD_CURVE_FILE,
+    SAMPLES_FILE,
+)
 from qlora_kit.results.markdown import fenced, one_line, quoted, table_cell
 from qlora_kit.results.samples import Sample
 from qlora_kit.train.artifacts import read_records
@@ -78,8 +85,10 @@ def write_memory_speed(records: list[dict], path: Path, title: str) -> bool:
 
 
 def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, data_report: list[str],
-                 summary: dict, samples: list[Sample], planned_reserved_gib: float | None = None) -> Path:
-    """Write report.md (and memory_speed.png) into the run directory; returns the report's path."""
+                 summary: dict, samples: list[Sample], planned_reserved_gib: float | None = None,
+                 judged_lines: list[str] = ()) -> Path:
+    """Write report.md (and memory_speed.png) into the run directory; returns the report's path. A GRPO run adds
+    its reward section (reward_curve.png) and `judged_lines`, its before -> after on held-out rows."""
     run_dir = Path(run_dir)
     records = read_records(run_dir / METRICS_FILE)
     has_memory_plot = write_memory_speed(records, run_dir / MEMORY_SPEED_FILE, title)
@@ -87,6 +96,7 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
     lines += [f"**{line.strip()}**  " for line in outcome_lines(summary)]
     lines += ["", "| | |", "| --- | --- |"]
     lines += [f"| {key.replace('_', ' ')} | {format_value(value)} |" for key, value in summary.items()]
+    lines += reward_lines(records, judged_lines, (run_dir / REWARD_CURVE_FILE).is_file())
     lines += ["", "## Loss", "", f"![train and eval loss]({CURVE_FILE})", ""]
     lines += loss_lines(records)
     lines += ["## Memory and throughput", ""]
@@ -100,6 +110,27 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
     path = run_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def reward_lines(records: list[dict], judged_lines: list[str], has_plot: bool) -> list[str]:
+    """GRPO: the reward over the steps (plot and first/last), and the held-out rows judged before -> after."""
+    logged = [r for r in records if r.get("reward") is not None]
+    if not logged and not judged_lines:
+        return []
+    lines = ["", "## Reward (GRPO)", ""]
+    if has_plot:
+        lines += [f"![reward over the steps]({REWARD_CURVE_FILE})", ""]
+    if logged:
+        lines.append(f"- training reward: {logged[0]['reward']:.3f} at step {logged[0]['step']} → "
+                     f"{logged[-1]['reward']:.3f} at step {logged[-1]['step']} ({len(logged)} logged steps; each "
+                     "the mean over that step's completions)")
+        clipped = [r["completions/clipped_ratio"] for r in logged if r.get("completions/clipped_ratio") is not None]
+        if clipped:
+            lines.append(f"- completions cut at grpo.max_completion_length: {clipped[0]:.0%} → {clipped[-1]:.0%}")
+    lines += [f"- judged: {line}" for line in judged_lines]
+    if judged_lines:
+        lines.append(f"- every judged completion with its rewards: [{SAMPLES_FILE}]({SAMPLES_FILE})")
+    return lines
 
 
 def loss_lines(records: list[dict]) -> list[str]:

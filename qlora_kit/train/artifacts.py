@@ -155,6 +155,43 @@ def write_loss_curve(records: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_reward_curve(records: list[dict], path: Path, title: str) -> bool:
+    """GRPO: the mean reward of each logged step (raw and smoothed, with its spread across completions) and each
+    reward function's mean. False when no step logged a reward."""
+    logged = [r for r in records if r.get("reward") is not None]
+    if not logged:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in logged]
+    rewards = [r["reward"] for r in logged]
+    spread = [r.get("reward_std") or 0.0 for r in logged]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.fill_between(steps, [m - s for m, s in zip(rewards, spread, strict=True)],
+                    [m + s for m, s in zip(rewards, spread, strict=True)], color="tab:green", alpha=0.12,
+                    label="± std across completions")
+    ax.plot(steps, rewards, color="tab:green", alpha=0.35, linewidth=1, label="reward (weighted sum)")
+    ax.plot(steps, centered_mean(rewards), color="tab:green", linewidth=2, label="reward (smoothed)")
+    names = sorted({key.split("/")[1] for r in logged for key in r if key.startswith("rewards/")
+                    and key.endswith("/mean")})
+    for name in names:
+        points = [(r["step"], r[f"rewards/{name}/mean"]) for r in logged if r.get(f"rewards/{name}/mean") is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), linewidth=1, linestyle="--", label=f"{name} (mean)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def centered_mean(values: list[float]) -> list[float]:
     """A moving average centred on each point (about a tenth of the points wide): unlike a running average it
     does not lag behind a falling loss, so the smoothed curve stays on the raw one."""
@@ -168,6 +205,15 @@ def write_preview(examples: list[Example], path: Path, tokenizer) -> None:
         for e in examples:
             f.write(json.dumps({"row": e.row, "input_ids": e.input_ids, "labels": e.labels,
                                 "text": tokenizer.decode(e.input_ids)}, ensure_ascii=False) + "\n")
+
+
+def write_prompt_preview(prompted: list, path: Path) -> None:
+    """--dry-run of a GRPO run: each prompt as text and ids, with the answer its rewards check
+    (`prompted`: qlora_kit.data.checkable.Prompted)."""
+    with path.open("w", encoding="utf-8") as f:
+        for p in prompted:
+            f.write(json.dumps({"row": p.row.number, "prompt": p.prompt, "prompt_ids": p.prompt_ids,
+                                "answer": p.row.answer, "checked_by": p.row.kind}, ensure_ascii=False) + "\n")
 
 
 def write_json(path: Path, content: dict) -> None:

@@ -35,6 +35,8 @@ class StatusCallback(TrainerCallback):
         """Time spent evaluating since training began: neither tokens/s nor the ETA count it."""
         self.eval_before: dict[str, float] = dict(eval_before or {})
         """eval_loss / eval_answer_loss before training (a resumed run: from metrics.jsonl)."""
+        self.reward_parts: dict[str, float] = {}
+        """GRPO: reward function name -> its mean over the last logged step's completions."""
 
     # -- trainer events ---------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -67,9 +69,12 @@ class StatusCallback(TrainerCallback):
             self.values["loss"] = loss
             # Exponential moving average: the raw per-step loss of small batches is too noisy to read.
             self.smoothed_loss = loss if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * loss
-        for key in ("learning_rate", "grad_norm", "eval_loss", "eval_answer_loss"):
-            if key in logs:
+        for key in ("learning_rate", "grad_norm", "eval_loss", "eval_answer_loss", *GRPO_KEYS):
+            if logs.get(key) is not None:
                 self.values[key] = float(logs[key])
+        # GRPO: each reward function's mean, under its own name ("rewards/format/mean").
+        self.reward_parts.update({key.split("/")[1]: float(value) for key, value in logs.items()
+                                  if key.startswith("rewards/") and key.endswith("/mean") and value is not None})
         if "num_tokens" in logs:
             then, tokens_then, eval_then = self.last_tokens
             tokens = int(logs["num_tokens"])
@@ -115,6 +120,9 @@ class StatusCallback(TrainerCallback):
             parts.append(f"lr {v['learning_rate']:.2e}")
         if "grad_norm" in v:
             parts.append(f"gnorm {v['grad_norm']:.3f}")
+        if "reward" in v:
+            parts.append(f"reward {reward_text(v, self.reward_parts)}")
+            parts.append(completion_text(v))
         if "tokens_per_s" in v:
             parts.append(f"{v['tokens_per_s']:.0f} tok/s")
         parts.append(f"{mem.kind} {mem.used_gib:.2f} GiB (peak {mem.peak_gib:.2f} of {mem.total_gib:.1f})")
@@ -141,10 +149,39 @@ class StatusCallback(TrainerCallback):
             now = {k: v[k] for k in ("eval_loss", "eval_answer_loss") if k in v}
             grid.add_row("eval loss", "", eval_text(now, self.eval_before) if now else
                          f"{self.eval_before['eval_loss']:.4f} before training")
+        if "reward" in v:  # GRPO: what the run optimises, and the completions it is learning from
+            grid.add_row("reward", "", reward_text(v, self.reward_parts))
+            grid.add_row("completions", "", completion_text(v))
         grid.add_row("lr", "", f"{v['learning_rate']:.2e}" if "learning_rate" in v else "--")
         grid.add_row("grad norm", "", f"{v['grad_norm']:.3f}" if "grad_norm" in v else "--")
         grid.add_row("tokens/s", "", f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else "--")
         return Panel(grid, title=self.title, title_align="left", expand=False)
+
+
+GRPO_KEYS = ("reward", "reward_std", "completions/mean_length", "completions/clipped_ratio", "kl")
+"""What GRPOTrainer logs besides the loss that the view shows (SFT logs none of them)."""
+
+
+def reward_text(values: dict, parts: dict[str, float]) -> str:
+    """"0.812 ± 0.301 (format 0.95, choice 0.62)": the weighted reward's mean and spread, then each function's mean."""
+    text = f"{values['reward']:.3f}"
+    if "reward_std" in values:
+        text += f" ± {values['reward_std']:.3f}"
+    if parts:
+        text += " (" + ", ".join(f"{name} {mean:.2f}" for name, mean in parts.items()) + ")"
+    return text
+
+
+def completion_text(values: dict) -> str:
+    """"length 212, 5% clipped, kl 0.0021": the completions' mean length, the share cut at the limit, and the KL."""
+    parts = []
+    if "completions/mean_length" in values:
+        parts.append(f"length {values['completions/mean_length']:.0f}")
+    if "completions/clipped_ratio" in values:
+        parts.append(f"{values['completions/clipped_ratio']:.0%} clipped")
+    if "kl" in values:
+        parts.append(f"kl {values['kl']:.4f}")
+    return ", ".join(parts) or "--"
 
 
 def eval_text(logs: dict, before: dict | None = None) -> str:

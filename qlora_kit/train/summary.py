@@ -29,6 +29,16 @@ def outcome_lines(summary: dict) -> list[str]:
                  for part in ("answer", "reasoning") if summary.get(f"final_eval_{part}_loss") is not None]
         if parts:
             lines.append("  " + ", ".join(parts))
+    if summary.get("judged_rows"):  # GRPO: the held-out rows answered before and after, scored by the rewards
+        n = summary["judged_rows"]
+
+        def count(key: str) -> str:
+            before, after = summary[f"judged_{key}_base"], summary[f"judged_{key}_fine_tuned"]
+            return f"{round(before * n)}/{n} → {round(after * n)}/{n}"
+
+        lines.append(f"reward {change(summary['judged_mean_reward_base'], summary['judged_mean_reward_fine_tuned'])}"
+                     f" on {n} {summary.get('judged_from', 'rows')}")
+        lines.append(f"  right answers {count('accuracy')}, in format {count('format')}")
     if summary.get("format_fine_tuned"):
         lines.append(f"format: base {summary['format_base']}, fine-tuned {summary['format_fine_tuned']} "
                      "(replies with the reasoning closed, an answer, and EOS)")

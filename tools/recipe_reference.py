@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         PAGE.parent.mkdir(parents=True, exist_ok=True)
         PAGE.write_text(text, encoding="utf-8", newline="\n")
-        print(f"wrote {PAGE.relative_to(REPO)} ({len(recipe_keys())} keys)")
+        print(f"wrote {PAGE} ({len(recipe_keys())} keys)")
         return 0
     sys.stdout.write(text)
     return 0

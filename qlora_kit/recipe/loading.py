@@ -275,6 +275,9 @@ def grpo_problems(recipe: Recipe) -> list[str]:
     if recipe.distributed.fsdp:
         problems.append("`distributed.fsdp` is not supported with train.method = \"grpo\" (generation would need every "
                         "rank's shard): use one GPU")
+    if "lm_head" in recipe.lora.target_modules:
+        problems.append("`lora.target_modules` has lm_head: GRPO computes log-probabilities from the head's own "
+                        "weight, so an adapter there would never train; leave it out")
     if recipe.memory.tiled_mlp:
         problems.append("`memory.tiled_mlp` is an SFT switch: turn it off for train.method = \"grpo\"")
     return problems

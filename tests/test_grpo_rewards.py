@@ -1,0 +1,185 @@
+"""The GRPO rewards (qlora_kit.train.rewards) on hand-made completions: an R1 prompt (the template opens the think
+block) and a ChatML prompt (the model opens it itself), missing </think>, two think blocks, no EOS, and each answer
+check. Called exactly as TRL's GRPOTrainer calls them: lists over a batch, the data set's columns as keywords."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_kit.data.render import THINK_CLOSE, THINK_OPEN
+from qlora_kit.train.rewards import (
+    ChoiceReward,
+    ExactReward,
+    FormatReward,
+    LengthReward,
+    Markers,
+    NumericReward,
+    load_reward_file,
+    read_completion,
+)
+
+EOS = 2
+R1_PROMPT = "<｜begin▁of▁sentence｜><｜User｜>Which vitamin?<｜Assistant｜><think>\n"
+CHATML_PROMPT = "<|im_start|>user\nWhich vitamin?<|im_end|>\n<|im_start|>assistant\n"
+MARKERS = Markers(THINK_CLOSE, THINK_OPEN)
+
+
+def score(reward, prompt: str, text: str, eos: bool = True, **row):
+    """One completion through the reward as TRL calls it. `eos`: whether its last id is the EOS id."""
+    ids = [5, 6, 7] + ([EOS] if eos else [])
+    fields = {key: [value] for key, value in row.items()}
+    return reward(prompts=[prompt], completions=[text], completion_ids=[ids], **fields)[0]
+
+
+FORMAT_CASES = [
+    # (prompt, completion text, ends with EOS, in format?)
+    (R1_PROMPT, "Scurvy is vitamin C.\n</think>\n\nC", True, True),
+    (CHATML_PROMPT, "<think>\nScurvy is vitamin C.\n</think>\n\nC", True, True),
+    (R1_PROMPT, "Scurvy is vitamin C. C", True, False),  # missing </think>
+    (CHATML_PROMPT, "<think>\nScurvy is vitamin C. C", True, False),  # opened, never closed
+    (CHATML_PROMPT, "C", True, False),  # answered directly: no think block at all
+    (R1_PROMPT, "a\n</think>\nb\n<think>\nc\n</think>\n\nC", True, False),  # two think blocks
+    (CHATML_PROMPT, "<think>a</think><think>b</think>C", True, False),  # two think blocks
+    (R1_PROMPT, "<think>\na\n</think>\n\nC", True, False),  # a second <think> after the template's own
+    (R1_PROMPT, "Scurvy is vitamin C.\n</think>\n\nC", False, False),  # no EOS: cut at the limit
+    (R1_PROMPT, "Scurvy is vitamin C.\n</think>\n\n", True, False),  # empty answer
+]
+
+
+@pytest.mark.parametrize(("prompt", "text", "eos", "expected"), FORMAT_CASES)
+def test_format_reward(prompt, text, eos, expected):
+    assert score(FormatReward(MARKERS, {EOS}), prompt, text, eos) == float(expected)
+
+
+@pytest.mark.parametrize(("prompt", "text", "eos", "expected"), [c for c in FORMAT_CASES if c[1].count(THINK_CLOSE) < 2
+                                                                  and THINK_OPEN not in c[1][1:]])
+def test_format_reward_is_the_samples_rule_for_one_think_block(prompt, text, eos, expected, demo_tokenizer):
+    """Where a completion has at most one think block, the reward and samples.md's format count agree."""
+    from qlora_kit.chat.generate import Reply, split_think
+
+    inside = prompt.endswith(THINK_OPEN + "\n")
+    split = split_think(text, THINK_CLOSE, THINK_OPEN, inside)
+    reply = Reply(split.think, split.answer, text, 4, finished=eos, closed=split.closed, opened=split.opened)
+    if text.lstrip().startswith(THINK_OPEN) and inside:
+        return  # the one case the reward is stricter: a second <think> after the template's
+    assert reply.in_format == expected
+
+
+def test_the_format_reads_markers_from_the_real_templates(demo_tokenizer, r1_tokenizer):
+    """The demo's and the real R1 template both end the prompt inside the think block."""
+    from qlora_kit.data.render import make_renderer
+    from qlora_kit.data.rows import Row
+    from qlora_kit.recipe.schema import DataSection
+    from qlora_kit.train.rewards import markers_for
+
+    for tokenizer in (demo_tokenizer, r1_tokenizer):
+        prompt = make_renderer(tokenizer, DataSection())[0](Row("Which vitamin?", "", "", 1)).prompt
+        markers = markers_for(tokenizer, DataSection())
+        assert markers.starts_inside(prompt)
+        assert score(FormatReward(markers, {EOS}), prompt, "because\n</think>\n\nC") == 1.0
+
+
+def test_plain_format_uses_the_template_separator(demo_tokenizer):
+    from qlora_kit.recipe.schema import DataSection
+    from qlora_kit.train.rewards import markers_for
+
+    markers = markers_for(demo_tokenizer, DataSection(format="plain"))
+    assert markers == Markers("### Answer:", None)
+    prompt = "### Question:\nWhich?\n\n### Reasoning:\n"
+    assert score(FormatReward(markers, {EOS}), prompt, "because\n\n### Answer:\nC") == 1.0
+    assert score(ChoiceReward(markers, {EOS}), prompt, "because\n\n### Answer:\nC", kind="choice", answer="C",
+                 letters="ABCD") == 1.0
+
+
+@pytest.mark.parametrize(("prompt", "text", "expected"), [
+    (R1_PROMPT, "C is vitamin C\n</think>\n\nThe answer is C.", 1.0),
+    (R1_PROMPT, "thinking\n</think>\n\n(C)", 1.0),
+    (R1_PROMPT, "thinking\n</think>\n\n**B**", 0.0),
+    (R1_PROMPT, "C is right, surely C", 0.0),  # the letter only inside reasoning that never closed
+    (CHATML_PROMPT, "<think>\nhmm\n</think>\nC. Vitamin C", 1.0),
+    (CHATML_PROMPT, "C", 1.0),  # a direct answer is read as it stands (format scores the missing block)
+    (CHATML_PROMPT, "<think>\nhmm\n</think>\nno idea", 0.0),
+])
+def test_choice_reward(prompt, text, expected):
+    assert score(ChoiceReward(MARKERS, {EOS}), prompt, text, kind="choice", answer="C", letters="ABCD") == expected
+
+
+def test_answer_rewards_skip_rows_they_do_not_check():
+    """None for rows of another kind: TRL leaves them out of that reward's mean."""
+    text = "x\n</think>\n\n60"
+    assert score(ChoiceReward(MARKERS, {EOS}), R1_PROMPT, text, kind="numeric", answer="60", letters="") is None
+    assert score(ExactReward(MARKERS, {EOS}), R1_PROMPT, text, kind="numeric", answer="60", letters="") is None
+    assert score(NumericReward(MARKERS, {EOS}), R1_PROMPT, text, kind="choice", answer="C", letters="AB") is None
+
+
+@pytest.mark.parametrize(("answer", "reference", "expected"), [
+    ("The dose is 60 mg.", "60", 1.0),
+    ("60", "60.0", 1.0),
+    ("1,200", "1200", 1.0),
+    ("about 7.50", "7.5", 1.0),
+    ("-3", "−3", 1.0),
+    ("59", "60", 0.0),
+    ("60 then 61", "60", 0.0),  # the last number counts
+    ("no number", "60", 0.0),
+])
+def test_numeric_reward(answer, reference, expected):
+    text = f"reasoning with 12 and 5\n</think>\n\n{answer}"
+    assert score(NumericReward(MARKERS, {EOS}), R1_PROMPT, text, kind="numeric", answer=reference) == expected
+
+
+def test_numeric_reward_needs_the_reasoning_closed():
+    assert score(NumericReward(MARKERS, {EOS}), R1_PROMPT, "12 times 5 is 60", kind="numeric", answer="60") == 0.0
+
+
+@pytest.mark.parametrize(("answer", "expected"), [("Scurvy", 1.0), (" scurvy. ", 1.0), ("**Scurvy**", 1.0),
+                                                  ("It is scurvy", 0.0), ("rickets", 0.0)])
+def test_exact_reward(answer, expected):
+    text = f"vitamin C deficiency\n</think>\n\n{answer}"
+    assert score(ExactReward(MARKERS, {EOS}), R1_PROMPT, text, kind="exact", answer="scurvy") == expected
+
+
+def test_length_reward_is_trls_soft_overlong_punishment():
+    from trl.rewards import get_soft_overlong_punishment
+
+    ours, theirs = LengthReward(MARKERS, {EOS}, 20, 5), get_soft_overlong_punishment(20, 5)
+    lengths = [1, 10, 15, 16, 18, 20]
+    ids = [[7] * n for n in lengths]
+    expected = theirs(completion_ids=ids)
+    assert ours(prompts=[""] * 6, completions=[""] * 6, completion_ids=ids) == expected
+    assert expected == [0.0, 0.0, 0.0, -0.2, -0.6, -1.0]
+
+
+def test_reading_a_completion():
+    reading = read_completion("<think>\nwhy\n</think>\n\nC", CHATML_PROMPT, MARKERS)
+    assert (reading.think, reading.answer, reading.opened, reading.closed, reading.blocks) == ("why", "C", True, True,
+                                                                                               1)
+    assert read_completion("why\n</think>\n\nC", R1_PROMPT, MARKERS).blocks == 1
+
+
+def test_chosen_letter_reads_as_the_evaluation_does():
+    from qlora_kit.data.choices import chosen_letter
+    from qlora_kit.eval.harness import chosen_letter as evaluation_letter
+
+    for answer in ["C", "(B)", "The answer is d", "answer: b", "**A**", "A. Vitamin A", "none", "I pick D because"]:
+        assert chosen_letter(answer, list("ABCD")) == evaluation_letter(answer, list("ABCD")), answer
+
+
+def test_a_reward_of_your_own_from_its_file(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text("def short(completions, **kwargs):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
+    function = load_reward_file(f"{path}:short")
+    assert function(prompts=["p"], completions=["abc"], completion_ids=[[1]]) == [0.25]
+
+
+def test_a_reward_file_that_is_missing_or_wrong_is_named(tmp_path):
+    from qlora_kit.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_reward_file(f"{tmp_path / 'none.py'}:f")
+    (tmp_path / "bad.py").write_text("def other(**kwargs):\n    return []\n")
+    with pytest.raises(UserError, match="no function `score`") as error:
+        load_reward_file(f"{tmp_path / 'bad.py'}:score")
+    assert "other" in error.value.hint
+    (tmp_path / "broken.py").write_text("import nothing_by_this_name\n")
+    with pytest.raises(UserError, match="importing .* failed: ModuleNotFoundError"):
+        load_reward_file(f"{tmp_path / 'broken.py'}:score")

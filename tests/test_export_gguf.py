@@ -24,7 +24,8 @@ from conftest import R1_TOKENIZER
 
 from qlora_kit.demo.build import build_tokenizer, make_rows, row_texts
 from qlora_kit.errors import UserError
-from qlora_kit.gguf.export import export_gguf, hyper_parameters, main
+from qlora_kit.gguf.export import export_gguf, main
+from qlora_kit.gguf.model_config import hyper_parameters
 from qlora_kit.gguf.tensors import llama3_rope_factors, permute_for_llama
 from qlora_kit.gguf.tokenizer import CHKTXT, pre_tokenizer_name, tokenizer_hash, write_tokenizer
 

@@ -1,13 +1,18 @@
 """GGUF export for llama.cpp, Ollama and LM Studio (`tools/export_gguf.py`), one job per module:
 
-    export.py     the command line and the writer: config.json -> hyper-parameters, tensors, metadata, one file
-    tensors.py    which safetensors tensor becomes which GGUF tensor, in which layout; read and encoded one at a time
-    mixture.py    the storage type of each tensor for a file type (q4_k_m, ...), as llama.cpp's llama-quantize chooses
-    kquants.py    the Q4_K / Q5_K / Q6_K block quantizers in numpy (llama.cpp's reference algorithms)
-    tokenizer.py  vocabulary, merges, special tokens, chat template and llama.cpp's pre-tokenizer name
-    modelfile.py  the Ollama Modelfile in the model's own chat format, with its stop tokens
-    adapter.py    the LoRA adapter alone, in llama.cpp's adapter GGUF format, with a FROM/ADAPTER Modelfile
-    verify.py     --verify: the file read back by transformers and compared with the merged folder
+    export.py        the command line and the writer: hyper-parameters, tensors, metadata, one file
+    model_config.py  config.json: which llama.cpp architecture, its hyper-parameters (read by every writer)
+    dependency.py    the optional `gguf` package, refused with the install command when missing
+    tensors.py       which safetensors tensor becomes which GGUF tensor, in which layout; read and encoded one at a time
+    kquants.py       the Q4_K / Q5_K / Q6_K block quantizers in numpy (llama.cpp's reference algorithms)
+    tokenizer.py     vocabulary, merges, special tokens, chat template and llama.cpp's pre-tokenizer name
+    modelfile.py     the Ollama Modelfile in the model's own chat format, with its stop tokens
+    adapter.py       the LoRA adapter alone, in llama.cpp's adapter GGUF format, with a FROM/ADAPTER Modelfile
+    verify.py        --verify: the file read back by transformers and compared with the merged folder
 
-The GGUF file *as a base model* for training is another job: qlora_kit/gguf_base.py.
+Imports go one way: model_config and dependency are below both writers, tensors below export and adapter, and
+export reaches adapter only for --adapter. The storage type of each tensor for a file type (q4_k_m, ...), as
+llama.cpp's llama-quantize chooses it, is plan/gguf_mixture.py: the size advice reads it too.
+
+The GGUF file *as a base model* for training is another job: qlora_kit/model/gguf_base.py.
 """

@@ -65,7 +65,8 @@ def export_adapter(run_dir: Path, out: Path, base_gguf: Path | None = None, over
     import gguf
     import torch
 
-    from qlora_kit.gguf.export import hyper_parameters, read_config, require_gguf
+    from qlora_kit.gguf.dependency import require_gguf
+    from qlora_kit.gguf.model_config import hyper_parameters, read_config
     from qlora_kit.gguf.tensors import permute_for_llama
     from qlora_kit.merge.adapter import read_adapter
     from qlora_kit.merge.run_dir import read_run

@@ -4,7 +4,7 @@
 Turns a merged model folder (what `tools/merge.py` writes: config.json, safetensors shards, the base's
 tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an Ollama `Modelfile` beside it.
 
-    MERGED_DIR ─► config.json ─► hyper-parameters      (Qwen2 and Llama decoders only)
+    MERGED_DIR ─► config.json ─► hyper-parameters      (Qwen2 and Llama decoders only)        (model_config)
                ─► tokenizer.json, tokenizer_config.json, chat template ─► tokenizer metadata  (tokenizer)
                ─► safetensors, one tensor at a time ─► llama.cpp names and layouts              (tensors)
                   ─► the storage type llama-quantize would choose for it                        (mixture)
@@ -32,7 +32,6 @@ exactly as it reads one converted there:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -43,6 +42,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
+from qlora_kit.gguf.dependency import require_gguf
+from qlora_kit.gguf.model_config import (
+    ARCHITECTURES,  # noqa: F401 - what this command exports, named here too: plan/ sizes GGUF files for the same list
+    HyperParameters,
+    hyper_parameters,
+    read_config,
+)
 from qlora_kit.gguf.modelfile import chat_trained, modelfile_path, write_modelfile
 from qlora_kit.gguf.tensors import encode_tensor, load_tensor, plan_tensors, stored_bytes, weight_files
 from qlora_kit.gguf.tokenizer import load_tokenizer, write_tokenizer
@@ -50,35 +56,6 @@ from qlora_kit.plan.gguf_mixture import FILE_TYPES, FileType, file_type
 
 if TYPE_CHECKING:  # gguf is imported where used: `--help` and the error paths stay instant
     import gguf
-
-
-
-@dataclass(frozen=True)
-class Architecture:
-    gguf_name: str        # gguf.MODEL_ARCH member name
-    permute_qk: bool      # llama.cpp's converter permutes q/k rows for the Llama family only
-
-
-ARCHITECTURES = {
-    "Qwen2ForCausalLM": Architecture("QWEN2", permute_qk=False),
-    "LlamaForCausalLM": Architecture("LLAMA", permute_qk=True),
-}
-
-
-@dataclass(frozen=True)
-class HyperParameters:
-    context_length: int
-    embedding_length: int
-    block_count: int
-    feed_forward_length: int
-    head_count: int
-    head_count_kv: int
-    head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
-    vocab_size: int
-    rope_scaling: dict  # rope_type and its settings; {"rope_type": "default"} when unscaled
-    tied_embeddings: bool = False  # the output layer is the embedding matrix (SmolLM2, Qwen2.5 <= 3B)
 
 
 @dataclass
@@ -94,54 +71,7 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# config.json
-
-
-def read_config(folder: Path) -> tuple[dict, Architecture]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise UserError(f"{folder} is not a model folder: it has no config.json",
-                        hint="Pass the folder that tools/merge.py wrote (config.json, *.safetensors, tokenizer files).")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    names = config.get("architectures") or []
-    supported = [name for name in names if name in ARCHITECTURES]
-    if not supported:
-        raise UserError(f"cannot export architecture {names or config.get('model_type')!r} to GGUF",
-                        [f"supported: {', '.join(ARCHITECTURES)} (DeepSeek-R1-Distill-Qwen and -Llama)"])
-    if config.get("quantization_config"):
-        raise UserError("the model folder holds quantized weights (config.json has a quantization_config)",
-                        hint="Export the 16-bit folder tools/merge.py writes, not a 4-bit checkpoint.")
-    return config, ARCHITECTURES[supported[0]]
-
-
-def rope_settings(config: dict) -> tuple[float, dict]:
-    """(rope theta, scaling) from either spelling: transformers 5 nests both in `rope_parameters`, the
-    config.json files the R1 checkpoints ship (transformers 4) have `rope_theta` and `rope_scaling`."""
-    parameters = dict(config.get("rope_parameters") or {})
-    theta = parameters.pop("rope_theta", config.get("rope_theta", 10000.0))
-    scaling = {**(config.get("rope_scaling") or {}), **parameters}
-    scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-    return float(theta), scaling
-
-
-def hyper_parameters(config: dict) -> HyperParameters:
-    heads = config["num_attention_heads"]
-    theta, scaling = rope_settings(config)
-    return HyperParameters(
-        context_length=config["max_position_embeddings"],
-        embedding_length=config["hidden_size"],
-        block_count=config["num_hidden_layers"],
-        feed_forward_length=config["intermediate_size"],
-        head_count=heads,
-        head_count_kv=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        rope_theta=theta,
-        rms_norm_eps=config["rms_norm_eps"],
-        vocab_size=config["vocab_size"],
-        rope_scaling=scaling,
-        # absent in older config.json files: LlamaConfig's and Qwen2Config's default is untied
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
+# Hyper-parameters into the header (model_config.py reads them from config.json)
 
 
 def write_hyper_parameters(writer: gguf.GGUFWriter, hp: HyperParameters) -> None:
@@ -174,14 +104,6 @@ def write_hyper_parameters(writer: gguf.GGUFWriter, hp: HyperParameters) -> None
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
-
-
-def require_gguf() -> None:
-    try:
-        import gguf  # noqa: F401
-    except ModuleNotFoundError:
-        raise UserError("GGUF export needs the `gguf` package (llama.cpp's own Python writer)",
-                        hint="pip install 'qlora_kit[export]'   (or: pip install gguf)") from None
 
 
 def resolve_type(quant: str | FileType) -> FileType:

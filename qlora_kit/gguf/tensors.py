@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from qlora_kit.gguf.export import Architecture, HyperParameters
+    from qlora_kit.gguf.model_config import Architecture, HyperParameters
     from qlora_kit.plan.gguf_mixture import FileType
 
 F16_MAX = 65504.0  # largest finite float16: a weight beyond it would be stored as inf

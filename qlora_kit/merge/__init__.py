@@ -14,8 +14,9 @@ One module per step; `cli.merge()` runs them in this order:
     adapter       the PEFT adapter, read and validated: LoRA modules, their rank, alpha and scale
     base          the base checkpoint, found (hub downloads: hub) and indexed from its file headers
     plan, checks  --into original|dequantized, and every refusal that must come before writing
+    sizes         the output's bytes from the base's headers: per tensor (shards), in all (the free-disk check)
     shards        the merged weights, streamed one output shard at a time
-    model_files   index, config, generation config and tokenizer files beside the shards
+    model_files   index, config, generation config and tokenizer files (tokenizer_files: which) beside the shards
     verify        PEFT's logits against the merged folder's, within a per-dtype tolerance
     card          the README.md model card
     staging       the folder is written beside --out and moved into place only when complete

@@ -15,7 +15,7 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.merge.hub import hub_file, hub_offline
-from qlora_kit.merge.model_files import TOKENIZER_FILES
+from qlora_kit.merge.tokenizer_files import TOKENIZER_FILES
 
 BNB_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
                     ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")

@@ -9,12 +9,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from qlora_kit.errors import UserError
 from qlora_kit.merge.hub import hub_file
-from qlora_kit.merge.model_files import tokenizer_files
-from qlora_kit.merge.shards import output_bytes
 
 if TYPE_CHECKING:
     from qlora_kit.merge.adapter import Adapter
@@ -91,12 +87,6 @@ def check_output_dir(out: Path, overwrite: bool, protected: list[Path]) -> None:
     if not (out / "config.json").is_file():
         raise UserError(f"--overwrite: {out} does not look like a merged model (no config.json); not deleting it.",
                         hint="Empty it yourself or choose another --out.")
-
-
-def estimated_output_bytes(base: Checkpoint, dtype: torch.dtype, tokenizer_dir: Path | None) -> int:
-    weights = sum(output_bytes(t, dtype) for t in base.tensors.values())
-    tokenizer = sum(f.stat().st_size for f in tokenizer_files(tokenizer_dir)) if tokenizer_dir else 0
-    return weights + tokenizer + 1_000_000  # + config, index and model card
 
 
 def check_free_disk(out: Path, needed: int) -> None:

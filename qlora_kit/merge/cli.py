@@ -17,7 +17,6 @@ from qlora_kit.merge.base import locate_base
 from qlora_kit.merge.checks import (
     check_free_disk,
     check_output_dir,
-    estimated_output_bytes,
     expected_architecture,
     local_inputs,
 )
@@ -25,6 +24,7 @@ from qlora_kit.merge.model_files import tokenizer_source, write_model_files
 from qlora_kit.merge.plan import plan_merge
 from qlora_kit.merge.run_dir import read_run
 from qlora_kit.merge.shards import DTYPES, write_merged_shards
+from qlora_kit.merge.sizes import estimated_output_bytes
 from qlora_kit.merge.staging import staging_dir
 from qlora_kit.merge.verify import verify_if_it_fits
 from qlora_kit.recipe.run_files import RECIPE_FILE

@@ -9,15 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.merge.hub import hub_file
+from qlora_kit.merge.tokenizer_files import TOKENIZER_FILES, tokenizer_files
 
 if TYPE_CHECKING:
     from qlora_kit.merge.base import Checkpoint
     from qlora_kit.merge.run_dir import Run
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
-                   "chat_template.jinja", "chat_template.json")
-TOKENIZER_DIRS = ("additional_chat_templates",)
 
 
 def write_model_files(base: Checkpoint, stage: Path, dtype_name: str, index: dict, tokenizer_dir: Path | None) -> None:
@@ -71,13 +67,3 @@ def resolve_tokenizer_folder(location: str, revision: str) -> Path | None:
     found = [hub_file(location, revision, name) for name in TOKENIZER_FILES]
     found = [f for f in found if f is not None]
     return found[0].parent if found else None
-
-
-def tokenizer_files(folder: Path | None) -> list[Path]:
-    if folder is None:
-        return []
-    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    for sub in TOKENIZER_DIRS:
-        if (folder / sub).is_dir():
-            files += sorted(p for p in (folder / sub).rglob("*") if p.is_file())
-    return files

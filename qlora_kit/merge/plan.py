@@ -16,11 +16,14 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.merge.checks import check_adapter_fits, check_architecture
-from qlora_kit.merge.shards import QUANT_BLOCKSIZE
 
 if TYPE_CHECKING:
     from qlora_kit.merge.adapter import Adapter
     from qlora_kit.merge.base import Checkpoint
+
+# bitsandbytes' 4-bit block size; transformers' BitsAndBytesConfig (the run's loader) has no knob for it. The round
+# trip (shards.nf4_round_trip) quantizes with it, as the run's loader did.
+QUANT_BLOCKSIZE = 64
 
 
 @dataclass

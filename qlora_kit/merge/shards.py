@@ -4,23 +4,20 @@ stays near one shard whatever the model size."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from qlora_kit.errors import UserError
+from qlora_kit.merge.plan import QUANT_BLOCKSIZE, MergePlan
+from qlora_kit.merge.sizes import output_bytes
 
 if TYPE_CHECKING:
     from qlora_kit.merge.adapter import Adapter
-    from qlora_kit.merge.base import Checkpoint, TensorInfo
-    from qlora_kit.merge.plan import MergePlan
+    from qlora_kit.merge.base import Checkpoint
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-# bitsandbytes' 4-bit block size; transformers' BitsAndBytesConfig (the run's loader) has no knob for it.
-QUANT_BLOCKSIZE = 64
 
 
 def write_merged_shards(base: Checkpoint, adapter: Adapter, plan: MergePlan, stage: Path, dtype: torch.dtype,
@@ -63,10 +60,6 @@ def plan_output_shards(base: Checkpoint, dtype: torch.dtype, max_shard_bytes: in
         shards[-1].append(name)
         size += nbytes
     return shards
-
-
-def output_bytes(info: TensorInfo, dtype: torch.dtype) -> int:
-    return math.prod(info.shape) * (dtype.itemsize if info.dtype.is_floating_point else info.dtype.itemsize)
 
 
 def merged_tensor(name: str, base: Checkpoint, adapter: Adapter, plan: MergePlan, dtype: torch.dtype) -> torch.Tensor:

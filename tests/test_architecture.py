@@ -173,7 +173,7 @@ def test_a_planted_fault_is_reported(tmp_path, monkeypatch, fault):
 
 def test_gguf_advice_sizes_what_the_export_writes():
     """plan/ sizes GGUF files without importing the export (a later stage): the two lists must agree."""
-    from qlora_kit.gguf.export import ARCHITECTURES
+    from qlora_kit.gguf.model_config import ARCHITECTURES
     from qlora_kit.plan.gguf_sizes import SIZED_ARCHITECTURES
 
     assert set(SIZED_ARCHITECTURES) == set(ARCHITECTURES)

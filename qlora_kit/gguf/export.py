@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
 from qlora_kit.gguf.dependency import require_gguf
 from qlora_kit.gguf.model_config import (
-    ARCHITECTURES,  # noqa: F401 - what this command exports, named here too: plan/ sizes GGUF files for the same list
     HyperParameters,
     hyper_parameters,
     read_config,

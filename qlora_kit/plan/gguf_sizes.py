@@ -15,7 +15,8 @@ CARD_RESERVED = 1024**3        # bytes of each card not available to the model: 
 CARDS_GIB = (4, 6, 8, 12, 16, 24, 48, 80)
 ADVICE_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
 SIZED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
-"""The config.json architectures gguf_shapes knows: those the GGUF export writes (qlora_kit.gguf.export)."""
+"""The config.json architectures gguf_shapes knows: those the GGUF export writes
+(qlora_kit.gguf.model_config.ARCHITECTURES; a test keeps the two equal)."""
 
 
 def gguf_shapes(config: dict) -> dict[str, tuple[int, ...]]:

@@ -60,6 +60,8 @@ def test_form_values_reach_the_recipe_one_key_at_a_time():
             new = 0.5 if key.default != 0.5 else 0.25
         elif key.kind == "list":
             new = "tensorboard" if key.full == "output.report_to" else "q_proj, v_proj"
+        elif key.kind == "table":
+            new = "".join(f"{name} = {value * 2}\n" for name, value in key.default.items()) or "x = 1\n"
         elif key.choices:
             new = next(c for c in key.choices if c != key.default)
         else:

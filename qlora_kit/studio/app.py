@@ -101,6 +101,9 @@ def build(ws: Workspace) -> gr.Blocks:
             elif key.choices:
                 comp = gr.Dropdown(list(key.choices), value=default, label=label, info=info, elem_id=elem,
                                    allow_custom_value=True)
+            elif key.kind == "table":
+                comp = gr.Textbox(value=default, label=f"{label} (TOML: one name = value a line)", info=info,
+                                  elem_id=elem, lines=3)
             else:
                 comp = gr.Textbox(value=default, label=label, info=info, elem_id=elem)
             by_key[key.full] = comp
@@ -471,8 +474,7 @@ def build(ws: Workspace) -> gr.Blocks:
                         return
                     else:
                         log += output
-            files = [str(p) for p in sorted(path.iterdir()) if p.is_file() and (p.suffix == ".gguf"
-                                                                                or p.name.startswith("Modelfile"))]
+            files = [str(p) for p in sorted(path.iterdir()) if p.is_file() and p.suffix in (".gguf", ".Modelfile")]
             yield log + "\ndone.", files
 
         export_btn.click(on_export, [run_dir, gguf_type], [export_log, export_files])
@@ -558,7 +560,9 @@ def charts(records: list[dict]):
     def frame(pairs):
         rows = [{"step": r["step"], "value": r[key], "series": name} for r in records for key, name in pairs
                 if key in r]
-        return pd.DataFrame(rows, columns=["step", "value", "series"])
+        # Typed even when empty: an empty frame's object columns would make the chart's axes categorical.
+        return pd.DataFrame(rows, columns=["step", "value", "series"]).astype(
+            {"step": "int64", "value": "float64", "series": "str"})
 
     memory_keys = sorted({k for r in records for k in r if k.endswith(("_used_gib", "_peak_gib"))})
     return (frame([("loss", "train"), ("eval_loss", "eval")]),

@@ -53,9 +53,13 @@ def advanced_keys() -> dict[str, list[Key]]:
 
 
 def to_widget_value(key: Key, value: Any) -> Any:
-    """A recipe value as its widget holds it: lists as comma-separated text."""
+    """A recipe value as its widget holds it: lists as comma-separated text, tables as TOML lines."""
     if key.kind == "list":
         return ", ".join(value)
+    if key.kind == "table":
+        import tomli_w
+
+        return tomli_w.dumps(value or {})
     return value
 
 
@@ -64,6 +68,12 @@ def from_widget_value(key: Key, value: Any) -> Any:
     whole (a fraction is passed on as it is, so that loading names the key and the wrong type)."""
     if key.kind == "list":
         return [part.strip() for part in str(value or "").split(",") if part.strip()]
+    if key.kind == "table":
+        try:
+            return tomllib.loads(str(value or ""))
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"`{key.full}` is not valid TOML:", [str(e)],
+                            hint="Write one `name = value` per line, e.g. format = 0.5") from None
     if key.kind == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     if key.kind == "float" and isinstance(value, int) and not isinstance(value, bool):

@@ -1,0 +1,105 @@
+"""Fixtures for the studio's browser tests: a real `qlora-kit studio` process on a free port over an empty workspace,
+and Debian's chromium driven by Playwright (no browser download). Without chromium or Playwright the tests skip,
+saying which is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("QLORA_KIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Studio:
+    def __init__(self, root: Path, extra: list[str] = ()):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = root.parent / f"studio-{self.port}.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        self.started = time.monotonic()
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "qlora_kit", "studio", "--no-browser", "--port",
+                                          str(self.port), "--root", str(root), *extra], stdout=log,
+                                         stderr=subprocess.STDOUT, env=env)
+        self.ready_after = self.wait()
+
+    def wait(self, timeout: float = 90) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the studio exited ({self.proc.returncode}):\n{self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return time.monotonic() - self.started
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the studio did not start in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium): the studio's browser tests are skipped")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright is not installed (pip install -e '.[test]'): the studio's browser tests are skipped")
+    import tempfile
+
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        # A persistent context is the way to give chromium a fresh user-data-dir of our own.
+        context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=LAUNCH_ARGS,
+                                                       headless=True, viewport={"width": 1400, "height": 1000})
+        yield context
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def studio():
+    # Not tmp_path_factory: pytest prunes old basetemp folders when any other pytest starts on this machine, and a
+    # workspace must outlive the run in it.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="studio-workspace-") as folder:
+        root = Path(folder) / "workspace"
+        root.mkdir()
+        server = Studio(root)
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def page(browser, studio):
+    """A new tab on the studio; every request it makes is recorded (the page must stay on 127.0.0.1)."""
+    tab = browser.new_page()
+    tab.requests = []
+    tab.on("request", lambda request: tab.requests.append(request.url))
+    tab.set_default_timeout(60_000)
+    tab.goto(studio.url)
+    tab.wait_for_selector("#preset")
+    yield tab
+    tab.close()

@@ -1,0 +1,218 @@
+# ruff: noqa: F811 (the fixtures imported from studio_fixtures are parameters of the tests below)
+"""The studio in a real browser (Debian's chromium through Playwright), against a real `qlora-kit studio` process
+over an empty workspace: the demo from the first click to the downloaded GGUF, the error cases, the language switch.
+Every assertion reads what the page shows after a click. Screenshots of each screen go to docs/images/studio-*.png.
+No network: the demo model and rows ship inside the package, and every request the page makes must stay local."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from studio_fixtures import SCREENSHOTS, Studio, browser, page, studio  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slow
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=False).first.click()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=re.compile(name)).click()
+
+
+def wait_text(page, selector: str, pattern: str, timeout: float = 120) -> str:
+    """Poll an element's text until it matches `pattern`; fail with what it showed instead."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        loc = page.locator(selector)
+        if loc.count():
+            boxes = loc.first.locator("textarea")  # a Textbox's value is not part of its inner text
+            text = boxes.first.input_value() if boxes.count() else loc.first.inner_text()
+            if re.search(pattern, text):
+                return text
+        time.sleep(0.25)
+    raise AssertionError(f"{selector} never matched {pattern!r}; it showed:\n{text}")
+
+
+def shoot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"studio-{name}.png"), full_page=False)
+
+
+def points_logged(text: str) -> int:
+    found = re.search(r"(\d+) points logged", text)
+    return int(found.group(1)) if found else 0
+
+
+def only_local(requests) -> list[str]:
+    return [url for url in requests if not url.startswith(("http://127.0.0.1", "data:", "blob:"))]
+
+
+def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp_path):
+    # ---- model and data: the demo preset, the dry run's highlighted preview and its length report
+    choose(page, "preset", "demo")
+    page.wait_for_function("document.querySelector('#key-model-name input').value.includes('tiny-qwen2')")
+    assert page.locator("#key-data-source textarea, #key-data-source input").first.input_value().endswith(
+        "data.jsonl")
+    page.locator("#preview-btn").click()
+    page.wait_for_selector("#preview .preview-row", timeout=120_000)
+    assert page.locator("#preview .preview-row").count() == 3
+    assert page.locator("#preview .tok-trained").count() >= 3 and page.locator("#preview .tok-prompt").count() >= 3
+    assert "<think>" in page.locator("#preview .tok-trained").first.inner_text() + \
+        page.locator("#preview .tok-prompt").first.inner_text()
+    log = page.locator("#preview-log textarea").input_value()
+    assert "all rows fit max_length = 256" in log
+    shoot(page, "data")
+
+    # ---- settings and fit: the gauge follows max_length / r / the card; the TOML follows the form
+    tab(page, "Settings")
+    gauge = wait_text(page, "#fit", r"fits")
+    assert "8 GiB card" in gauge
+    set_number(page, "key-train-max_steps", 500)
+    set_number(page, "key-lora-r", 8)
+    wait_text(page, "#toml", r"max_steps = 500")
+    choose(page, "card", "6 GB")
+    wait_text(page, "#fit", r"6 GiB card")
+    toml = page.locator("#toml").inner_text()
+    assert "r = 8" in toml and 'init = "random"' in toml
+    shoot(page, "settings")
+
+    # ---- train: start, watch the loss chart gain points, stop (SIGINT, checkpoint), reopen, resume, finish
+    tab(page, "Train")
+    page.locator("#start").click()
+    first = wait_text(page, "#status", r"running .* [2-9]\d* points logged|running .*\d\d+ points logged", 120)
+    later = wait_text(page, "#status", rf"({'|'.join(str(n) for n in range(points_logged(first) + 1, 400))}) "
+                                       r"points logged", 60)
+    assert points_logged(later) > points_logged(first)
+    assert page.locator("#loss-plot canvas, #loss-plot svg").count() >= 1
+    shoot(page, "train")
+    page.locator("#stop").click()
+    stopped = wait_text(page, "#status", r"stopped", 120)
+    wait_text(page, "#log", r"stopped by SIGINT")
+    step_at_stop = int(re.search(r"step (\d+)", stopped).group(1))
+    assert 0 < step_at_stop < 500
+
+    # Closing the tab does not lose the run: a new tab lists it and re-attaches.
+    page.reload()
+    page.wait_for_selector("#preset")
+    tab(page, "Train")
+    choose(page, "run-dir", "demo")
+    wait_text(page, "#status", rf"stopped .*step {step_at_stop}")
+    page.locator("#resume").click()
+    wait_text(page, "#log", rf"resuming\s+from step {step_at_stop}", 120)
+    wait_text(page, "#status", r"finished · step 500", 240)
+
+    # ---- results: eval loss before -> after, format compliance, samples
+    tab(page, "Results")
+    summary = wait_text(page, "#results-summary", r"eval loss [\d.]+ → [\d.]+")
+    before, after = map(float, re.search(r"eval loss ([\d.]+) → ([\d.]+)", summary).groups())
+    assert after < before
+    assert "format compliance" in summary
+    wait_text(page, "#samples", r"\S")
+    shoot(page, "results")
+
+    # ---- chat: base and fine-tuned answer the same question, side by side
+    tab(page, "Chat")
+    page.locator("#question textarea").fill("A patient's blood pressure is 107/71 mmHg. How is it classified?")
+    set_number(page, "max-new-tokens", 48)
+    page.locator("#ask").click()
+    page.wait_for_selector("#reply-base .chat-reply[data-done='true']", timeout=180_000)
+    page.wait_for_selector("#reply-tuned .chat-reply[data-done='true']", timeout=180_000)
+    assert "Base" in page.locator("#reply-base").inner_text()
+    assert "Fine-tuned" in page.locator("#reply-tuned").inner_text()
+    shoot(page, "chat")
+
+    # ---- export: merge, then q8_0 GGUF with the advice for the card; download the file
+    tab(page, "Export")
+    wait_text(page, "#gguf-advice", r"q8_0|merged|GGUF")
+    page.locator("#export-btn").click()
+    wait_text(page, "#export-log", r"done\.", 300)
+    link = page.locator("#export-files a[download$='q8_0.gguf']").first
+    assert page.locator("#export-files a[download$='.Modelfile']").count() == 1
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / "model.gguf"
+    download.value.save_as(saved)
+    assert saved.read_bytes()[:4] == b"GGUF"
+    shoot(page, "export")
+
+    assert only_local(page.requests) == [], "the page reached beyond 127.0.0.1"
+
+
+def test_error_cases_show_the_clis_message_in_the_page(page, studio):
+    # A bad data row: the dry run's message (with the line number) beside the data field, no traceback.
+    bad = studio.root / "data" / "bad.jsonl"
+    bad.parent.mkdir(exist_ok=True)
+    good = '{"Question": "q%d", "Complex_CoT": "c", "Response": "r"}\n'
+    bad.write_text("".join(good % i for i in range(5)) + '{"Question": "q", "Complex_CoT": \n', encoding="utf-8")
+    choose(page, "preset", "demo")
+    page.locator("#key-data-source textarea, #key-data-source input").first.fill("data/bad.jsonl")
+    page.locator("#preview-btn").click()
+    text = wait_text(page, "#model-error", r"did not finish", 120)
+    assert re.search(r"line 6|row 6|:6\b", text), text
+    assert "Traceback" not in text
+
+    # A path outside the workspace: refused before anything runs.
+    page.locator("#key-data-source textarea, #key-data-source input").first.fill("../../etc/passwd.jsonl")
+    page.locator("#preview-btn").click()
+    wait_text(page, "#model-error", r"outside the studio's workspace")
+
+    # A typo'd hub id (offline here): the CLI's one-screen message, in the page.
+    page.locator("#key-data-source textarea, #key-data-source input").first.fill(
+        str(studio.root / "data" / "bad.jsonl"))
+    model = page.locator("#key-model-name input")
+    model.fill("deepseek-ai/DeepSeek-R1-Distil-Qwen-1.5B")
+    model.press("Enter")
+    page.locator("#preview-btn").click()
+    text = wait_text(page, "#model-error", r"did not finish", 120)
+    assert "Traceback" not in text
+    shoot(page, "error")
+
+    # A plan that does not fit: the gauge says so, with the planner's advice.
+    choose(page, "preset", "demo")
+    page.locator("#key-model-name input").fill("deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+    page.locator("#key-model-name input").press("Enter")
+    tab(page, "Settings")
+    set_number(page, "key-data-max_length", 8192)
+    text = wait_text(page, "#fit", r"does not fit", 60)
+    assert "Try:" in text
+
+    # A value the recipe refuses: the loader's message naming the key.
+    set_number(page, "key-lora-r", 0)
+    wait_text(page, "#form-error", r"lora\.r")
+    assert only_local(page.requests) == []
+
+
+def test_language_switch(page):
+    page.get_by_text("中文").click()
+    page.get_by_role("tab", name="1 · 模型与数据").wait_for()
+    assert page.get_by_role("tab").all_inner_texts()[2] == "3 · 训练"
+    wait_text(page, "#intro", "一步一屏")
+    assert page.locator("#preview-btn").inner_text() == "检查数据（试运行）"
+    assert "模型" in page.locator("#key-model-name").inner_text()
+    shoot(page, "chinese")
+    page.get_by_text("English").click()
+    page.get_by_role("tab", name="1 · Model & data").wait_for()
+    assert page.locator("#preview-btn").inner_text() == "Check the data (dry run)"
+
+
+def test_an_open_host_without_auth_serves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="without a login"):
+        Studio(tmp_path, ["--host", "0.0.0.0"])
+
+
+def test_first_page_answers_quickly(studio):
+    """Not a timing assertion (the cores are shared): the figure goes to docs/studio.md by hand; this only records
+    it in the test output."""
+    print(f"studio port open {studio.ready_after:.2f} s after the command")

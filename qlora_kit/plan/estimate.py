@@ -261,6 +261,12 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
     phases = {"recomputed layer + grads": kept_at_layer + layer,
               "loss tiles (chunked, no full logits)": kept_at_loss + loss + grads_kept,
               "LoRA gradients at the optimizer step": lora * 4}
+    grpo = recipe.train.method == "grpo"
+    if grpo:  # writing the completions: their KV cache (qlora_kit.plan.grpo); the other phases are the loss pass
+        from qlora_kit.plan.grpo import generation_bytes, generation_sequences
+
+        phases[f"generation: KV cache of {generation_sequences(recipe)} completions"] = generation_bytes(
+            arch, recipe, c, seq_len)
     peak = max(phases, key=phases.get)
     kept = {"recomputed layer + grads": kept_at_layer, "loss tiles (chunked, no full logits)": kept_at_loss}.get(
         peak, 0)
@@ -271,6 +277,7 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         "norms + biases": (2 * arch.layers + 1) * h * c + (arch.layers * (q + 2 * kv) * c if arch.qkv_bias else 0),
         "LoRA weights (fp32)": lora * 4,
         "optimizer state": lora * optimizer_state_bytes(recipe, device),
+        **({"reference adapter (grpo.beta > 0)": lora * 4} if grpo and recipe.grpo.beta > 0 else {}),
         "checkpointed activations": kept,
         peak: phases[peak] - kept,
     }
@@ -310,6 +317,10 @@ def make_plan(arch: Architecture, recipe: Recipe, vram_gib: float) -> Plan:
     longest = _longest_fitting(arch, recipe, budget)
     if fits:
         suggestion = "fits as configured"
+    elif recipe.train.method == "grpo":
+        from qlora_kit.plan.grpo import grpo_suggestion
+
+        suggestion = grpo_suggestion(arch, recipe, budget, estimate)
     elif estimate(arch, recipe, seq, 1).total / GIB <= budget:
         # A divisor of the effective batch, so that batch x accumulation stays exactly what the recipe asked for.
         total = batch * recipe.train.grad_accum

@@ -11,8 +11,8 @@ Two kinds of rows, in one file or mixed:
 - short answer (no options): a reference answer, checked by `numeric` when it is a number ("60", "7.5", "-3",
   "1,200") and by `exact` otherwise (equal after normalisation: case, spaces, punctuation at the ends).
 
-Columns: `question` (or data.question_column when the data has it), `answer` (or data.response_column when the data
-has no `answer`), `options`. Files: .jsonl/.json/.csv/.parquet or a hub data set, as for SFT.
+Columns: data.question_column and data.response_column when the data has them (MedQA's `answer_idx`, say), else
+`question` and `answer`; `options` for multiple choice. Files: .jsonl/.json/.csv/.parquet or a hub data set, as for SFT.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def load_checkable(data: DataSection, seed: int) -> CheckableSet:
         raise UserError(f"{origin}: the data set has no rows.", hint="Point data.source at a file with rows.")
     present = set().union(*(r.keys() for r in records[:100]))
     question_column = data.question_column if data.question_column in present else "question"
-    answer_column = "answer" if "answer" in present or data.response_column not in present else data.response_column
+    answer_column = data.response_column if data.response_column in present else "answer"
     rows, bad = [], {}
     for number, record in enumerate(records, start=1):
         row = checkable_row(record, number, question_column, answer_column)

@@ -78,36 +78,68 @@ def grpo_suggestion(arch, recipe, budget_gib: float, estimate) -> str:
         total = estimate(arch, candidate).total / gib
         return total if total <= budget_gib else None
 
-    t, g = recipe.train, recipe.grpo
     steps: list[tuple[str, object]] = []
-    current = recipe
-    if not t.gradient_checkpointing:
+    current, prefix = recipe, ""
+    if not recipe.train.gradient_checkpointing:
         current = replace(current, train=replace(current.train, gradient_checkpointing=True))
         steps.append(("train.gradient_checkpointing=true", current))
+        prefix = "train.gradient_checkpointing=true "
+    checkpointed = current
     if not recipe.memory.embeddings_on_cpu and not arch.tied:
         current = replace(current, memory=replace(current.memory, embeddings_on_cpu=True))
         steps.append(("memory.embeddings_on_cpu=true", current))
-    generations = g.num_generations
-    while generations > 2:  # fewer completions: halve the group; one prompt a step, so the generation batch halves
-        generations //= 2
-        batch = min(t.batch_size, generations)
-        while generations % batch:
-            batch -= 1
-        current = replace(current, grpo=replace(current.grpo, num_generations=generations),
-                          train=replace(current.train, batch_size=batch, grad_accum=generations // batch))
-        steps.append((f"grpo.num_generations={generations} train.batch_size={batch} "
-                      f"train.grad_accum={generations // batch}", current))
-    prompt_room = recipe.data.max_length - g.max_completion_length
-    completion = g.max_completion_length
-    while completion > 128:  # shorter completions: the prompt keeps its room
-        completion //= 2
-        current = replace(current, grpo=replace(current.grpo, max_completion_length=completion),
-                          data=replace(current.data, max_length=prompt_room + completion))
-        steps.append((f"grpo.max_completion_length={completion} data.max_length={prompt_room + completion}", current))
     taken = []
-    for overrides, candidate in steps:
+    for overrides, candidate in steps:  # the switches that cost only time, cumulated
         taken.append(overrides)
         total = fits(candidate)
         if total is not None:
-            return f"{' '.join(taken)} (then about {total:.1f} GiB)"
+            return f"{' '.join(taken)} (then about {total:.1f} GiB)" + _or_alone(checkpointed, prefix, replace, fits)
+    base = " ".join(taken)
+    for overrides, candidate in _fewer_and_shorter(current, replace):  # with them, fewer or shorter completions
+        total = fits(candidate)
+        if total is not None:
+            return f"{base} {overrides} (then about {total:.1f} GiB)".strip()
     return "does not fit even with 2 completions of 128 tokens: use a smaller model (or a GPU with more memory)"
+
+
+def _or_alone(recipe, prefix: str, replace, fits) -> str:
+    """", or <fewer / shorter completions> (about N GiB)": the same run with its embedding on the GPU, when it fits."""
+    for overrides, candidate in _fewer_and_shorter(recipe, replace):
+        total = fits(candidate)
+        if total is not None:
+            return f", or {prefix}{overrides} (about {total:.1f} GiB)"
+    return ""
+
+
+def _fewer_and_shorter(recipe, replace) -> list[tuple[str, object]]:
+    """Fewer completions a step (the group halved, one prompt a step) and shorter completions (halved, the prompt
+    keeping its room), the smallest changes first: one halving, then two, ...; fewer before shorter among equals."""
+    t, g = recipe.train, recipe.grpo
+    group_sizes = [g.num_generations]
+    while group_sizes[-1] > 2:
+        group_sizes.append(group_sizes[-1] // 2)
+    lengths = [g.max_completion_length]
+    while lengths[-1] > 128:
+        lengths.append(lengths[-1] // 2)
+    prompt_room = recipe.data.max_length - g.max_completion_length
+    pairs = sorted(((i, j) for i in range(len(group_sizes)) for j in range(len(lengths)) if i or j),
+                   key=lambda ij: (ij[0] + ij[1], ij[1]))
+    out = []
+    for i, j in pairs:
+        overrides, candidate = [], recipe
+        if i:
+            generations = group_sizes[i]
+            batch = min(t.batch_size, generations)
+            while generations % batch:
+                batch -= 1
+            candidate = replace(candidate, grpo=replace(candidate.grpo, num_generations=generations),
+                                train=replace(candidate.train, batch_size=batch, grad_accum=generations // batch))
+            overrides.append(f"grpo.num_generations={generations} train.batch_size={batch} "
+                             f"train.grad_accum={generations // batch}")
+        if j:
+            completion = lengths[j]
+            candidate = replace(candidate, grpo=replace(candidate.grpo, max_completion_length=completion),
+                                data=replace(candidate.data, max_length=prompt_room + completion))
+            overrides.append(f"grpo.max_completion_length={completion} data.max_length={prompt_room + completion}")
+        out.append((" ".join(overrides), candidate))
+    return out

@@ -53,8 +53,10 @@ The layouts, with examples: [Your data](data.md).""",
     "memory": """\
 All three are off by default until `tools/bench.py` has measured them on a GPU; the planner already
 accounts for them (the tiled MLP's effect on the peak is measured at tensor level on CPU:
-`tools/calibrate_plan.py`, see [Will it fit?](fit.md)). The tiled MLP is `qlora_kit/model/tiled_mlp.py`; it works
-under data parallelism and is refused with FSDP, and it changes nothing on sequences up to 1,024 tokens. Paged
+`tools/calibrate_plan.py`, see [Will it fit?](fit.md)). The tiled MLP is `qlora_kit/model/tiled_mlp.py`: the same losses
+and adapter as untiled (tested; with LoRA dropout the masks are drawn per slice and the backward reuses them,
+checked against finite differences), its extra matmul work counted but not yet timed on a GPU; it works under data
+parallelism, is refused with FSDP, and changes nothing on sequences up to 1,024 tokens. Paged
 8-bit AdamW (`train.optim = "auto"` on CUDA), dynamic padding with length grouping, and TRL's chunked loss (never
 the full `tokens × vocab` logits in fp32) are always on.""",
     "eval": """\

@@ -159,8 +159,9 @@ def test_every_relative_link_resolves(path):
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
-def test_every_page_is_reachable_from_the_readme():
-    reached, todo = set(), [REPO / "README.md"]
+def reachable_from(start: Path) -> set[Path]:
+    """Every Markdown file a reader can reach from `start` by following relative links."""
+    reached, todo = set(), [start.resolve()]
     while todo:
         page = todo.pop()
         if page in reached or not page.exists():
@@ -170,8 +171,23 @@ def test_every_page_is_reachable_from_the_readme():
             file_part = target.partition("#")[0]
             if file_part and not is_external(target) and file_part.endswith(".md"):
                 todo.append((page.parent / file_part).resolve())
+    return reached
+
+
+def test_reachability_follows_links_only(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("[a](docs/a.md#x)\n", encoding="utf-8")
+    (tmp_path / "docs" / "a.md").write_text("# X\n\n[b](b.md) `[c](c.md)`\n", encoding="utf-8")
+    for name in ("b", "c"):
+        (tmp_path / "docs" / f"{name}.md").write_text("# Page\n", encoding="utf-8")
+    reached = {p.name for p in reachable_from(tmp_path / "README.md")}
+    assert reached == {"README.md", "a.md", "b.md"}
+
+
+def test_every_page_is_reachable_from_the_readme():
+    reached = reachable_from(REPO / "README.md")
     unreached = [str(p.relative_to(REPO)) for p in sorted((REPO / "docs").rglob("*.md")) if p.resolve() not in reached]
-    assert not unreached, f"no link leads from README.md to: {unreached}"
+    assert not unreached, f"no link leads from README.md to: {unreached} (add it to the README's table of contents)"
 
 
 @pytest.mark.parametrize("page", sorted((REPO / "docs").glob("*.md")) + sorted((REPO / "docs" / "zh-CN").glob("*.md")),

@@ -186,3 +186,16 @@ def test_a_missing_adapter_is_refused_before_training(tmp_path):
     result = run_cli("recipes/demo_grpo.toml", f"output.dir={tmp_path / 'r'}", f"model.adapter={tmp_path / 'none'}")
     assert result.returncode == 2
     assert "no adapter there" in result.stdout + result.stderr
+
+
+def test_a_kl_penalty_is_logged_and_its_reference_is_not_saved(tmp_path):
+    """grpo.beta > 0: TRL keeps a frozen copy of the adapter as the reference; the KL is logged, and only the trained
+    adapter is saved."""
+    out = tmp_path / "kl"
+    result = run_cli("recipes/demo_grpo.toml", f"output.dir={out}", "grpo.beta=0.04", "train.max_steps=2",
+                     "data.eval_rows=0", "samples.count=0")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any("kl" in r for r in records)
+    assert "kl " in result.stdout
+    assert sorted(p.name for p in (out / "adapter").iterdir() if p.is_dir()) == []

@@ -206,7 +206,8 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
             status.close()
     if not processes.is_main:
         return Outcome(trainer.state.global_step)
-    trainer.model.save_pretrained(out / run_files.ADAPTER_DIR)
+    # Only the trained adapter: with beta > 0 TRL keeps a frozen "ref" copy beside it, which is not the run's result.
+    trainer.model.save_pretrained(out / run_files.ADAPTER_DIR, selected_adapters=["default"])
     tokenizer.save_pretrained(out / run_files.ADAPTER_DIR)
     title = f"{recipe.model.display_name} · {label} · GRPO"
     artifacts.write_reward_curve(metrics.records, out / run_files.REWARD_CURVE_FILE, title)

@@ -183,3 +183,28 @@ def test_a_reward_file_that_is_missing_or_wrong_is_named(tmp_path):
     (tmp_path / "broken.py").write_text("import nothing_by_this_name\n")
     with pytest.raises(UserError, match="importing .* failed: ModuleNotFoundError"):
         load_reward_file(f"{tmp_path / 'broken.py'}:score")
+
+
+def test_the_live_view_shows_the_rewards_of_a_grpo_step():
+    """What GRPOTrainer logs, as the plain status line and the live panel show it (SFT logs none of these keys)."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from qlora_kit.train.status import StatusCallback
+
+    console = Console(record=True, width=200)
+    status = StatusCallback("GRPO", console, live=False)
+    state = SimpleNamespace(global_step=3, max_steps=10)
+    status.on_train_begin(None, state, None)
+    status.on_log(None, state, None, logs={
+        "loss": 0.01, "reward": 0.8125, "reward_std": 0.25, "rewards/format/mean": 0.95, "rewards/choice/mean": 0.5,
+        "rewards/choice/std": 0.5, "completions/mean_length": 212.0, "completions/clipped_ratio": 0.0625,
+        "kl": 0.0021, "learning_rate": 1e-5})
+    line = console.export_text()
+    assert "reward 0.812 ± 0.250 (format 0.95, choice 0.50)" in line
+    assert "length 212, 6% clipped, kl 0.0021" in line
+    panel = Console(record=True, width=200)
+    panel.print(status.render(state))
+    text = panel.export_text()
+    assert "reward" in text and "0.812 ± 0.250" in text and "completions" in text

@@ -157,7 +157,10 @@ def test_the_demo_grpo_recipe_runs_from_its_command(tmp_path):
     result = run_cli("recipes/demo_grpo.toml", f"output.dir={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert summary["steps"] == 12 and summary["judged_rows"] == 8
+    assert summary["steps"] == 24 and summary["judged_rows"] == 8
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    length = [r["rewards/length/mean"] for r in records if "rewards/length/mean" in r]
+    assert sum(length[-3:]) / 3 > sum(length[:3]) / 3 + 0.3  # what a random network can learn: to stop early
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "reward_curve.png").is_file()
 
 

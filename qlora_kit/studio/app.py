@@ -22,12 +22,16 @@ R1_MODELS = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-
              "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "HuggingFaceTB/SmolLM2-135M-Instruct")
 DEMO_PRESET = "demo: tiny model + embedded rows (a minute on a CPU)"
 EXPORT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16")
+LOSS_COLOURS = {"train": "#1f77b4", "eval": "#ff7f0e"}
+MEMORY_COLOURS = {"vram used": "#2ca02c", "vram peak": "#d62728", "ram used": "#2ca02c", "ram peak": "#d62728"}
 
 CSS = """
 .tok-prompt { color: #888; }
 .tok-trained { background: #d7f5dc; color: #14532d; }
 .preview-row { font-family: monospace; white-space: pre-wrap; border: 1px solid #ddd; padding: 6px;
                margin-bottom: 6px; border-radius: 4px; font-size: 0.85em; }
+#log textarea, #preview-log textarea, #export-log textarea, #eval-log textarea, #gguf-advice textarea {
+    font-family: monospace; font-size: 0.8em; }
 .studio-error { color: #b71c1c; background: #fff4f4; border: 1px solid #f2b8b8; padding: 8px; white-space: pre-wrap;
                 border-radius: 4px; }
 """
@@ -171,10 +175,13 @@ def build(ws: Workspace) -> gr.Blocks:
                 status = gr.Markdown(t("no_run"), elem_id="status")
                 train_error = gr.HTML(elem_id="train-error")
                 with gr.Row():
+                    # A fixed colour per series: the chart takes its colour domain from the first data it gets.
                     loss_plot = tr(gr.LinePlot(x="step", y="value", color="series", label=t("loss_chart"),
-                                               elem_id="loss-plot", height=260), "loss_chart")
+                                               color_map=LOSS_COLOURS, elem_id="loss-plot", height=260),
+                                   "loss_chart")
                     memory_plot = tr(gr.LinePlot(x="step", y="value", color="series", label=t("memory_chart"),
-                                                 elem_id="memory-plot", height=260), "memory_chart")
+                                                 color_map=MEMORY_COLOURS, elem_id="memory-plot", height=260),
+                                     "memory_chart")
                 with gr.Row():
                     speed_plot = tr(gr.LinePlot(x="step", y="value", label=t("speed_chart"), elem_id="speed-plot",
                                                 height=220), "speed_chart")
@@ -380,7 +387,9 @@ def build(ws: Workspace) -> gr.Blocks:
                 problem = error_box(runs.failure_text(tail, state.exit_code, "The training") +
                                     "\n\nFix what the lines above say, then Start again (or Resume to continue "
                                     "from the last checkpoint).")
-            return [headline, *charts(records), tail, problem, signature]
+            # An empty frame is not sent: a chart given no series first would keep an empty legend.
+            plots = [frame if len(frame) else gr.skip() for frame in charts(records)]
+            return [headline, *plots, tail, problem, signature]
 
         timer.tick(on_tick, [run_dir, lang, seen],
                    [status, loss_plot, memory_plot, speed_plot, lr_plot, log_box, train_error, seen],
@@ -560,6 +569,12 @@ def charts(records: list[dict]):
     def frame(pairs):
         rows = [{"step": r["step"], "value": r[key], "series": name} for r in records for key, name in pairs
                 if key in r]
+        # Every series from the first frame on (an empty one as a gap): the chart fixes its legend and colours on
+        # the first data it gets, and a run's first record holds only the eval loss before training.
+        present = {row["series"] for row in rows}
+        if rows:
+            rows += [{"step": rows[0]["step"], "value": float("nan"), "series": name} for _, name in pairs
+                     if name not in present]
         # Typed even when empty: an empty frame's object columns would make the chart's axes categorical.
         return pd.DataFrame(rows, columns=["step", "value", "series"]).astype(
             {"step": "int64", "value": "float64", "series": "str"})

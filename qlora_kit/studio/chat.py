@@ -35,8 +35,15 @@ def split_reply(text: str) -> tuple[str, str]:
     return reasoning.strip("\n"), answer.strip("\n")
 
 
+NOTE = re.compile(r"^\((no answer|cut at)[^\n]*\)$", re.MULTILINE)
+"""The CLI's note under a reply that ran out of tokens."""
+
+
 def reply_html(text: str, label: str, reasoning_label: str, done: bool) -> str:
-    reasoning, answer = split_reply(text)
+    notes = [m.group(0) for m in NOTE.finditer(text)]
+    reasoning, answer = split_reply(NOTE.sub("", text))
+    if notes:
+        answer = (answer + "\n" if answer else "") + " ".join(notes)
     fold = (f"<details class='chat-reasoning'><summary>{html.escape(reasoning_label)}</summary>"
             f"<pre style='white-space:pre-wrap'>{html.escape(reasoning)}</pre></details>") if reasoning else ""
     cursor = "" if done else " ▌"

@@ -202,3 +202,34 @@ def test_a_kl_penalty_is_logged_and_its_reference_is_not_saved(tmp_path):
     assert any("kl" in r for r in records)
     assert "kl " in result.stdout
     assert sorted(p.name for p in (out / "adapter").iterdir() if p.is_dir()) == []
+
+
+def test_ctrl_c_stops_a_grpo_run_with_a_checkpoint_and_the_same_command_resumes_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["recipes/demo_grpo.toml", "train.max_steps=5000", "train.save_steps=0", f"output.dir={out}"]
+    process = subprocess.Popen([sys.executable, "-m", "qlora_kit.run", *args], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "finishing this step and saving a checkpoint" in stdout and "Resume with:" in stdout
+    checkpoints = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and not (out / "summary.json").exists()
+    step = int(checkpoints[0].name.split("-")[1])
+    resumed = run_cli(*args[:-2], "train.save_steps=0", f"output.dir={out}", f"train.max_steps={step + 2}",
+                      "data.eval_rows=8")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming from step {step}" in resumed.stdout
+    assert sorted(rewards_by_step(out)) == list(range(1, step + 3))

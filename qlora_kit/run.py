@@ -1,9 +1,11 @@
 """`python -m qlora_kit.run RECIPE [key=value ...] [--dry-run]`: one QLoRA fine-tuning run, the spine of qlora_kit.
 
 recipe -> tokenizer -> rows -> prompt/completion examples -> plan -> 4-bit model + LoRA -> SFTTrainer -> adapter
--> samples -> report.md (-> the recipe's [eval]). Each arrow is one package (ARCHITECTURE.md); `run` below calls
-them in that order and nothing else calls this module. Heavy imports happen inside the functions, so `--help` and a
-recipe typo are answered before torch loads.
+-> samples -> report.md (-> the recipe's [eval]). With train.method = "grpo" the rows are questions with checkable
+answers, GRPOTrainer replaces SFTTrainer and the samples are judged by the rewards (docs/grpo.md); the rest is the
+same. Each arrow is one package (ARCHITECTURE.md); `run` below calls them in that order and nothing else calls
+this module. Heavy imports happen inside the functions, so `--help` and a recipe typo are answered before torch
+loads.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         if processes.is_main:
             write_dry_run(examples.train, recipe, tokenizer)
-        console.print(f"[bold]dry run:[/] no weights loaded; {out / PREVIEW_FILE} shows input_ids and labels of the "
+        shown = "prompts and the answers their rewards check" if grpo else "input_ids and labels"
+        console.print(f"[bold]dry run:[/] no weights loaded; {out / PREVIEW_FILE} shows the {shown} of the "
                       f"first {recipe.output.preview_rows} examples.")
         return 0
 

@@ -992,7 +992,7 @@ def GGUF_LLAMA_SPLIT():
 
 # Top-1 agreement with the original, at least. A random tiny model has no margin between its top logits, so
 # its agreement is low for any rounding (gguf's own q8_0 of every matrix: 0.97): the strict check is the
-# rounding-only comparison below; the real model's agreement is in test_real_model.py and the README
+# rounding-only comparison below; the real model's agreement is in test_real_model.py and docs/gguf.md
 K_AGREEMENT = {"q6_k": 0.8, "q5_k_m": 0.7, "q4_k_m": 0.6}
 
 

@@ -175,17 +175,3 @@ def test_saved_recipe_round_trips(write_recipe):
 
 def test_defaults_are_a_valid_recipe():
     assert recipe_from_dict({}) == Recipe()
-
-
-def test_readme_documents_every_recipe_key():
-    import dataclasses
-    import typing
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    for name, section_type in typing.get_type_hints(Recipe).items():
-        if name in ("sft", "source_path"):
-            continue
-        assert f"### `[{name}]`" in readme, name
-        part = readme.split(f"### `[{name}]`")[1].split("###")[0]
-        for key in dataclasses.fields(section_type):
-            assert f"| `{key.name}` |" in part, f"{name}.{key.name} is not documented in README"

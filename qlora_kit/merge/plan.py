@@ -5,7 +5,7 @@ written.
 Why the NF4 round trip is the default for a 4-bit run: the adapter was learnt against those weights, and that model
 is the one the run evaluated, sampled and chatted with. Folding the update into the original weights gives a
 different model: on SmolLM2-135M it wrote the trained model's greedy text for 17 of 72 tokens, the round trip for
-all of them (bench/results/merge-comparison-smollm2.json, README "Merge")."""
+all of them (bench/results/merge-comparison-smollm2.json, docs/merge.md)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ trained against, so PEFT on the NF4 base is its reference; --into original (and 
 into the original 16-bit weights, whose reference is PEFT on those. Either way the merged
 folder is also set against the model the run trained (PEFT on the NF4 base): its logits, its greedy text, and,
 beside them, the eval loss on the run's held-out rows of the 16-bit base, the NF4 base, the trained model and the
-merged folder. Which merge is the right default is measured on a real model in the README."""
+merged folder. Which merge is the right default is measured on a real model in docs/merge.md."""
 
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides=(), where: str = "recipe") -
         source = f"{where} with the command-line overrides" if overrides else where
         count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
         raise UserError(f"{source}: {count} in the recipe:", problems,
-                        hint="Fix the keys above (the README's recipe reference lists every key).")
+                        hint="Fix the keys above (docs/recipe.md lists every key).")
     return recipe
 
 

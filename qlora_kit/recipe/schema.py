@@ -163,7 +163,7 @@ class TrainSection:
     """Evaluate every N steps (0 = only at the end; needs data.eval_rows > 0)."""
     seed: int = 42
     """Seed for shuffling, LoRA initialisation, dropout and random-init models. On a CPU, two runs of the same
-    recipe on the same machine give the same losses bit for bit (README: "Repeatable runs")."""
+    recipe on the same machine give the same losses bit for bit (docs/training.md: "Repeatable runs")."""
     deterministic: bool = False
     """Ask PyTorch for deterministic kernels everywhere (transformers' enable_full_determinism: deterministic
     algorithms, cuDNN, a fixed cuBLAS workspace). Changes nothing on a CPU, where runs already repeat; on a GPU it
@@ -238,7 +238,7 @@ class EvalSection:
     and the tasks' data from the hub). Empty: none."""
     file: str = ""
     """Your own multiple-choice questions, scored the same way: a .jsonl of question, options, answer (the
-    README's evaluation section shows the layout); relative paths are read from the recipe's folder. Empty: none."""
+    layout: docs/results.md); relative paths are read from the recipe's folder. Empty: none."""
     limit: int = 0
     """Score only the first N questions of each task and of the file. 0: all of them."""
     generate: bool = False

@@ -13,7 +13,7 @@ def show_recipe(console: Console, changes: list[str], source: str, resolved_file
     console.rule(f"[bold]recipe[/] {source}")
     for line in changes:
         console.print(Text(f"  {line}"))
-    console.print(f"[dim]  everything else: the defaults (README, recipe reference); every setting as used: "
+    console.print(f"[dim]  everything else: the defaults (docs/recipe.md); every setting as used: "
                   f"{resolved_file}")
 
 

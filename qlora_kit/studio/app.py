@@ -8,6 +8,7 @@ recipe's keys (form.py); the charts, results and files are read from the run dir
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ R1_MODELS = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-
              "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "HuggingFaceTB/SmolLM2-135M-Instruct")
 DEMO_PRESET = "demo: tiny model + embedded rows (a minute on a CPU)"
 EXPORT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16")
+CHART_EVERY_S = 1.5
+"""While a run goes on, the charts are redrawn at most this often (the status line every second)."""
 LOSS_COLOURS = {"train": "#1f77b4", "eval": "#ff7f0e"}
 MEMORY_COLOURS = {"vram used": "#2ca02c", "vram peak": "#d62728", "ram used": "#2ca02c", "ram peak": "#d62728"}
 
@@ -32,6 +35,9 @@ CSS = """
                margin-bottom: 6px; border-radius: 4px; font-size: 0.85em; }
 #log textarea, #preview-log textarea, #export-log textarea, #eval-log textarea, #gguf-advice textarea {
     font-family: monospace; font-size: 0.8em; }
+/* The once-a-second refresh must not flash a progress timer over the status line, the log and the charts. */
+#status [data-testid='status-tracker'], #log [data-testid='status-tracker'],
+[id$='-plot'] [data-testid='status-tracker'] { display: none !important; }
 .studio-error { color: #b71c1c; background: #fff4f4; border: 1px solid #f2b8b8; padding: 8px; white-space: pre-wrap;
                 border-radius: 4px; }
 """
@@ -365,6 +371,9 @@ def build(ws: Workspace) -> gr.Blocks:
         refresh_btn.click(lambda: gr.update(choices=runs.list_runs(ws.runs_dir())), None, run_dir)
 
         def on_tick(text, lang_choice, last):
+            """Every second: the status line and the log when they changed; the charts when metrics.jsonl grew, at
+            most every CHART_EVERY_S seconds while the run goes on (redrawing four charts is the page's one real
+            cost: on the demo, where a step is logged ten times a second, it would compete with the training)."""
             code = LANGUAGES.get(lang_choice, "en")
             if not text:
                 return [gr.skip()] * 7 + [last]
@@ -375,9 +384,11 @@ def build(ws: Workspace) -> gr.Blocks:
             state = runs.run_status(path)
             metrics = path / "metrics.jsonl"
             log = path / runs.LOG_FILE
-            signature = (f"{state.status}:{state.exit_code}:{metrics.stat().st_size if metrics.exists() else 0}:"
-                         f"{log.stat().st_size if log.exists() else 0}:{code}")
-            if signature == last:  # nothing new: no redraw (the page polls every second)
+            size = metrics.stat().st_size if metrics.exists() else 0
+            signature = f"{state.status}:{state.exit_code}:{size}:{log.stat().st_size if log.exists() else 0}:{code}"
+            previous, _, chart_state = (last or "").partition("|")
+            charted_size, _, charted_at = chart_state.partition("@")
+            if signature == previous and charted_size == str(size):  # nothing new, no chart owed: no redraw
                 return [gr.skip()] * 7 + [last]
             records = runs.read_metrics(path)
             tail = runs.log_tail(path)
@@ -387,9 +398,16 @@ def build(ws: Workspace) -> gr.Blocks:
                 problem = error_box(runs.failure_text(tail, state.exit_code, "The training") +
                                     "\n\nFix what the lines above say, then Start again (or Resume to continue "
                                     "from the last checkpoint).")
-            # An empty frame is not sent: a chart given no series first would keep an empty legend.
-            plots = [frame if len(frame) else gr.skip() for frame in charts(records)]
-            return [headline, *plots, tail, problem, signature]
+            now = time.monotonic()
+            due = str(size) != charted_size and (state.status != "running" or not charted_at
+                                                 or now - float(charted_at) >= CHART_EVERY_S)
+            if due:
+                # An empty frame is not sent: a chart given no series first would keep an empty legend.
+                plots = [frame if len(frame) else gr.skip() for frame in charts(records)]
+                chart_state = f"{size}@{now}"
+            else:
+                plots = [gr.skip()] * 4
+            return [headline, *plots, tail, problem, f"{signature}|{chart_state}"]
 
         timer.tick(on_tick, [run_dir, lang, seen],
                    [status, loss_plot, memory_plot, speed_plot, lr_plot, log_box, train_error, seen],

@@ -102,6 +102,13 @@ def test_recipe_problems_are_reported_all_at_once():
     assert "lm_head" in text
 
 
+def test_sft_only_switches_are_refused_for_grpo():
+    text = "\n".join(problems({"train": {"method": "grpo", "eval_steps": 10}, "data": {"eval_rows": 4},
+                              "memory": {"offload_activations": True, "tiled_mlp": True}}))
+    assert "`memory.offload_activations` is an SFT switch" in text and "`memory.tiled_mlp` is an SFT switch" in text
+    assert "`train.eval_steps` has no GRPO meaning" in text
+
+
 def test_grpo_keys_and_their_ranges():
     text = "\n".join(problems({"train": {"method": "ppo"}, "grpo": {"num_generations": 1, "beta": -1.0}}))
     assert "`train.method` must be one of sft, grpo" in text

@@ -278,8 +278,12 @@ def grpo_problems(recipe: Recipe) -> list[str]:
     if "lm_head" in recipe.lora.target_modules:
         problems.append("`lora.target_modules` has lm_head: GRPO computes log-probabilities from the head's own "
                         "weight, so an adapter there would never train; leave it out")
-    if recipe.memory.tiled_mlp:
-        problems.append("`memory.tiled_mlp` is an SFT switch: turn it off for train.method = \"grpo\"")
+    for switch in ("tiled_mlp", "offload_activations"):  # TRL's GRPOTrainer has neither
+        if getattr(recipe.memory, switch):
+            problems.append(f"`memory.{switch}` is an SFT switch: turn it off for train.method = \"grpo\"")
+    if t.eval_steps:
+        problems.append("`train.eval_steps` has no GRPO meaning: the held-out rows (data.eval_rows) are judged at the "
+                        "end, before and after; set it to 0")
     return problems
 
 

@@ -159,3 +159,25 @@ def test_dry_run_shows_the_prompts(tmp_path):
     assert first["prompt"].endswith("<think>\n") and first["checked_by"] in ("choice", "numeric")
     assert first["prompt_ids"].count(first["prompt_ids"][0]) == 1  # one BOS, not the template's and the tokenizer's
     assert "held-out rows" in result.stdout
+
+
+def test_prompts_with_the_real_r1_tokenizer_have_one_bos_and_open_the_think_block(tmp_path, r1_tokenizer):
+    """The R1 template writes BOS as text and ends inside <think>: the prompt ids must hold exactly one BOS (TRL's own
+    tokenization would add a second), and the format reward must see the block as opened by the template."""
+    from rich.console import Console
+
+    from qlora_kit.data.checkable import build_grpo_examples
+
+    path = write_rows(tmp_path, [{"question": "Which vitamin?", "options": ["A1", "B12", "C"], "answer": "C"},
+                                 {"question": "5 times 12?", "answer": "60"}])
+    recipe = recipe_from_dict({"data": {"source": str(path), "max_length": 512},
+                               "train": {"method": "grpo"}, "grpo": {"max_completion_length": 256}})
+    examples = build_grpo_examples(recipe, r1_tokenizer, Console(quiet=True))
+    for prompted in examples.train:
+        assert prompted.prompt_ids.count(r1_tokenizer.bos_token_id) == 1 and prompted.prompt_ids[0] == \
+            r1_tokenizer.bos_token_id
+        assert prompted.prompt.endswith("<think>\n")
+    from qlora_kit.train.grpo import bos_to_add, tokenize_prompts  # what the trainer tokenizes: the same ids
+
+    ids = tokenize_prompts(r1_tokenizer, bos_to_add(r1_tokenizer), [p.prompt for p in examples.train])
+    assert ids == [p.prompt_ids for p in examples.train]

@@ -80,10 +80,7 @@ def trainer_class():
         _throughput_mark: tuple[float, int] | None = None
 
         def _tokenize_prompts(self, prompts: list):
-            ids = [self.processing_class(text=p, add_special_tokens=False)["input_ids"] for p in prompts]
-            if self.bos_id is not None:
-                ids = [i if i[:1] == [self.bos_id] else [self.bos_id, *i] for i in ids]
-            return ids, None, {}
+            return tokenize_prompts(self.processing_class, self.bos_id, prompts), None, {}
 
         def log(self, logs, start_time=None):
             if "loss" in logs:
@@ -91,6 +88,19 @@ def trainer_class():
             super().log(logs, start_time)
 
     return QloraKitGRPOTrainer
+
+
+def bos_to_add(tokenizer) -> int | None:
+    """The BOS id every prompt must start with, for tokenizers that put one in front of text (as the SFT encoder
+    decides it); None for those that do not."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+
+
+def tokenize_prompts(tokenizer, bos_id: int | None, prompts: list[str]) -> list[list[int]]:
+    """Rendered prompts -> ids as the SFT encoder builds a prompt: no special tokens added, exactly one BOS."""
+    ids = [tokenizer(text=p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return ids if bos_id is None else [i if i[:1] == [bos_id] else [bos_id, *i] for i in ids]
 
 
 def grpo_scalars(trainer) -> dict:
@@ -186,8 +196,7 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
     args = GRPOConfig(**grpo_arguments(recipe, precision, out, [r.weight for r in rewards]))
     trainer = trainer_class()(model=model, reward_funcs=[r.function for r in rewards], args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
-    bos = tokenizer.bos_token_id  # as the SFT encoder decides it: does this tokenizer put a BOS in front of text?
-    trainer.bos_id = bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+    trainer.bos_id = bos_to_add(tokenizer)
     keep_adapter_fp32(trainer.model)  # after TRL's bf16 cast of quantized-model adapters, before the optimizer
     trainer.remove_callback(PrinterCallback)
     log_tensorboard_into(trainer, out / TENSORBOARD_DIR)

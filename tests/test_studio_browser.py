@@ -79,9 +79,9 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     tab(page, "Settings")
     gauge = wait_text(page, "#fit", r"fits")
     assert "8 GiB card" in gauge
-    set_number(page, "key-train-max_steps", 500)
+    set_number(page, "key-train-max_steps", 700)
     set_number(page, "key-lora-r", 8)
-    wait_text(page, "#toml", r"max_steps = 500")
+    wait_text(page, "#toml", r"max_steps = 700")
     choose(page, "card", "6 GB")
     wait_text(page, "#fit", r"6 GiB card")
     toml = page.locator("#toml").inner_text()
@@ -91,7 +91,12 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     # ---- train: start, watch the loss chart gain points, stop (SIGINT, checkpoint), reopen, resume, finish
     tab(page, "Train")
     page.locator("#start").click()
-    first = wait_text(page, "#status", r"running .* [2-9]\d* points logged|running .*\d\d+ points logged", 120)
+    wait_text(page, "#status", r"running .* [2-9]\d* points logged|running .*\d\d+ points logged", 120)
+    # Closing the tab does not stop the run: a reopened page follows it by itself.
+    page.reload()
+    page.wait_for_selector("#preset")
+    tab(page, "Train")
+    first = wait_text(page, "#status", r"demo.*running .* \d+ points logged", 60)
     later = wait_text(page, "#status", rf"({'|'.join(str(n) for n in range(points_logged(first) + 1, 400))}) "
                                        r"points logged", 60)
     assert points_logged(later) > points_logged(first)
@@ -101,7 +106,7 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     stopped = wait_text(page, "#status", r"stopped", 120)
     wait_text(page, "#log", r"stopped by SIGINT")
     step_at_stop = int(re.search(r"step (\d+)", stopped).group(1))
-    assert 0 < step_at_stop < 500
+    assert 0 < step_at_stop < 700
 
     # Closing the tab does not lose the run: a new tab lists it and re-attaches.
     page.reload()
@@ -111,7 +116,7 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     wait_text(page, "#status", rf"stopped .*step {step_at_stop}")
     page.locator("#resume").click()
     wait_text(page, "#log", rf"resuming\s+from step {step_at_stop}", 120)
-    wait_text(page, "#status", r"finished · step 500", 240)
+    wait_text(page, "#status", r"finished · step 700", 240)
 
     # ---- results: eval loss before -> after, format compliance, samples
     tab(page, "Results")
@@ -157,6 +162,7 @@ def test_error_cases_show_the_clis_message_in_the_page(page, studio):
     good = '{"Question": "q%d", "Complex_CoT": "c", "Response": "r"}\n'
     bad.write_text("".join(good % i for i in range(5)) + '{"Question": "q", "Complex_CoT": \n', encoding="utf-8")
     choose(page, "preset", "demo")
+    page.wait_for_function("document.querySelector('#key-model-name input').value.includes('tiny-qwen2')")
     page.locator("#key-data-source textarea, #key-data-source input").first.fill("data/bad.jsonl")
     page.locator("#preview-btn").click()
     text = wait_text(page, "#model-error", r"did not finish", 120)
@@ -181,6 +187,8 @@ def test_error_cases_show_the_clis_message_in_the_page(page, studio):
 
     # A plan that does not fit: the gauge says so, with the planner's advice.
     choose(page, "preset", "demo")
+    page.wait_for_function("document.querySelector('#key-data-source textarea, #key-data-source input')"
+                           ".value.endsWith('data.jsonl')")
     page.locator("#key-model-name input").fill("deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
     page.locator("#key-model-name input").press("Enter")
     tab(page, "Settings")
@@ -205,6 +213,27 @@ def test_language_switch(page):
     page.get_by_text("English").click()
     page.get_by_role("tab", name="1 · Model & data").wait_for()
     assert page.locator("#preview-btn").inner_text() == "Check the data (dry run)"
+
+
+def test_auth_asks_for_the_login_first(browser, tmp_path):
+    server = Studio(tmp_path, ["--auth", "me:a-long-secret"])
+    try:
+        tab = browser.new_page()
+        tab.set_default_timeout(60_000)
+        tab.goto(server.url)
+        tab.locator("input[type=password]").wait_for()
+        assert tab.locator("#preset").count() == 0  # nothing of the studio before the login
+        tab.locator("input[type=text]").first.fill("me")
+        tab.locator("input[type=password]").fill("wrong")
+        tab.get_by_role("button", name="Login").click()
+        tab.get_by_text("Incorrect").first.wait_for()
+        tab.locator("input[type=text]").first.fill("me")
+        tab.locator("input[type=password]").fill("a-long-secret")
+        tab.get_by_role("button", name="Login").click()
+        tab.wait_for_selector("#preset")
+        tab.close()
+    finally:
+        server.stop()
 
 
 def test_an_open_host_without_auth_serves_nothing(tmp_path):

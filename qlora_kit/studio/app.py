@@ -505,7 +505,13 @@ def build(ws: Workspace) -> gr.Blocks:
             yield log + "\ndone.", files
 
         export_btn.click(on_export, [run_dir, gguf_type], [export_log, export_files])
-        page.load(lambda: gr.update(choices=runs.list_runs(ws.runs_dir())), None, run_dir)
+        def on_open():
+            """A reopened page follows the run that is training (the newest one if several), as if never closed."""
+            found = runs.list_runs(ws.runs_dir())
+            training = [run for run in found if runs.running_pid(Path(run)) is not None]
+            return gr.update(choices=found, value=training[0] if training else None)
+
+        page.load(on_open, None, run_dir)
         del tabs
     return page
 

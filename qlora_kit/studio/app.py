@@ -265,7 +265,8 @@ def build(ws: Workspace) -> gr.Blocks:
                 values[form.KEYS.index(form.BY_NAME["output.dir"])] = recipe.output.dir
             return [*values, ""]
 
-        preset.change(on_preset, preset, [*components, model_error])
+        # select, not change: choosing the same preset again resets the form to it.
+        preset.select(on_preset, preset, [*components, model_error])
 
         def on_upload(file):
             if not file:

@@ -13,10 +13,11 @@ import pytest
 from conftest import REPO, run_cli
 
 from qlora_kit.chat.cli import ReplyPrinter, main
-from qlora_kit.chat.generate import GenerationSettings, ThinkRouter, ask, prompt_format, split_think, template_separator
+from qlora_kit.chat.generate import GenerationSettings, ThinkRouter, ask, prompt_format
 from qlora_kit.chat.loading import load_run
 from qlora_kit.data.encode import Encoder
 from qlora_kit.data.render import PLAIN_TEMPLATE, make_renderer
+from qlora_kit.data.replies import split_think, template_separator
 from qlora_kit.data.rows import Row
 from qlora_kit.recipe.schema import DataSection
 

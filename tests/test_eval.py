@@ -255,7 +255,7 @@ def test_the_end_of_a_run_scores_the_recipes_eval_section(tiny_run):
     ("I do not know", None), ("Vitamin C deficiency, so C.", "C"),
 ])
 def test_chosen_letter(answer, letter):
-    from qlora_kit.eval.harness import chosen_letter
+    from qlora_kit.data.choices import chosen_letter
 
     assert chosen_letter(answer, ["A", "B", "C", "D"]) == letter
 

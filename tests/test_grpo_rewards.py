@@ -7,15 +7,14 @@ from __future__ import annotations
 import pytest
 
 from qlora_kit.data.render import THINK_CLOSE, THINK_OPEN
+from qlora_kit.data.replies import Markers, read_reply
 from qlora_kit.train.rewards import (
     ChoiceReward,
     ExactReward,
     FormatReward,
     LengthReward,
-    Markers,
     NumericReward,
     load_reward_file,
-    read_completion,
 )
 
 EOS = 2
@@ -51,26 +50,23 @@ def test_format_reward(prompt, text, eos, expected):
     assert score(FormatReward(MARKERS, {EOS}), prompt, text, eos) == float(expected)
 
 
-@pytest.mark.parametrize(("prompt", "text", "eos", "expected"), [c for c in FORMAT_CASES if c[1].count(THINK_CLOSE) < 2
-                                                                  and THINK_OPEN not in c[1][1:]])
-def test_format_reward_is_the_samples_rule_for_one_think_block(prompt, text, eos, expected, demo_tokenizer):
-    """Where a completion has at most one think block, the reward and samples.md's format count agree."""
-    from qlora_kit.chat.generate import Reply, split_think
+@pytest.mark.parametrize(("prompt", "text", "eos", "expected"), FORMAT_CASES)
+def test_format_reward_is_the_samples_rule(prompt, text, eos, expected):
+    """The reward and samples.md's format count (a chat Reply) agree on every case, two think blocks included."""
+    from qlora_kit.chat.generate import Reply
 
-    inside = prompt.endswith(THINK_OPEN + "\n")
-    split = split_think(text, THINK_CLOSE, THINK_OPEN, inside)
-    reply = Reply(split.think, split.answer, text, 4, finished=eos, closed=split.closed, opened=split.opened)
-    if text.lstrip().startswith(THINK_OPEN) and inside:
-        return  # the one case the reward is stricter: a second <think> after the template's
+    split = read_reply(text, prompt, MARKERS)
+    reply = Reply(split.think, split.answer, text, 4, finished=eos, closed=split.closed, opened=split.opened,
+                  blocks=split.blocks)
     assert reply.in_format == expected
 
 
 def test_the_format_reads_markers_from_the_real_templates(demo_tokenizer, r1_tokenizer):
     """The demo's and the real R1 template both end the prompt inside the think block."""
     from qlora_kit.data.render import make_renderer
+    from qlora_kit.data.replies import markers_for
     from qlora_kit.data.rows import Row
     from qlora_kit.recipe.schema import DataSection
-    from qlora_kit.train.rewards import markers_for
 
     for tokenizer in (demo_tokenizer, r1_tokenizer):
         prompt = make_renderer(tokenizer, DataSection())[0](Row("Which vitamin?", "", "", 1)).prompt
@@ -80,8 +76,8 @@ def test_the_format_reads_markers_from_the_real_templates(demo_tokenizer, r1_tok
 
 
 def test_plain_format_uses_the_template_separator(demo_tokenizer):
+    from qlora_kit.data.replies import markers_for
     from qlora_kit.recipe.schema import DataSection
-    from qlora_kit.train.rewards import markers_for
 
     markers = markers_for(demo_tokenizer, DataSection(format="plain"))
     assert markers == Markers("### Answer:", None)
@@ -150,18 +146,10 @@ def test_length_reward_is_trls_soft_overlong_punishment():
 
 
 def test_reading_a_completion():
-    reading = read_completion("<think>\nwhy\n</think>\n\nC", CHATML_PROMPT, MARKERS)
+    reading = read_reply("<think>\nwhy\n</think>\n\nC", CHATML_PROMPT, MARKERS)
     assert (reading.think, reading.answer, reading.opened, reading.closed, reading.blocks) == ("why", "C", True, True,
                                                                                                1)
-    assert read_completion("why\n</think>\n\nC", R1_PROMPT, MARKERS).blocks == 1
-
-
-def test_chosen_letter_reads_as_the_evaluation_does():
-    from qlora_kit.data.choices import chosen_letter
-    from qlora_kit.eval.harness import chosen_letter as evaluation_letter
-
-    for answer in ["C", "(B)", "The answer is d", "answer: b", "**A**", "A. Vitamin A", "none", "I pick D because"]:
-        assert chosen_letter(answer, list("ABCD")) == evaluation_letter(answer, list("ABCD")), answer
+    assert read_reply("why\n</think>\n\nC", R1_PROMPT, MARKERS).blocks == 1
 
 
 def test_a_reward_of_your_own_from_its_file(tmp_path):

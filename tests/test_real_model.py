@@ -4,8 +4,8 @@ held-out eval loss falls, the fine-tuned model answers in the trained format whe
 folder writes what the trained model writes, and so does its GGUF export read back by transformers.
 
 Skipped, with the reason, where the GGUF is absent (`python -m qlora_kit.smollm2` fetches it; .ci/run does).
-The rows are our demo rows (qlora_kit/demo: short reasoning, so a few minutes of CPU teach the format); docs/results.md's
-real small demo (recipes/smol_medical.toml) shows the same on real medical-o1 rows.
+The rows are our demo rows (qlora_kit/demo: short reasoning, so a few minutes of CPU teach the format);
+docs/results.md's real small demo (recipes/smol_medical.toml) shows the same on real medical-o1 rows.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import torch
 from transformers import TextStreamer
 
 from qlora_kit.data.encode import Encoder
-from qlora_kit.data.render import PLAIN_TEMPLATE, THINK_CLOSE, THINK_OPEN, Renderer, make_renderer
+from qlora_kit.data.render import Renderer, make_renderer
+from qlora_kit.data.replies import Markers, Split, in_format, markers_for, split_think, stop_ids
 from qlora_kit.data.rows import Row
 from qlora_kit.recipe.schema import DataSection
 
@@ -81,13 +82,13 @@ class PromptFormat:
             ids = [self.bos_id, *ids]
         return ids
 
+    @property
+    def markers(self) -> Markers:
+        return Markers(self.separator, self.opener)
+
     def starts_inside(self, question: str) -> bool:
         """Does the reply start inside the reasoning (the prompt opened it, or the format has no opener)?"""
-        if self.separator is None:
-            return False
-        if self.opener is None:
-            return True
-        return self.prompt(question).rstrip("\n").endswith(self.opener)
+        return self.markers.starts_inside(self.prompt(question))
 
     def split(self, text: str, starts_inside: bool) -> Split:
         return split_think(text, self.separator, self.opener, starts_inside)
@@ -97,52 +98,8 @@ def prompt_format(tokenizer, data: DataSection | None = None) -> PromptFormat:
     """The prompt format of a run (its recipe's data section) or, without a recipe, the model's chat template."""
     data = data or DataSection()
     renderer, _ = make_renderer(tokenizer, data)
-    bos_id = Encoder(tokenizer, renderer).bos_id
-    chat = data.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
-    if chat:
-        return PromptFormat(renderer, bos_id, separator=THINK_CLOSE, opener=THINK_OPEN)
-    # make_renderer falls back to the plain layout when a chat-format tokenizer has no template.
-    template = data.format if data.format not in ("chat", "plain") else PLAIN_TEMPLATE
-    return PromptFormat(renderer, bos_id, separator=template_separator(template))
-
-
-def template_separator(template: str) -> str | None:
-    """The literal text between {cot} and {response} in a plain/custom template. None: no reasoning part, or only
-    whitespace between the two, which cannot be told apart from the text itself."""
-    cot, response = template.find("{cot}"), template.find("{response}")
-    if cot < 0 or response < 0:
-        return None
-    return template[cot + len("{cot}"):response].strip() or None
-
-
-@dataclass(frozen=True)
-class Split:
-    think: str
-    answer: str
-    opened: bool
-    """The reply has a reasoning part: the prompt opened it, or the model wrote the opener itself."""
-    closed: bool
-    """The reasoning ended: the separator (`</think>`) was generated."""
-
-
-def split_think(text: str, separator: str | None = THINK_CLOSE, opener: str | None = THINK_OPEN,
-                starts_inside: bool = True) -> Split:
-    """A generated text split into its reasoning and its answer.
-
-    - No separator in the format: all of it is the answer.
-    - The reply did not start inside the reasoning and does not open it: a direct answer (no reasoning).
-    - The reasoning never closes (out of tokens, or the model stopped): all of it is reasoning, no answer.
-    Separators after the first (a model that closes its reasoning twice) are not part of the answer."""
-    if separator is None:
-        return Split("", text.strip(), opened=False, closed=False)
-    text = text.lstrip()
-    if opener and text.startswith(opener):
-        text, starts_inside = text[len(opener):], True
-    if not starts_inside:
-        return Split("", text.replace(separator, "").strip(), opened=False, closed=False)
-    think, found, answer = text.partition(separator)
-    return Split(think.strip(), answer.replace(separator, "").strip() if found else "", opened=True,
-                 closed=bool(found))
+    markers = markers_for(tokenizer, data)
+    return PromptFormat(renderer, Encoder(tokenizer, renderer).bos_id, markers.separator, markers.opener)
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -257,11 +214,14 @@ class Reply:
     """True when the reasoning ended (the separator, `</think>`, was generated) or the format has none."""
     opened: bool = True
     """True when the reply has a reasoning part (the prompt or the model opened it)."""
+    blocks: int = 1
+    """Reasoning blocks opened or closed (the format has exactly one)."""
 
     @property
     def in_format(self) -> bool:
-        """The trained format, whole: reasoning opened and closed, a non-empty answer, and EOS before the limit."""
-        return self.opened and self.closed and bool(self.answer) and self.finished
+        """The trained format, whole (qlora_kit.data.replies.in_format): one reasoning block opened and closed, a
+        non-empty answer, and EOS before the limit."""
+        return in_format(Split(self.think, self.answer, self.opened, self.closed, self.blocks), self.finished)
 
 
 def input_device(model) -> torch.device:
@@ -319,16 +279,11 @@ def ask(model, tokenizer, question: str, fmt: PromptFormat, settings: Generation
         router.close()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     split = fmt.split(text, inside)
+    reasoning = fmt.separator is not None  # a format without a reasoning part asks only for the answer and EOS
     return Reply(split.think, split.answer, text, len(new_ids),
                  finished=bool(new_ids) and new_ids[-1] in stop_ids(model, tokenizer),
-                 closed=fmt.separator is None or split.closed, opened=fmt.separator is None or split.opened)
-
-
-def stop_ids(model, tokenizer) -> set[int]:
-    """The ids that end a reply: the model's own EOS ids and the tokenizer's EOS, which training appended to
-    every completion (the model learned to stop there)."""
-    eos = model.generation_config.eos_token_id
-    return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+                 closed=not reasoning or split.closed, opened=not reasoning or split.opened,
+                 blocks=split.blocks if reasoning else 1)
 
 
 def _ignore(text: str) -> None:

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_kit.data.choices import chosen_letter
+from qlora_kit.data.replies import answer_part, read_reply
 from qlora_kit.errors import UserError
 from qlora_kit.eval.questions import Question
 
@@ -88,23 +90,10 @@ def local_config(questions: list[Question], name: str = LOCAL_TASK, fmt=None, ma
 def score_reply(doc: dict, reply: str, fmt) -> dict:
     """A generated reply against the right letter: the answer after </think> (the whole reply when the model
     answered directly), its chosen letter, and whether there was one to read."""
-    from qlora_kit.chat.generate import split_think
-
-    split = split_think(reply, fmt.separator, fmt.opener, fmt.starts_inside(doc["listing"]))
-    letter = chosen_letter(split.answer, doc["choices"]) if split.closed or not split.opened else None
+    split = read_reply(reply, fmt.prompt(doc["listing"]), fmt.markers)
+    answer = answer_part(split)
+    letter = chosen_letter(answer, doc["choices"]) if answer is not None else None
     return {"acc": float(letter == doc["choices"][doc["gold"]]), "unparsable": float(letter is None)}
-
-
-def chosen_letter(answer: str, letters: list[str]) -> str | None:
-    """The option letter an answer names: "C", "(C)", "C. Vitamin C", "The answer is C", "**C**"; None if none."""
-    allowed = "".join(letters)
-    patterns = (rf"answer\s*(?:is|:)?\s*[*(\[]*([{allowed}])\b", rf"^[\s*(\[]*([{allowed}])(?:[\s).:\]*]|$)",
-                rf"\(([{allowed}])\)", rf"\b([{allowed}])\b")
-    for pattern in patterns:
-        match = re.search(pattern, answer, flags=re.IGNORECASE if pattern.startswith("answer") else 0)
-        if match:
-            return match.group(1).upper()
-    return None
 
 
 def task_name_for(path: str) -> str:

@@ -22,11 +22,11 @@ from rich.console import Console
 from qlora_kit.chat.cpu_inference import dequantized_weights
 from qlora_kit.chat.generate import GenerationSettings, generate_ids
 from qlora_kit.data.checkable import Prompted
+from qlora_kit.data.replies import markers_for, stop_ids
 from qlora_kit.recipe.run_files import SAMPLES_FILE, SUMMARY_FILE
 from qlora_kit.recipe.schema import Recipe
 from qlora_kit.results.markdown import fenced, one_line, quoted
 from qlora_kit.train.artifacts import write_json
-from qlora_kit.train.grpo import stop_ids
 from qlora_kit.train.rewards import (
     ChoiceReward,
     ExactReward,
@@ -34,7 +34,6 @@ from qlora_kit.train.rewards import (
     NumericReward,
     WeightedReward,
     build_rewards,
-    markers_for,
 )
 
 SIDES = ("base", "fine_tuned")

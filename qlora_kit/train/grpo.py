@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from qlora_kit.data.replies import stop_ids
 from qlora_kit.distributed import Processes
 from qlora_kit.errors import UserError
 from qlora_kit.recipe.run_files import ADAPTER_DIR, CHECKPOINT_DIR
@@ -226,12 +227,6 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
     summary.update(method="grpo", **reward_summary(metrics.records))
     artifacts.write_json(out / run_files.SUMMARY_FILE, summary)
     return Outcome(trainer.state.global_step, summary=summary, model=trainer.model)
-
-
-def stop_ids(model, tokenizer) -> set[int]:
-    """The ids that end a completion: the model's EOS ids and the tokenizer's (as GRPOTrainer and chat stop)."""
-    eos = model.generation_config.eos_token_id
-    return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
 
 def reward_summary(records: list[dict]) -> dict:

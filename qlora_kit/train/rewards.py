@@ -7,9 +7,8 @@ sum of the others decides). The same functions judge the held-out rows before an
 (qlora_kit.results.grpo_samples), so "reward" means one thing in the live view, metrics.jsonl and samples.md.
 
     format   1 if the completion is in the trained format: one think block, opened (by the prompt or the model)
-             and closed, then a non-empty answer, then EOS before max_completion_length. This is the rule of the
-             format count in samples.md (qlora_kit.chat.generate.Reply.in_format), with one more condition: a
-             second <think> or </think> fails it (samples.md reads such a reply's first block and accepts it).
+             and closed, then a non-empty answer, then EOS before max_completion_length: the rule of the format
+             count in samples.md too (qlora_kit.data.replies.in_format); a second <think> or </think> fails it.
     choice   multiple-choice rows: 1 if the letter the answer (after </think>) names is the right one, else 0.
              A completion whose reasoning never closed has no answer: 0.
     exact    short text answers: 1 if the answer equals the reference after normalisation (case, inner spaces,
@@ -31,71 +30,9 @@ from pathlib import Path
 
 from qlora_kit.data.checkable import last_number, normalize_answer, numbers_equal, parse_number
 from qlora_kit.data.choices import chosen_letter
-from qlora_kit.data.render import PLAIN_TEMPLATE, THINK_CLOSE, THINK_OPEN
+from qlora_kit.data.replies import Markers, Split, answer_part, in_format, markers_for, read_reply
 from qlora_kit.errors import UserError
-from qlora_kit.recipe.schema import REWARD_NAMES, DataSection, Recipe
-
-# ------------------------------------------------------------------------------------------------ reading a completion
-
-
-@dataclass(frozen=True)
-class Markers:
-    """Where a completion's reasoning ends (`separator`) and how the model opens it itself (`opener`); as
-    qlora_kit.chat.generate.prompt_format derives them from data.format."""
-
-    separator: str | None = THINK_CLOSE
-    opener: str | None = THINK_OPEN
-
-    def starts_inside(self, prompt: str) -> bool:
-        """Did the prompt open the reasoning (a newer R1 template ends with `<think>\\n`; plain templates always)?"""
-        if self.separator is None:
-            return False
-        return self.opener is None or prompt.rstrip("\n").endswith(self.opener)
-
-
-def markers_for(tokenizer, data: DataSection) -> Markers:
-    if data.format == "chat" and getattr(tokenizer, "chat_template", None):
-        return Markers(THINK_CLOSE, THINK_OPEN)
-    template = data.format if data.format not in ("chat", "plain") else PLAIN_TEMPLATE
-    cot, response = template.find("{cot}"), template.find("{response}")
-    separator = template[cot + len("{cot}"):response].strip() if cot >= 0 and response >= 0 else ""
-    return Markers(separator or None, None)
-
-
-@dataclass(frozen=True)
-class Reading:
-    think: str
-    answer: str
-    opened: bool
-    closed: bool
-    blocks: int
-    """Think blocks opened in the completion and the prompt together (the format wants exactly one)."""
-
-
-def read_completion(text: str, prompt: str, markers: Markers) -> Reading:
-    """A completion split into reasoning and answer, as qlora_kit.chat.generate.split_think splits a reply."""
-    if markers.separator is None:
-        return Reading("", text.strip(), opened=False, closed=False, blocks=0)
-    inside = markers.starts_inside(prompt)
-    body = text.lstrip()
-    opens = body.count(markers.opener) if markers.opener else 0
-    if markers.opener and body.startswith(markers.opener):
-        body, inside = body[len(markers.opener):], True
-    blocks = max(opens + (1 if markers.starts_inside(prompt) else 0), body.count(markers.separator))
-    if not inside:
-        return Reading("", body.replace(markers.separator, "").strip(), opened=False, closed=False, blocks=blocks)
-    think, found, answer = body.partition(markers.separator)
-    return Reading(think.strip(), answer.replace(markers.separator, "").strip() if found else "", opened=True,
-                   closed=bool(found), blocks=blocks)
-
-
-def answer_part(reading: Reading) -> str | None:
-    """What the answer checks read: the text after the reasoning; None when the reasoning never closed (the model ran
-    out of tokens mid-thought). A direct answer (no think block at all) is read as it stands."""
-    if reading.opened and not reading.closed:
-        return None
-    return reading.answer
-
+from qlora_kit.recipe.schema import REWARD_NAMES, Recipe
 
 # ------------------------------------------------------------------------------------------------ the rewards
 
@@ -112,10 +49,10 @@ class Reward:
         out = []
         for i, (prompt, text, ids) in enumerate(zip(prompts, completions, completion_ids, strict=True)):
             row = {key: values[i] for key, values in fields.items() if isinstance(values, list)}
-            out.append(self.score(read_completion(as_text(text), as_text(prompt), self.markers), ids, row))
+            out.append(self.score(read_reply(as_text(text), as_text(prompt), self.markers), ids, row))
         return out
 
-    def score(self, reading: Reading, ids: list[int], row: dict) -> float | None:
+    def score(self, reading: Split, ids: list[int], row: dict) -> float | None:
         raise NotImplementedError
 
 
@@ -131,7 +68,7 @@ class FormatReward(Reward):
 
     def score(self, reading, ids, row):
         ended = bool(ids) and ids[-1] in self.eos_ids
-        return float(reading.opened and reading.closed and bool(reading.answer) and ended and reading.blocks == 1)
+        return float(in_format(reading, ended, has_reasoning=self.markers.separator is not None))
 
 
 class ChoiceReward(Reward):

@@ -82,8 +82,6 @@ def run(args: argparse.Namespace) -> int:
     settle_hub_access(recipe, say=lambda text: print(text.removeprefix("[dim]")))
     quiet_libraries()
     from qlora_kit import distributed
-    from qlora_kit.data.examples import build_examples
-    from qlora_kit.data.report import show_example
     from qlora_kit.model.loading import load_tokenizer
     from qlora_kit.model.preflight import check_model_files, check_model_matches
     from qlora_kit.recipe.run_files import PREVIEW_FILE, RECIPE_FILE
@@ -99,13 +97,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(recipe.model)
     check_model_matches(recipe, tokenizer)
     grpo = recipe.train.method == "grpo"  # reinforcement learning on checkable answers instead of SFT (docs/grpo.md)
-    if grpo:
-        from qlora_kit.data.checkable import build_grpo_examples
-
-        examples = build_grpo_examples(recipe, tokenizer, console)
-    else:
-        examples = build_examples(recipe, tokenizer, console)
-        show_example(console, examples.train[0], tokenizer)
+    examples = build_examples_for(recipe, tokenizer, console, grpo)
     plan = check_memory_plan(recipe, console, force=args.force)
 
     if args.dry_run:
@@ -127,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
     if resume_from:
         console.print(f"[bold]resuming[/] from step {resume_step} ({resume_from})")
 
-    from qlora_kit.train.fit import fit
-    from qlora_kit.train.grpo import fit_grpo
-
-    outcome = (fit_grpo if grpo else fit)(recipe, tokenizer, examples, out, console, resume_from, resume_step,
-                                          processes)
+    if grpo:
+        from qlora_kit.train.grpo import fit_grpo as fit
+    else:
+        from qlora_kit.train.fit import fit
+    outcome = fit(recipe, tokenizer, examples, out, console, resume_from, resume_step, processes)
     if outcome.interrupted:
         # Without --overwrite: the directory now holds an unfinished run, which re-running resumes.
         resume = args.command.replace(" --overwrite", "")
@@ -139,13 +131,7 @@ def run(args: argparse.Namespace) -> int:
                       f"Resume with:\n  {resume}")
         return EXIT_INTERRUPTED
     if processes.is_main:
-        from qlora_kit.results.grpo_samples import judge_finished_run
-        from qlora_kit.results.samples import sample_finished_run
-
-        if grpo:  # held-out rows answered before and after, scored by the run's rewards
-            samples, judged = [], judge_finished_run(outcome, tokenizer, recipe, examples, out, console).lines()
-        else:
-            samples, judged = sample_finished_run(outcome, tokenizer, recipe, examples, out, console), []
+        samples, judged = ask_the_trained_model(outcome, tokenizer, recipe, examples, out, console, grpo)
         outcome.model = None  # freed before the evaluation loads the run afresh
         write_run_report(recipe, args.command, examples.data_report, outcome.summary, samples, plan, judged)
     show_summary(console, outcome.summary, out)
@@ -153,6 +139,33 @@ def run(args: argparse.Namespace) -> int:
 
     evaluate_finished_run(recipe, console, is_main=processes.is_main)
     return 0
+
+
+def build_examples_for(recipe, tokenizer, console, grpo: bool):
+    """SFT: prompt/completion token ids with the completion mask, the first one shown with its trained tokens.
+    GRPO: prompts with the answers the rewards check (the completions are the model's own, written in training)."""
+    if grpo:
+        from qlora_kit.data.checkable import build_grpo_examples
+
+        return build_grpo_examples(recipe, tokenizer, console)
+    from qlora_kit.data.examples import build_examples
+    from qlora_kit.data.report import show_example
+
+    examples = build_examples(recipe, tokenizer, console)
+    show_example(console, examples.train[0], tokenizer)
+    return examples
+
+
+def ask_the_trained_model(outcome, tokenizer, recipe, examples, out: Path, console, grpo: bool):
+    """The held-out rows answered with the adapter off, then on, by the model still in memory: (samples, judged
+    lines). SFT: samples.md and the format counts. GRPO: every reply scored by the run's own rewards."""
+    if grpo:
+        from qlora_kit.results.grpo_samples import judge_finished_run
+
+        return [], judge_finished_run(outcome, tokenizer, recipe, examples, out, console).lines()
+    from qlora_kit.results.samples import sample_finished_run
+
+    return sample_finished_run(outcome, tokenizer, recipe, examples, out, console), []
 
 
 def use_gguf_base(recipe, console, weights: bool, is_main: bool) -> None:

@@ -51,22 +51,25 @@ def reply_html(text: str, label: str, reasoning_label: str, done: bool) -> str:
             f"<div class='chat-answer' style='white-space:pre-wrap'>{html.escape(answer)}{cursor}</div></div>")
 
 
-def _pump(proc: subprocess.Popen, side: int, out: queue.Queue) -> None:
+def _pump(stream, side: int, out: queue.Queue) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    fd = proc.stdout.fileno()
+    fd = stream.fileno()
     while chunk := os.read(fd, 4096):  # whatever arrived, not whole lines: tokens show as they come
         out.put((side, decoder.decode(chunk)))
     out.put((side, None))
 
 
 def ask_both(run_dir: Path, question: str, cwd: Path, max_new_tokens: int = 512) -> Iterator[tuple[str, str, int, int]]:
-    """Yield (base output, fine-tuned output, base exit, tuned exit) as both stream; exits are -1 while running."""
+    """Yield (base output, fine-tuned output, base exit, tuned exit) as both stream; exits are -1 while running.
+    The reply is the child's stdout; its stderr (what was loaded, or the error) is added only when it fails."""
     args = ["chat", str(run_dir), "--prompt", question, "--max-new-tokens", str(max_new_tokens), "--greedy"]
-    procs = [subprocess.Popen(command(*args, *extra), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen(command(*args, *extra), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, env=child_env()) for extra in (["--base"], [])]
     out: queue.Queue = queue.Queue()
+    errors: queue.Queue = queue.Queue()
     for side, proc in enumerate(procs):
-        threading.Thread(target=_pump, args=(proc, side, out), daemon=True).start()
+        threading.Thread(target=_pump, args=(proc.stdout, side, out), daemon=True).start()
+        threading.Thread(target=_pump, args=(proc.stderr, side, errors), daemon=True).start()
     texts, open_sides = ["", ""], {0, 1}
     while open_sides:
         side, piece = out.get()
@@ -83,4 +86,9 @@ def ask_both(run_dir: Path, question: str, cwd: Path, max_new_tokens: int = 512)
         codes = [p.poll() if s not in open_sides else -1 for s, p in enumerate(procs)]
         yield texts[0], texts[1], *(c if c is not None else -1 for c in codes)
     codes = [p.wait() for p in procs]
+    stderr = ["", ""]
+    while not errors.empty():
+        side, piece = errors.get()
+        stderr[side] += piece or ""
+    texts = [text + (stderr[side] if codes[side] else "") for side, text in enumerate(texts)]
     yield texts[0], texts[1], codes[0], codes[1]

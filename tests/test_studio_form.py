@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,24 @@ def test_chat_output_splits_into_reasoning_and_answer():
         "\nIt is normal.\n"
     assert split_reply(text) == ("step one", "It is normal.")
     assert split_reply("just an answer") == ("", "just an answer")
+
+
+def test_a_training_that_dies_is_failed_with_its_last_lines(tmp_path):
+    """A real `qlora-kit run` child on a recipe with a typo: the run directory reads as failed, exit 2, and the
+    page's text holds the CLI's message and no traceback."""
+    from qlora_kit.studio import runs
+
+    recipe = tmp_path / "bad.toml"
+    run_dir = tmp_path / "runs" / "bad"
+    recipe.write_text(f'[train]\nmax_stepz = 3\n[output]\ndir = "{run_dir}"\n', encoding="utf-8")
+    runs.start_run(run_dir, recipe, tmp_path)
+    assert runs.wait_for(run_dir, 120) == 2
+    deadline = time.monotonic() + 10
+    while runs.exit_code(run_dir) is None and time.monotonic() < deadline:  # written by the studio's waiter thread
+        time.sleep(0.05)
+    state = runs.run_status(run_dir)
+    assert state.status == "failed" and state.exit_code == 2
+    text = runs.failure_text(runs.log_tail(run_dir), state.exit_code, "The training")
+    assert "the input needs a fix" in text and "train.max_steps" in text and "Traceback" not in text
+    assert runs.list_runs(tmp_path / "runs") == [str(run_dir)]
+    assert runs.running_pid(run_dir) is None and not runs.stop_run(run_dir)

@@ -150,6 +150,8 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     saved = tmp_path / "model.gguf"
     download.value.save_as(saved)
     assert saved.read_bytes()[:4] == b"GGUF"
+    # Served from the run directory, not copied into Gradio's cache (a real model's GGUF is gigabytes).
+    assert not list((studio.root / ".studio").rglob("*.gguf"))
     shoot(page, "export")
 
     assert only_local(page.requests) == [], "the page reached beyond 127.0.0.1"

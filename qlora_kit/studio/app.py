@@ -67,6 +67,8 @@ def error_box(error: UserError | str) -> str:
 
 
 def build(ws: Workspace) -> gr.Blocks:
+    # Run files (a GGUF of gigabytes, the pictures) are served from where they are, not copied into Gradio's cache.
+    gr.set_static_paths([str(ws.runs_dir())])
     found = sorted((ws.root / "recipes").glob("*.toml"))
     presets = {DEMO_PRESET: None, **{str(p.relative_to(ws.root)): p for p in found}}
     texts: list[tuple[Any, str, str]] = []  # (component, attribute, text key): what the language switch re-sends

@@ -55,7 +55,8 @@ def test_the_grpo_plan_matches_the_live_tensors_of_real_steps(tmp_path, wide_mod
     from qlora_kit.data.replies import stop_ids
     from qlora_kit.model.loading import choose_precision, keep_adapter_fp32, load_tokenizer
     from qlora_kit.plan.tensor_peak import LiveTensorBytes
-    from qlora_kit.train.grpo import grpo_arguments, load_policy, trainer_class
+    from qlora_kit.recipe.trainer_arguments import grpo_arguments
+    from qlora_kit.train.grpo import load_policy, trainer_class
     from qlora_kit.train.rewards import build_rewards
 
     rows = tmp_path / "rows.jsonl"

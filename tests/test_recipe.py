@@ -143,7 +143,7 @@ def test_every_argument_of_our_sftconfig_call_is_refused_in_sft():
     import torch
 
     from qlora_kit.model.loading import Precision
-    from qlora_kit.recipe.sft_arguments import sft_arguments, sft_keys_we_set
+    from qlora_kit.recipe.trainer_arguments import sft_arguments, sft_keys_we_set
     from qlora_kit.train.fit import sft_config
 
     passed = set(sft_arguments(Recipe(), Precision("cpu", torch.float32), Path("/tmp/x")))

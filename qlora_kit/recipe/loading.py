@@ -237,7 +237,7 @@ def _check_values(recipe: Recipe) -> list[str]:
                         "FSDP's gradient hooks once per slice): turn one of them off")
     problems += grpo_problems(recipe)
     if recipe.sft:
-        from qlora_kit.recipe.sft_arguments import sft_table_problems
+        from qlora_kit.recipe.trainer_arguments import sft_table_problems
 
         problems += sft_table_problems(recipe.sft)
     return problems

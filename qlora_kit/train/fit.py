@@ -10,7 +10,7 @@ from qlora_kit.distributed import current as current_processes
 from qlora_kit.errors import UserError
 from qlora_kit.model.loading import Precision, keep_adapter_fp32
 from qlora_kit.recipe.schema import TILED_MLP_SLICE_TOKENS, Recipe
-from qlora_kit.recipe.sft_arguments import sft_arguments
+from qlora_kit.recipe.trainer_arguments import sft_arguments
 from qlora_kit.train.trackers import TENSORBOARD_DIR, log_tensorboard_into
 
 

@@ -17,56 +17,9 @@ from pathlib import Path
 from qlora_kit.data.replies import stop_ids
 from qlora_kit.distributed import Processes
 from qlora_kit.errors import UserError
-from qlora_kit.recipe.run_files import ADAPTER_DIR, CHECKPOINT_DIR
+from qlora_kit.recipe.run_files import ADAPTER_DIR
 from qlora_kit.recipe.schema import Recipe
-from qlora_kit.recipe.sft_arguments import optimizer_name
-
-
-def grpo_arguments(recipe: Recipe, precision, output_dir: Path, reward_weights: list[float]) -> dict:
-    """The GRPOConfig call: the SFT run's training keys, plus the [grpo] section."""
-    t, g = recipe.train, recipe.grpo
-    return dict(
-        output_dir=str(output_dir / CHECKPOINT_DIR),
-        # Both count completions: each optimizer step sees batch_size x grad_accum of them, i.e. that many divided
-        # by num_generations prompts, generated in one go (steps_per_generation = grad_accum, TRL's default).
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        num_generations=g.num_generations,
-        max_completion_length=g.max_completion_length,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        beta=g.beta,
-        loss_type=g.loss_type,
-        reward_weights=reward_weights,
-        # load_model turns the KV cache off for training; generating without it would recompute every prefix.
-        generation_kwargs={"use_cache": True},
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=optimizer_name(t.optim, precision),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        shuffle_dataset=recipe.data.shuffle,
-        seed=t.seed,
-        data_seed=t.seed,
-        full_determinism=t.deterministic,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy="no",  # judged by generation at the end (qlora_kit.results.grpo_samples), not by a loss
-        bf16=precision.amp == "bf16",
-        fp16=precision.amp == "fp16",
-        use_cpu=precision.device == "cpu",
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or None,
-        save_total_limit=t.save_total_limit,
-        report_to=list(recipe.output.report_to) or "none",
-        disable_tqdm=True,
-        remove_unused_columns=False,  # the reward functions read the answer columns
-    )
+from qlora_kit.recipe.trainer_arguments import grpo_arguments
 
 
 def trainer_class():

@@ -1,6 +1,7 @@
-"""The arguments of our trl.SFTConfig call, from the recipe: completion-only loss, dynamic padding, the precision.
+"""The arguments of our TRL config calls, from the recipe: trl.SFTConfig (completion-only loss, dynamic padding, the
+precision) and trl.GRPOConfig (the [grpo] section); the training loop's own keys are shared by both.
 
-Kept apart from train.py (which loads torch) so that recipe validation can read the argument names in a fraction
+Kept apart from train/ (which loads torch) so that recipe validation can read the argument names in a fraction
 of a second: the [sft] pass-through table may not give any of them again.
 """
 
@@ -41,17 +42,13 @@ def sft_keys_we_set() -> set[str]:
     return set(sft_arguments(every_branch, SimpleNamespace(device="cpu", amp=""), Path(".")))
 
 
-def sft_arguments(recipe: Recipe, precision, output_dir: Path) -> dict:
-    t, d = recipe.train, recipe.data
-    evaluate = d.eval_rows > 0 and t.eval_steps > 0
+def loop_arguments(recipe: Recipe, precision, output_dir: Path) -> dict:
+    """What SFT and GRPO runs share: the checkpoints' folder, batch, schedule, optimizer, checkpointing of
+    activations, seeds, logging, precision, saving and trackers."""
+    t = recipe.train
     return dict(
         output_dir=str(output_dir / CHECKPOINT_DIR),
-        # Rows over max_length were already dropped (or truncated, when asked) and reported by
-        # encode.py, so TRL's own truncation never cuts an answer silently.
-        max_length=d.max_length,
-        completion_only_loss=True,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -65,18 +62,11 @@ def sft_arguments(recipe: Recipe, precision, output_dir: Path) -> dict:
         # which PEFT (0.21) does not strip when it picks the adapter keys, so the saved adapter came out empty.
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        # Offloading moves activations from the GPU to RAM; on a CPU-only run there is nothing to move.
-        activation_offloading=recipe.memory.offload_activations and precision.device == "cuda",
-        # Dynamic padding happens in TRL's collator (pad to the longest in the batch); grouping by
-        # length keeps that padding small.
-        train_sampling_strategy=sampling_strategy(recipe),
         seed=t.seed,
         data_seed=t.seed,
         full_determinism=t.deterministic,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=t.eval_steps if evaluate else None,
         bf16=precision.amp == "bf16",
         fp16=precision.amp == "fp16",
         use_cpu=precision.device == "cpu",
@@ -85,7 +75,50 @@ def sft_arguments(recipe: Recipe, precision, output_dir: Path) -> dict:
         save_total_limit=t.save_total_limit,
         report_to=list(recipe.output.report_to) or "none",
         disable_tqdm=True,  # the status view replaces the progress bar
+    )
+
+
+def sft_arguments(recipe: Recipe, precision, output_dir: Path) -> dict:
+    t, d = recipe.train, recipe.data
+    evaluate = d.eval_rows > 0 and t.eval_steps > 0
+    return dict(
+        **loop_arguments(recipe, precision, output_dir),
+        # Rows over max_length were already dropped (or truncated, when asked) and reported by
+        # encode.py, so TRL's own truncation never cuts an answer silently.
+        max_length=d.max_length,
+        completion_only_loss=True,
+        per_device_eval_batch_size=t.batch_size,
+        # Offloading moves activations from the GPU to RAM; on a CPU-only run there is nothing to move.
+        activation_offloading=recipe.memory.offload_activations and precision.device == "cuda",
+        # Dynamic padding happens in TRL's collator (pad to the longest in the batch); grouping by
+        # length keeps that padding small.
+        train_sampling_strategy=sampling_strategy(recipe),
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
         **fsdp_arguments(recipe),
+    )
+
+
+def grpo_arguments(recipe: Recipe, precision, output_dir: Path, reward_weights: list[float]) -> dict:
+    """The GRPOConfig call: the SFT run's training keys, plus the [grpo] section."""
+    g = recipe.grpo
+    return dict(
+        **loop_arguments(recipe, precision, output_dir),
+        # Both batch keys count completions: each optimizer step sees batch_size x grad_accum of them, i.e. that
+        # many divided by num_generations prompts, generated in one go (steps_per_generation = grad_accum, TRL's
+        # default).
+        num_generations=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        beta=g.beta,
+        loss_type=g.loss_type,
+        reward_weights=reward_weights,
+        # load_model turns the KV cache off for training; generating without it would recompute every prefix.
+        generation_kwargs={"use_cache": True},
+        shuffle_dataset=recipe.data.shuffle,
+        eval_strategy="no",  # judged by generation at the end (qlora_kit.results.grpo_samples), not by a loss
+        remove_unused_columns=False,  # the reward functions read the answer columns
     )
 
 

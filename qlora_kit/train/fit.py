@@ -72,14 +72,10 @@ def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Pa
     """Load the model, measure the eval loss, train (resuming if asked), measure it again, write the artifacts.
     Survives Ctrl-C and OOM with a checkpoint; a finished run leaves adapter/, loss_curve.png and summary.json.
     `examples`: qlora_kit.data.examples.Examples."""
-    import torch
-
     from qlora_kit.data.encode import to_dataset
     from qlora_kit.model.loading import add_lora, choose_precision, count_parameters, load_model
     from qlora_kit.recipe import run_files
     from qlora_kit.train import artifacts
-    from qlora_kit.train.interrupts import GracefulStop, InjectOutOfMemory
-    from qlora_kit.train.status import StatusCallback
 
     precision = choose_precision(recipe.quant)
     if recipe.train.deterministic:  # before any kernel runs: loading and quantizing the model included
@@ -105,38 +101,26 @@ def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Pa
     title = f"qlora_kit · {recipe.model.display_name} · {label}"
     if processes.distributed:
         title += f" · {processes.world_size} processes, global batch {global_batch}"
-    stop = GracefulStop(console.print)
-    callbacks = [stop, artifacts.LogFinalStep()] + [c for c in [InjectOutOfMemory.from_environment()] if c]
-    metrics = status = None
-    if processes.is_main:  # the other ranks train in silence and write nothing
-        metrics = artifacts.MetricsRecorder(out / run_files.METRICS_FILE, resume_step)
-        before = next((r for r in metrics.records if r["step"] == 0 and "eval_loss" in r), {})
-        status = StatusCallback(title, console, eval_before={k: v for k, v in before.items() if k.endswith("_loss")})
-        callbacks += [metrics, status]
+    watch = Watchers.start(out, resume_step, title, console, processes)
     train_examples, eval_examples = examples.train, examples.eval
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(train_examples),
-                            to_dataset(eval_examples) if eval_examples else None, precision, out, callbacks)
+                            to_dataset(eval_examples) if eval_examples else None, precision, out, watch.callbacks)
     trainer.eval_examples = eval_examples
     if trainer.is_fsdp_enabled:
         console.print(f"sharding: FSDP2 over {processes.world_size} processes, each holding 1/{processes.world_size} "
                       "of the 4-bit weights and of the adapter")
-    stop.install()
-    try:
+
+    def steps():
         if eval_examples and not resume_from:  # a resumed run measured its "before" when it first started
             evaluate_before_training(trainer, len(eval_examples), console)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        if stop.signal_name:
-            return Outcome(trainer.state.global_step, interrupted=stop.signal_name)
-        if eval_examples:
+        if eval_examples and not watch.stop.signal_name:
             final_evaluation(trainer)
-    except torch.OutOfMemoryError as error:
-        if status:
-            status.close()
-        raise out_of_memory(error, trainer, recipe, out) from None
-    finally:
-        stop.uninstall()
-        if status:
-            status.close()
+
+    interrupted = train_guarded(steps, trainer, watch, recipe, out)
+    if interrupted:
+        return Outcome(trainer.state.global_step, interrupted=interrupted)
+    metrics = watch.metrics
     adapter_state = gathered_adapter(trainer.model) if trainer.is_fsdp_enabled else None
     if not processes.is_main:
         return Outcome(trainer.state.global_step)
@@ -149,6 +133,56 @@ def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Pa
     summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / run_files.SUMMARY_FILE, summary)
     return Outcome(trainer.state.global_step, summary=summary, model=trainer.model, sharded=trainer.is_fsdp_enabled)
+
+
+@dataclass
+class Watchers:
+    """The callbacks every run trains with, SFT and GRPO alike: a clean stop on Ctrl-C / SIGTERM, the final step
+    logged, the fault-injection switch of the tests and, on rank 0 only, metrics.jsonl and the live view."""
+
+    stop: object
+    metrics: object
+    status: object
+    callbacks: list
+
+    @classmethod
+    def start(cls, out: Path, resume_step: int, title: str, console, processes: Processes) -> Watchers:
+        from qlora_kit.recipe.run_files import METRICS_FILE
+        from qlora_kit.train.artifacts import LogFinalStep, MetricsRecorder
+        from qlora_kit.train.interrupts import GracefulStop, InjectOutOfMemory
+        from qlora_kit.train.status import StatusCallback
+
+        stop = GracefulStop(console.print)
+        callbacks = [stop, LogFinalStep()] + [c for c in [InjectOutOfMemory.from_environment()] if c]
+        metrics = status = None
+        if processes.is_main:  # the other ranks train in silence and write nothing
+            metrics = MetricsRecorder(out / METRICS_FILE, resume_step)
+            # A resumed run's "before" is the eval loss logged at step 0 when it first started.
+            before = next((r for r in metrics.records if r["step"] == 0 and "eval_loss" in r), {})
+            status = StatusCallback(title, console,
+                                    eval_before={k: v for k, v in before.items() if k.endswith("_loss")})
+            callbacks += [metrics, status]
+        return cls(stop, metrics, status, callbacks)
+
+
+def train_guarded(steps, trainer, watch: Watchers, recipe: Recipe, out: Path) -> str:
+    """Run `steps` (training, and the evaluations around it) with Ctrl-C finishing the step and saving a checkpoint,
+    and an out-of-memory error saving the last completed step and explaining which knobs to turn. Returns the name
+    of the signal that stopped the run, "" when it finished."""
+    import torch
+
+    watch.stop.install()
+    try:
+        steps()
+        return watch.stop.signal_name
+    except torch.OutOfMemoryError as error:
+        if watch.status:
+            watch.status.close()
+        raise out_of_memory(error, trainer, recipe, out) from None
+    finally:
+        watch.stop.uninstall()
+        if watch.status:
+            watch.status.close()
 
 
 CPU_ACTIVATIONS_SHARE = 0.25

@@ -102,7 +102,6 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
              resume_step: int = 0, processes: Processes | None = None):
     """Load the policy, train with GRPO (resuming if asked), write the artifacts. Survives Ctrl-C and OOM with a
     checkpoint, as SFT does. `examples`: qlora_kit.data.checkable.GrpoExamples. Returns a fit.Outcome."""
-    import torch
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig
@@ -110,10 +109,8 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
     from qlora_kit.model.loading import choose_precision, count_parameters, keep_adapter_fp32
     from qlora_kit.recipe import run_files
     from qlora_kit.train import artifacts
-    from qlora_kit.train.fit import Outcome, checkpointing_on_cpu, out_of_memory
-    from qlora_kit.train.interrupts import GracefulStop, InjectOutOfMemory
+    from qlora_kit.train.fit import Outcome, Watchers, checkpointing_on_cpu, train_guarded
     from qlora_kit.train.rewards import build_rewards
-    from qlora_kit.train.status import StatusCallback
     from qlora_kit.train.trackers import TENSORBOARD_DIR, log_tensorboard_into
 
     precision = choose_precision(recipe.quant)
@@ -139,34 +136,20 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
     prompts_per_step = recipe.train.batch_size * recipe.train.grad_accum // recipe.grpo.num_generations
     title = (f"qlora_kit · GRPO · {recipe.model.display_name} · {label} · {prompts_per_step} prompt(s) × "
              f"{recipe.grpo.num_generations} completions a step")
-    stop = GracefulStop(console.print)
-    callbacks = [stop, artifacts.LogFinalStep()] + [c for c in [InjectOutOfMemory.from_environment()] if c]
-    metrics = status = None
-    if processes.is_main:
-        metrics = artifacts.MetricsRecorder(out / run_files.METRICS_FILE, resume_step)
-        status = StatusCallback(title, console)
-        callbacks += [metrics, status]
+    watch = Watchers.start(out, resume_step, title, console, processes)
     dataset = Dataset.from_list([{"prompt": p.prompt, **p.row.fields()} for p in examples.train])
     args = GRPOConfig(**grpo_arguments(recipe, precision, out, [r.weight for r in rewards]))
     trainer = trainer_class()(model=model, reward_funcs=[r.function for r in rewards], args=args,
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=watch.callbacks)
     trainer.bos_id = bos_to_add(tokenizer)
     keep_adapter_fp32(trainer.model)  # after TRL's bf16 cast of quantized-model adapters, before the optimizer
     trainer.remove_callback(PrinterCallback)
     log_tensorboard_into(trainer, out / TENSORBOARD_DIR)
-    stop.install()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        if stop.signal_name:
-            return Outcome(trainer.state.global_step, interrupted=stop.signal_name)
-    except torch.OutOfMemoryError as error:
-        if status:
-            status.close()
-        raise out_of_memory(error, trainer, recipe, out) from None
-    finally:
-        stop.uninstall()
-        if status:
-            status.close()
+    interrupted = train_guarded(lambda: trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None),
+                                trainer, watch, recipe, out)
+    if interrupted:
+        return Outcome(trainer.state.global_step, interrupted=interrupted)
+    metrics = watch.metrics
     if not processes.is_main:
         return Outcome(trainer.state.global_step)
     # Only the trained adapter: with beta > 0 TRL keeps a frozen "ref" copy beside it, which is not the run's result.

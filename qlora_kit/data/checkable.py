@@ -18,13 +18,12 @@ Columns: data.question_column and data.response_column when the data has them (M
 from __future__ import annotations
 
 import math
-import random
 import re
 import unicodedata
 from dataclasses import dataclass
 
 from qlora_kit.data.choices import Question, question_fields
-from qlora_kit.data.rows import _read_records, row_list
+from qlora_kit.data.rows import _read_records, row_list, split_rows
 from qlora_kit.errors import UserError
 from qlora_kit.recipe.schema import DataSection
 
@@ -86,15 +85,9 @@ def load_checkable(data: DataSection, seed: int) -> CheckableSet:
                         hint=f"GRPO rows need `{question_column}` (text) and `{answer_column}`; multiple-choice rows "
                              "also `options` (a list, or an object keyed A, B, C, ...) with the answer as a letter or "
                              "0-based index. Row numbers count from 1 (the line number in a .jsonl).")
-    if data.shuffle:
-        random.Random(seed).shuffle(rows)
-    if data.limit:
-        rows = rows[:data.limit]
-    if data.eval_rows >= len(rows):
-        raise UserError(f"data.eval_rows = {data.eval_rows} leaves no rows to train on ({len(rows)} rows).",
-                        hint="Lower data.eval_rows or raise data.limit.")
-    kinds = {kind: sum(r.kind == kind for r in rows) for kind in ("choice", "numeric", "exact")}
-    return CheckableSet(rows[data.eval_rows:], rows[:data.eval_rows], origin, kinds)
+    train, held_out = split_rows(rows, data, seed)  # seeded shuffle, data.limit, data.eval_rows: as SFT splits
+    kinds = {kind: sum(r.kind == kind for r in train + held_out) for kind in ("choice", "numeric", "exact")}
+    return CheckableSet(train, held_out, origin, kinds)
 
 
 def checkable_row(record: dict, number: int, question_column: str, answer_column: str) -> CheckableRow | str:

@@ -6,6 +6,7 @@ No network: the demo model and rows ship inside the package, and every request t
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -126,6 +127,16 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     assert "format compliance" in summary
     wait_text(page, "#samples", r"\S")
     shoot(page, "results")
+    # The multiple-choice evaluation: a questions file in the workspace, base vs fine-tuned, as a table.
+    questions = studio.root / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"Which letter is number {i + 1}?",
+                                             "options": ["one", "two", "three", "four"], "answer": "ABCD"[i]}) + "\n"
+                                 for i in range(4)), encoding="utf-8")
+    page.locator("#eval-file textarea, #eval-file input").first.fill(str(questions))
+    page.locator("#eval-btn").click()
+    table = wait_text(page, "#eval-table", r"fine-tuned[\s\S]*questions[\s\S]*/4", 240)
+    assert "base" in table and "%" in table
+    shoot(page, "eval")
 
     # ---- chat: base and fine-tuned answer the same question, side by side
     tab(page, "Chat")
@@ -138,7 +149,7 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     assert "Fine-tuned" in page.locator("#reply-tuned").inner_text()
     shoot(page, "chat")
 
-    # ---- export: merge, then q8_0 GGUF with the advice for the card; download the file
+    # ---- export: merge, then q8_0 and q4_k_m GGUF with the advice for the card; download the files
     tab(page, "Export")
     wait_text(page, "#gguf-advice", r"q8_0|merged|GGUF")
     page.locator("#export-btn").click()
@@ -148,6 +159,16 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     with page.expect_download() as download:
         link.click()
     saved = tmp_path / "model.gguf"
+    download.value.save_as(saved)
+    assert saved.read_bytes()[:4] == b"GGUF"
+    # The K-quant the advice names for most cards: the merged folder is reused, only the export runs again.
+    choose(page, "gguf-type", "q4_k_m")
+    page.locator("#export-btn").click()
+    log = wait_text(page, "#export-log", r"--type q4_k_m[\s\S]*done\.", 300)
+    assert "qlora-kit merge" not in log
+    with page.expect_download() as download:
+        page.locator("#export-files a[download$='q4_k_m.gguf']").first.click()
+    saved = tmp_path / "model-q4_k_m.gguf"
     download.value.save_as(saved)
     assert saved.read_bytes()[:4] == b"GGUF"
     # Served from the run directory, not copied into Gradio's cache (a real model's GGUF is gigabytes).

@@ -211,7 +211,9 @@ def build(ws: Workspace) -> gr.Blocks:
                     memory_img = gr.Image(label="memory_speed.png", type="filepath", elem_id="memory-speed",
                                           interactive=False)
                 samples_md = gr.Markdown(elem_id="samples")
-                eval_btn = tr(gr.Button(t("eval_btn"), elem_id="eval-btn"), "eval_btn", "value")
+                with gr.Row():
+                    eval_file = tr(gr.Textbox(label=t("eval_file"), elem_id="eval-file", scale=3), "eval_file")
+                    eval_btn = tr(gr.Button(t("eval_btn"), elem_id="eval-btn", scale=1), "eval_btn", "value")
                 eval_log = gr.Textbox(label="qlora-kit eval", lines=8, elem_id="eval-log")
                 eval_table = gr.Markdown(elem_id="eval-table")
 
@@ -433,13 +435,15 @@ def build(ws: Workspace) -> gr.Blocks:
         results_btn.click(on_results, run_dir, [results_md, curve_img, memory_img, samples_md])
         results_tab.select(on_results, run_dir, [results_md, curve_img, memory_img, samples_md])
 
-        def on_eval(text):
+        def on_eval(text, questions):
             try:
                 path = checked_run_dir(text)
+                # Empty: the run's own [eval] section, as `qlora-kit eval RUN` reads it.
+                extra = ["--file", str(ws.resolve(questions, "questions file"))] if questions.strip() else []
             except UserError as error:
                 yield error_box(error).replace("<pre class='studio-error'>", "").replace("</pre>", ""), ""
                 return
-            for output, code in runs.stream(runs.command("eval", str(path)), ws.root):
+            for output, code in runs.stream(runs.command("eval", str(path), *extra), ws.root):
                 if code is None:
                     yield output, ""
                 elif code != 0:
@@ -447,7 +451,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 else:
                     yield output, eval_markdown(runs.read_json(path / "eval.json"))
 
-        eval_btn.click(on_eval, run_dir, [eval_log, eval_table])
+        eval_btn.click(on_eval, [run_dir, eval_file], [eval_log, eval_table])
 
         def on_ask(text, q, limit, lang_choice):
             code = LANGUAGES.get(lang_choice, "en")
@@ -626,11 +630,12 @@ def results_markdown(summary: dict) -> str:
 
 
 def eval_markdown(record: dict) -> str:
+    """eval.json as the table report.md gets: accuracy per task, base vs fine-tuned, with the 95 % interval."""
     if not record:
         return ""
-    import json
+    from qlora_kit.eval.results import report_section
 
-    return "```json\n" + json.dumps(record, indent=2, ensure_ascii=False)[:4000] + "\n```"
+    return report_section(record)
 
 
 def gguf_advice(run_dir: Path) -> str:

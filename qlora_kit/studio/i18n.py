@@ -46,6 +46,8 @@ TEXTS: dict[str, dict[str, str]] = {
     "lr_chart": {"en": "Learning rate", "zh": "学习率"},
     "results_refresh": {"en": "Show the results", "zh": "显示结果"},
     "eval_btn": {"en": "Run qlora-kit eval", "zh": "运行 qlora-kit eval"},
+    "eval_file": {"en": "Multiple-choice questions (.jsonl: question, options, answer); empty: the run's [eval]",
+                  "zh": "选择题文件（.jsonl：question、options、answer）；留空则用运行配方中的 [eval]"},
     "question": {"en": "Your question", "zh": "你的问题"},
     "ask": {"en": "Ask both", "zh": "同时提问"},
     "base_model": {"en": "Base (adapter off)", "zh": "基座模型（关闭适配器）"},

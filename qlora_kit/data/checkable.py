@@ -23,7 +23,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from qlora_kit.data.choices import Question, question_fields
-from qlora_kit.data.rows import _read_records, row_list, split_rows
+from qlora_kit.data.rows import read_source_records, row_list, split_rows
 from qlora_kit.errors import UserError
 from qlora_kit.recipe.schema import DataSection
 
@@ -65,7 +65,7 @@ class CheckableSet:
 
 def load_checkable(data: DataSection, seed: int) -> CheckableSet:
     """Read, check and split the rows (shuffle with the seed, data.limit, data.eval_rows held out)."""
-    records, origin = _read_records(data)
+    records, origin = read_source_records(data)
     if not records:
         raise UserError(f"{origin}: the data set has no rows.", hint="Point data.source at a file with rows.")
     present = set().union(*(r.keys() for r in records[:100]))

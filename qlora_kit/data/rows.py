@@ -43,7 +43,7 @@ class RowSet:
 
 
 def load_rows(data: DataSection) -> RowSet:
-    records, origin = _read_records(data)
+    records, origin = read_source_records(data)
     if not records:
         raise UserError(f"{origin}: the data set has no rows.", hint="Point data.source at a file with rows.")
     layout = resolve_layout(records, data, origin)
@@ -86,7 +86,9 @@ def split_rows(rows: list[Row], data: DataSection, seed: int,
     return [r for r in rows if r.number not in held_out], [r for r in rows if r.number in held_out]
 
 
-def _read_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:
+def read_source_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:
+    """data.source's records as dicts (a local file or a hub data set), and where they came from for messages. Shared
+    by the SFT rows here and GRPO's checkable rows."""
     path = Path(data.source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():

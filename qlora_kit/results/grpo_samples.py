@@ -27,14 +27,7 @@ from qlora_kit.recipe.run_files import SAMPLES_FILE, SUMMARY_FILE
 from qlora_kit.recipe.schema import Recipe
 from qlora_kit.results.markdown import fenced, one_line, quoted
 from qlora_kit.train.artifacts import write_json
-from qlora_kit.train.rewards import (
-    ChoiceReward,
-    ExactReward,
-    FormatReward,
-    NumericReward,
-    WeightedReward,
-    build_rewards,
-)
+from qlora_kit.train.rewards import BUILT_IN, WeightedReward, build_rewards
 
 SIDES = ("base", "fine_tuned")
 
@@ -99,11 +92,10 @@ class Judgement:
 def judge(model, tokenizer, recipe: Recipe, rows: list[Prompted], rows_from: str, console: Console) -> Judgement:
     """Every row answered with the adapter off, then on, and scored. Ctrl-C or running out of memory stops the
     judging, not the run: what was judged so far is kept."""
-    rewards = build_rewards(recipe, tokenizer, stop_ids(model, tokenizer))
-    markers, eos = markers_for(tokenizer, recipe.data), stop_ids(model, tokenizer)
-    checks = {"choice": ChoiceReward(markers, eos), "exact": ExactReward(markers, eos),
-              "numeric": NumericReward(markers, eos)}
-    in_format = FormatReward(markers, eos)
+    eos, markers = stop_ids(model, tokenizer), markers_for(tokenizer, recipe.data)
+    rewards = build_rewards(recipe, tokenizer, eos)
+    # Right and in format, whatever weights the recipe gives: each row's own check and the format rule.
+    checks = {kind: BUILT_IN[kind](markers, eos) for kind in ("choice", "exact", "numeric", "format")}
     settings = GenerationSettings(max_new_tokens=recipe.grpo.max_completion_length, greedy=recipe.samples.greedy,
                                   seed=recipe.train.seed)
     judgement = Judgement(rows_from=rows_from, decoding=settings.describe())
@@ -115,8 +107,8 @@ def judge(model, tokenizer, recipe: Recipe, rows: list[Prompted], rows_from: str
         with dequantized_weights(model):
             for row in rows:
                 with model.disable_adapter():
-                    base = answer(model, tokenizer, row, settings, rewards, checks, in_format, eos)
-                tuned = answer(model, tokenizer, row, settings, rewards, checks, in_format, eos)
+                    base = answer(model, tokenizer, row, settings, rewards, checks, eos)
+                tuned = answer(model, tokenizer, row, settings, rewards, checks, eos)
                 judgement.rows.append(Judged(row, base, tuned))
     except (KeyboardInterrupt, torch.OutOfMemoryError) as stop:
         reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else "out of memory"
@@ -129,7 +121,7 @@ def judge(model, tokenizer, recipe: Recipe, rows: list[Prompted], rows_from: str
 
 
 def answer(model, tokenizer, row: Prompted, settings: GenerationSettings, rewards: list[WeightedReward],
-           checks: dict, in_format, eos: set[int]) -> Scored:
+           checks: dict, eos: set[int]) -> Scored:
     ids = generate_ids(model, tokenizer, row.prompt_ids, settings)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     fields = {key: [value] for key, value in row.row.fields().items()}
@@ -140,7 +132,7 @@ def answer(model, tokenizer, row: Prompted, settings: GenerationSettings, reward
     scores = {r.name: call(r.function) for r in rewards}
     total = sum(r.weight * scores[r.name] for r in rewards if scores[r.name] is not None)
     return Scored(text, len(ids), bool(ids) and ids[-1] in eos, scores, round(total, 4),
-                  bool(call(checks[row.row.kind])), bool(call(in_format)))
+                  bool(call(checks[row.row.kind])), bool(call(checks["format"])))
 
 
 # ------------------------------------------------------------------------------------------------ samples.md

@@ -98,10 +98,15 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     page.wait_for_selector("#preset")
     tab(page, "Train")
     first = wait_text(page, "#status", r"demo.*running .* \d+ points logged", 60)
+    # The charts follow: the loss chart's line gains points as the run logs them, and memory is drawn too.
+    page.wait_for_function("Number(document.querySelector('#loss-chart').dataset.points) >= 2", timeout=30_000)
+    drawn = int(page.locator("#loss-chart").get_attribute("data-points"))
     later = wait_text(page, "#status", rf"({'|'.join(str(n) for n in range(points_logged(first) + 1, 400))}) "
                                        r"points logged", 60)
     assert points_logged(later) > points_logged(first)
-    assert page.locator("#loss-plot canvas, #loss-plot svg").count() >= 1
+    page.wait_for_function(f"Number(document.querySelector('#loss-chart').dataset.points) > {drawn}", timeout=30_000)
+    assert page.locator("#loss-chart polyline[data-series='train']").count() == 1
+    assert int(page.locator("#memory-chart").get_attribute("data-points")) >= 2
     shoot(page, "train")
     page.locator("#stop").click()
     stopped = wait_text(page, "#status", r"stopped", 120)

@@ -81,10 +81,21 @@ def read_architecture(model: ModelSection) -> Architecture:
     from the hub."""
     from qlora_kit.plan.architectures import published_config
 
+    known = published_config(model.name)
+    if known and not Path(model.name).expanduser().is_dir():
+        return Architecture.from_config(known, model.name)
+    return Architecture.from_config(read_config(model), model.display_name if model.gguf_file else model.name)
+
+
+def read_config(model: ModelSection) -> dict:
+    """The base model's config.json: a local folder, built in for the models we target (no network), or one small
+    file from the hub."""
+    from qlora_kit.plan.architectures import published_config
+
     local = Path(model.name).expanduser()
     known = published_config(model.name)
     if known and not local.is_dir():
-        return Architecture.from_config(known, model.name)
+        return dict(known)
     if local.is_dir():
         path = local / "config.json"
         if not path.is_file():
@@ -98,8 +109,7 @@ def read_architecture(model: ModelSection) -> Architecture:
             raise UserError(f"Could not read config.json of `{model.name}`: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}",
                             hint="Check the id and your connection, or point model.name at a local folder.") from None
-    return Architecture.from_config(json.loads(path.read_text(encoding="utf-8")),
-                                    model.display_name if model.gguf_file else model.name)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,17 @@ ADVICE_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
 SIZED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 """The config.json architectures gguf_shapes knows: those the GGUF export writes
 (qlora_kit.gguf.model_config.ARCHITECTURES; a test keeps the two equal)."""
+MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+"""config.json `model_type` -> architecture, for a config that names no `architectures` (a model written from a
+config alone, as the demo's is): the merge writes the architecture, the base may not."""
+
+
+def architecture(config: dict) -> str | None:
+    """The sized architecture this config.json describes, or None when the export does not write it."""
+    named = [name for name in config.get("architectures") or [] if name in SIZED_ARCHITECTURES]
+    if named:
+        return named[0]
+    return None if config.get("architectures") else MODEL_TYPES.get(config.get("model_type", ""))
 
 
 def gguf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -56,10 +67,11 @@ def smallest_card(needed: float) -> int | None:
     return next((card for card in CARDS_GIB if needed <= card * 1024**3 - CARD_RESERVED), None)
 
 
-def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT) -> list[str]:
+def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT, *, command: bool = True) -> list[str]:
     """Lines for the end of a merge: each type's file, file + KV cache, the smallest card it fits, and the
-    export command for the best type that fits an 8 GB card. No lines for an architecture the export does not write."""
-    if not set(config.get("architectures") or []) & set(SIZED_ARCHITECTURES):
+    export command for the best type that fits an 8 GB card (`command=False`: the type only, for the studio, whose
+    Export button is the command). No lines for an architecture the export does not write."""
+    if architecture(config) is None:
         return []
     kv = kv_cache_bytes(config, context)
     lines = [f"GGUF for llama.cpp / Ollama / LM Studio (file + f16 KV cache at {context} tokens "
@@ -74,5 +86,6 @@ def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT) -> list
         lines.append(f"  {name:<7} {size / 1e9:6.2f} GB file, {(size + kv + COMPUTE_OVERHEAD) / 1e9:6.2f} GB in use "
                      f"-> {where}")
     pick = best_8 or "q4_k_m"
-    lines.append(f"  for an 8 GB card: python tools/export_gguf.py {folder_hint} --type {pick}")
+    lines.append(f"  for an 8 GB card: python tools/export_gguf.py {folder_hint} --type {pick}" if command
+                 else f"  for an 8 GB card: {pick}")
     return lines

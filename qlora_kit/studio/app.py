@@ -7,7 +7,6 @@ recipe's keys (form.py); the charts, results and files are read from the run dir
 
 from __future__ import annotations
 
-import html
 import time
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,24 @@ from typing import Any
 import gradio as gr
 
 from qlora_kit.errors import UserError
-from qlora_kit.studio import chat, fit, form, runs
+from qlora_kit.studio import charts, chat, fit, form, runs
 from qlora_kit.studio.i18n import LANGUAGES, t
+from qlora_kit.studio.views import (
+    error_box,
+    eval_markdown,
+    gguf_advice,
+    preview_html,
+    results_markdown,
+    status_markdown,
+)
 from qlora_kit.studio.workspace import Workspace, demo_dir, toolkit_cache
 
 R1_MODELS = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
              "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "HuggingFaceTB/SmolLM2-135M-Instruct")
 DEMO_PRESET = "demo: tiny model + embedded rows (a minute on a CPU)"
 EXPORT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16")
-CHART_EVERY_S = 1.5
-"""While a run goes on, the charts are redrawn at most this often (the status line every second)."""
-LOSS_COLOURS = {"train": "#1f77b4", "eval": "#ff7f0e"}
-MEMORY_COLOURS = {"vram used": "#2ca02c", "vram peak": "#d62728", "ram used": "#2ca02c", "ram peak": "#d62728"}
+CHART_EVERY_S = 1.0
+"""While a run goes on, the charts are redrawn at most this often (the page polls every second)."""
 
 CSS = """
 .tok-prompt { color: #888; }
@@ -37,10 +42,14 @@ CSS = """
     font-family: monospace; font-size: 0.8em; }
 /* The once-a-second refresh must not flash a progress timer over the status line, the log and the charts. */
 #status [data-testid='status-tracker'], #log [data-testid='status-tracker'],
-[id$='-plot'] [data-testid='status-tracker'] { display: none !important; }
+#charts [data-testid='status-tracker'] { display: none !important; }
 .studio-error { color: #b71c1c; background: #fff4f4; border: 1px solid #f2b8b8; padding: 8px; white-space: pre-wrap;
                 border-radius: 4px; }
-"""
+""" + charts.CSS
+
+
+def chart_titles(lang: str) -> dict[str, str]:
+    return {name: t(f"{name}_chart", lang) for name in ("loss", "memory", "speed", "lr")}
 
 
 def demo_raw() -> dict[str, dict[str, Any]]:
@@ -59,11 +68,6 @@ def model_choices() -> list[str]:
     choices = [str(demo_dir() / "tiny-qwen2"), *R1_MODELS]
     choices += [str(p) for p in sorted((toolkit_cache() / "smollm2").glob("*.gguf"))]
     return choices
-
-
-def error_box(error: UserError | str) -> str:
-    text = error.render() if isinstance(error, UserError) else error
-    return f"<pre class='studio-error'>{html.escape(text)}</pre>"
 
 
 def build(ws: Workspace) -> gr.Blocks:
@@ -182,19 +186,7 @@ def build(ws: Workspace) -> gr.Blocks:
                     resume_btn = tr(gr.Button(t("resume"), elem_id="resume"), "resume", "value")
                 status = gr.Markdown(t("no_run"), elem_id="status")
                 train_error = gr.HTML(elem_id="train-error")
-                with gr.Row():
-                    # A fixed colour per series: the chart takes its colour domain from the first data it gets.
-                    loss_plot = tr(gr.LinePlot(x="step", y="value", color="series", label=t("loss_chart"),
-                                               color_map=LOSS_COLOURS, elem_id="loss-plot", height=260),
-                                   "loss_chart")
-                    memory_plot = tr(gr.LinePlot(x="step", y="value", color="series", label=t("memory_chart"),
-                                                 color_map=MEMORY_COLOURS, elem_id="memory-plot", height=260),
-                                     "memory_chart")
-                with gr.Row():
-                    speed_plot = tr(gr.LinePlot(x="step", y="value", label=t("speed_chart"), elem_id="speed-plot",
-                                                height=220), "speed_chart")
-                    lr_plot = tr(gr.LinePlot(x="step", y="value", label=t("lr_chart"), elem_id="lr-plot",
-                                             height=220), "lr_chart")
+                chart_box = gr.HTML(charts.run_charts([], chart_titles("en")), elem_id="charts")
                 log_box = tr(gr.Textbox(label=t("log"), lines=10, max_lines=10, elem_id="log", autoscroll=True),
                              "log")
                 seen = gr.State("")
@@ -381,11 +373,11 @@ def build(ws: Workspace) -> gr.Blocks:
             cost: on the demo, where a step is logged ten times a second, it would compete with the training)."""
             code = LANGUAGES.get(lang_choice, "en")
             if not text:
-                return [gr.skip()] * 7 + [last]
+                return [gr.skip()] * 4 + [last]
             try:
                 path = checked_run_dir(text)
             except UserError as error:
-                return [error_box(error)] + [gr.skip()] * 6 + [last]
+                return [gr.skip()] * 3 + [error_box(error), last]
             state = runs.run_status(path)
             metrics = path / "metrics.jsonl"
             log = path / runs.LOG_FILE
@@ -394,7 +386,7 @@ def build(ws: Workspace) -> gr.Blocks:
             previous, _, chart_state = (last or "").partition("|")
             charted_size, _, charted_at = chart_state.partition("@")
             if signature == previous and charted_size == str(size):  # nothing new, no chart owed: no redraw
-                return [gr.skip()] * 7 + [last]
+                return [gr.skip()] * 4 + [last]
             records = runs.read_metrics(path)
             tail = runs.log_tail(path)
             headline = status_markdown(path, state, records, code)
@@ -404,18 +396,16 @@ def build(ws: Workspace) -> gr.Blocks:
                                     "\n\nFix what the lines above say, then Start again (or Resume to continue "
                                     "from the last checkpoint).")
             now = time.monotonic()
-            due = str(size) != charted_size and (state.status != "running" or not charted_at
-                                                 or now - float(charted_at) >= CHART_EVERY_S)
+            due = (str(size) != charted_size or code != previous.rpartition(":")[2]) and (
+                state.status != "running" or not charted_at or now - float(charted_at) >= CHART_EVERY_S)
             if due:
-                # An empty frame is not sent: a chart given no series first would keep an empty legend.
-                plots = [frame if len(frame) else gr.skip() for frame in charts(records)]
+                drawn = charts.run_charts(records, chart_titles(code))
                 chart_state = f"{size}@{now}"
             else:
-                plots = [gr.skip()] * 4
-            return [headline, *plots, tail, problem, f"{signature}|{chart_state}"]
+                drawn = gr.skip()
+            return [headline, drawn, tail, problem, f"{signature}|{chart_state}"]
 
-        timer.tick(on_tick, [run_dir, lang, seen],
-                   [status, loss_plot, memory_plot, speed_plot, lr_plot, log_box, train_error, seen],
+        timer.tick(on_tick, [run_dir, lang, seen], [status, chart_box, log_box, train_error, seen],
                    show_progress="hidden")
 
         def on_results(text):
@@ -521,138 +511,3 @@ def build(ws: Workspace) -> gr.Blocks:
         page.load(on_open, None, run_dir)
         del tabs
     return page
-
-
-# ------------------------------------------------------------------------------------------------ rendering
-
-
-def preview_html(scratch: Path) -> str:
-    """The dry run's preview.jsonl: each row's tokens, the untrained prompt dim and the trained ones green."""
-    import json
-
-    path = scratch / "preview.jsonl"
-    if not path.is_file():
-        return error_box("The dry run wrote no preview.jsonl.")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    decode = token_decoder(scratch / "recipe.toml")
-    blocks = []
-    for row in rows[:3]:
-        ids, labels = row["input_ids"], row["labels"]
-        spans, start = [], 0
-        for i in range(1, len(ids) + 1):  # runs of tokens that are all trained or all not
-            if i == len(ids) or (labels[i] == -100) != (labels[start] == -100):
-                cls = "tok-prompt" if labels[start] == -100 else "tok-trained"
-                spans.append(f"<span class='{cls}'>{html.escape(decode(ids[start:i]))}</span>")
-                start = i
-        trained = sum(label != -100 for label in labels)
-        blocks.append(f"<div class='preview-row'><b>row {row.get('row', '?')}: {len(ids)} tokens, {trained} "
-                      f"trained</b>\n{''.join(spans)}</div>")
-    return "".join(blocks)
-
-
-def token_decoder(recipe_file: Path):
-    """ids -> text with the run's tokenizer: its tokenizer.json through the small `tokenizers` library when the
-    folder has one (no transformers import in the page), else transformers."""
-    from qlora_kit.recipe.loading import load_recipe
-
-    recipe = load_recipe(recipe_file)
-    folder = Path(recipe.model.tokenizer or recipe.model.name)
-    if recipe.model.gguf_file or recipe.model.name.lower().endswith(".gguf"):
-        from qlora_kit.model.gguf_base import prepare_gguf_base
-
-        prepare_gguf_base(recipe.model, weights=False)
-        folder = Path(recipe.model.name)
-    if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        return lambda ids: tok.decode(ids, skip_special_tokens=False)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder), revision=recipe.model.revision)
-    return lambda ids: tok.decode(ids)
-
-
-def status_markdown(path: Path, state: runs.RunState, records: list[dict], lang: str) -> str:
-    words = t(f"status_{state.status}", lang)
-    steps = [r for r in records if "loss" in r]
-    if not records:
-        return f"**{path.name}**: {words}"
-    last = records[-1]
-    step = last.get("step", 0)
-    from qlora_kit.recipe.loading import load_recipe
-
-    try:
-        total = load_recipe(path / "recipe.toml").train.max_steps
-    except (UserError, OSError):
-        total = 0
-    eta = ""
-    if total and step and state.status == "running" and last.get("time_s"):
-        eta = f" · ETA {max(total - step, 0) * last['time_s'] / step:.0f} s"
-    loss = f" · loss {steps[-1]['loss']:.4f}" if steps else ""
-    of = f" / {total}" if total else ""
-    return f"**{path.name}**: {words} · step {step}{of}{loss} · {len(steps)} points logged{eta}"
-
-
-def charts(records: list[dict]):
-    import pandas as pd
-
-    def frame(pairs):
-        rows = [{"step": r["step"], "value": r[key], "series": name} for r in records for key, name in pairs
-                if key in r]
-        # Every series from the first frame on (an empty one as a gap): the chart fixes its legend and colours on
-        # the first data it gets, and a run's first record holds only the eval loss before training.
-        present = {row["series"] for row in rows}
-        if rows:
-            rows += [{"step": rows[0]["step"], "value": float("nan"), "series": name} for _, name in pairs
-                     if name not in present]
-        # Typed even when empty: an empty frame's object columns would make the chart's axes categorical.
-        return pd.DataFrame(rows, columns=["step", "value", "series"]).astype(
-            {"step": "int64", "value": "float64", "series": "str"})
-
-    memory_keys = sorted({k for r in records for k in r if k.endswith(("_used_gib", "_peak_gib"))})
-    return (frame([("loss", "train"), ("eval_loss", "eval")]),
-            frame([(k, k.removesuffix("_gib").replace("_", " ")) for k in memory_keys]),
-            frame([("tokens_per_s", "tokens/s")]),
-            frame([("learning_rate", "learning rate")]))
-
-
-def results_markdown(summary: dict) -> str:
-    lines = [f"### {summary.get('steps', '?')} steps, {summary.get('wall_time_s', 0):.0f} s"]
-    if "eval_loss_before" in summary:
-        lines.append(f"**eval loss {summary['eval_loss_before']:.4f} → {summary.get('final_eval_loss', 0):.4f}** "
-                     f"({summary.get('eval_rows', '?')} held-out rows)")
-    if "format_base" in summary:
-        lines.append(f"format compliance (reasoning closed, an answer, EOS): base {summary['format_base']}, "
-                     f"fine-tuned {summary.get('format_fine_tuned', '?')}")
-    lines.append(f"tokens/s {summary.get('tokens_per_s', 0):.0f} · weights: {summary.get('model_weights', '')}")
-    return "\n\n".join(lines)
-
-
-def eval_markdown(record: dict) -> str:
-    """eval.json as the table report.md gets: accuracy per task, base vs fine-tuned, with the 95 % interval."""
-    if not record:
-        return ""
-    from qlora_kit.eval.results import report_section
-
-    return report_section(record)
-
-
-def gguf_advice(run_dir: Path) -> str:
-    import json
-
-    from qlora_kit.plan.gguf_sizes import advice_lines
-
-    config_path = run_dir / "merged" / "config.json"
-    if not config_path.is_file():
-        from qlora_kit.recipe.loading import load_recipe
-
-        try:
-            name = Path(load_recipe(run_dir / "recipe.toml").model.name)
-        except (UserError, OSError) as error:
-            return str(error)
-        config_path = name / "config.json"
-    if not config_path.is_file():
-        return "The sizes per GGUF type appear once the run is merged (the button below merges first)."
-    lines = advice_lines(json.loads(config_path.read_text(encoding="utf-8")), str(run_dir / "merged"))
-    return "\n".join(lines) or "This architecture has no GGUF size advice."

@@ -1,0 +1,145 @@
+"""The Train screen's four live charts, drawn here as one small SVG picture each and sent as HTML.
+
+Why not Gradio's LinePlot: on the 2-core machine, headless chromium redrawing four Vega-Lite plots every 1.5 s while
+a CPU run trains cost the run 10-30 % of its wall time (`python -m qlora_kit.studio.measure`, docs/studio.md): each
+update re-runs Vega's parser and a canvas render on the cores the training needs. A polyline of a few hundred
+points is a few kilobytes of SVG that the browser lays out in a millisecond, and the picture is the same on every
+browser. What the page loses, hover tooltips, each chart makes up for by naming every series' last value.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+WIDTH, HEIGHT = 460, 220
+LEFT, RIGHT, TOP, BOTTOM = 58, 12, 42, 26
+"""The plot area's margins inside the picture: room for the y labels, the legend above and the x labels below."""
+MAX_POINTS = 400
+"""Points drawn per series at most (a long run keeps every k-th point, and always its last): the picture stays small."""
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+
+CSS = """
+.charts { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 10px; }
+@media (max-width: 800px) { .charts { grid-template-columns: 1fr; } }
+.chart { border: 1px solid var(--border-color-primary, #ddd); border-radius: 6px; padding: 4px 6px; }
+.chart svg { width: 100%; height: auto; display: block; }
+.chart svg text { font: 11px sans-serif; fill: var(--body-text-color, #333); }
+.chart .chart-title { font-weight: 600; font-size: 12px; }
+.chart .grid { stroke: #8884; stroke-width: 1; }
+.chart .empty { fill: #888; }
+"""
+
+
+def nice_step(span: float, ticks: int = 4) -> float:
+    """A round tick distance (1, 2 or 5 times a power of ten) giving about `ticks` ticks over `span`."""
+    if span <= 0 or not math.isfinite(span):
+        return 1.0
+    raw = span / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
+def label(value: float) -> str:
+    """A tick or a last value, short: 0.00012 as 1.2e-04, 1234.5 as 1234, 0.4567 as 0.457."""
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-2 or abs(value) >= 1e5:
+        return f"{value:.1e}"
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(points) <= MAX_POINTS:
+        return points
+    every = math.ceil(len(points) / MAX_POINTS)
+    return points[::every] + ([points[-1]] if (len(points) - 1) % every else [])
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], colours: dict[str, str] | None = None,
+               elem_id: str = "") -> str:
+    """One chart: `series` maps a name to its (step, value) points, in step order. Names with no point are left
+    out; a chart with no point at all says so rather than drawing empty axes."""
+    colours = colours or {}
+    series = {name: thin([(x, y) for x, y in points if math.isfinite(y)]) for name, points in series.items()}
+    series = {name: points for name, points in series.items() if points}
+    width, height = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    parts = [f"<text class='chart-title' x='4' y='13'>{html.escape(title)}</text>"]
+    points_drawn = sum(len(p) for p in series.values())
+    if not series:
+        parts.append(f"<text class='empty' x='{LEFT + width / 2}' y='{TOP + height / 2}' text-anchor='middle'>"
+                     "no points yet</text>")
+        return _figure(parts, elem_id, 0)
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.06 or abs(y1) * 0.1 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+
+    def px(x: float) -> float:
+        return LEFT + (x - x0) / (x1 - x0) * width
+
+    def py(y: float) -> float:
+        return TOP + (1 - (y - y0) / (y1 - y0)) * height
+
+    step = nice_step(y1 - y0)
+    tick = math.ceil(y0 / step) * step
+    while tick <= y1:
+        parts.append(f"<line class='grid' x1='{LEFT}' x2='{LEFT + width}' y1='{py(tick):.1f}' y2='{py(tick):.1f}'/>"
+                     f"<text x='{LEFT - 4}' y='{py(tick) + 4:.1f}' text-anchor='end'>{label(tick)}</text>")
+        tick += step
+    step = max(1.0, nice_step(x1 - x0, 5))
+    tick = math.ceil(x0 / step) * step
+    while tick <= x1:
+        parts.append(f"<text x='{px(tick):.1f}' y='{HEIGHT - 8}' text-anchor='middle'>{label(tick)}</text>")
+        tick += step
+    parts.append(f"<text class='empty' x='4' y='{HEIGHT - 8}'>step</text>")
+    legend_x = LEFT
+    for i, (name, points) in enumerate(series.items()):
+        colour = colours.get(name, PALETTE[i % len(PALETTE)])
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        tip = f"{name}: {label(points[-1][1])} at step {label(points[-1][0])}"
+        if len(points) == 1:
+            parts.append(f"<circle cx='{px(points[0][0]):.1f}' cy='{py(points[0][1]):.1f}' r='3' "
+                         f"fill='{colour}' data-series='{html.escape(name)}' data-points='1'>"
+                         f"<title>{html.escape(tip)}</title></circle>")
+        else:
+            parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='1.6' points='{coords}' "
+                         f"data-series='{html.escape(name)}' data-points='{len(points)}'>"
+                         f"<title>{html.escape(tip)}</title></polyline>")
+        text = f"{name} {label(points[-1][1])}"
+        parts.append(f"<rect x='{legend_x}' y='{TOP - 17}' width='10' height='3' fill='{colour}'/>"
+                     f"<text x='{legend_x + 13}' y='{TOP - 13}'>{html.escape(text)}</text>")
+        legend_x += 20 + 6.2 * len(text)
+    return _figure(parts, elem_id, points_drawn)
+
+
+def _figure(parts: list[str], elem_id: str, points: int) -> str:
+    ident = f" id='{elem_id}'" if elem_id else ""
+    return (f"<div class='chart'{ident} data-points='{points}'><svg viewBox='0 0 {WIDTH} {HEIGHT}' role='img' "
+            f"xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg></div>")
+
+
+LOSS_COLOURS = {"train": "#1f77b4", "eval": "#ff7f0e"}
+MEMORY_COLOURS = {"vram used": "#2ca02c", "vram peak": "#d62728", "ram used": "#2ca02c", "ram peak": "#d62728"}
+
+
+def run_charts(records: list[dict], titles: dict[str, str]) -> str:
+    """metrics.jsonl's records as the four charts: loss (train, eval), memory (used, peak), tokens/s, learning
+    rate. `titles` names them in the page's language (keys loss, memory, speed, lr)."""
+
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], float(r[key])) for r in records if key in r and r[key] is not None and "step" in r]
+
+    memory_keys = sorted({k for r in records for k in r if k.endswith(("_used_gib", "_peak_gib"))})
+    charts = [
+        line_chart(titles["loss"], {"train": points("loss"), "eval": points("eval_loss")}, LOSS_COLOURS, "loss-chart"),
+        line_chart(titles["memory"], {k.removesuffix("_gib").replace("_", " "): points(k) for k in memory_keys},
+                   MEMORY_COLOURS, "memory-chart"),
+        line_chart(titles["speed"], {"tokens/s": points("tokens_per_s")}, elem_id="speed-chart"),
+        line_chart(titles["lr"], {"learning rate": points("learning_rate")}, elem_id="lr-chart"),
+    ]
+    return f"<div class='charts'>{''.join(charts)}</div>"

@@ -1,0 +1,100 @@
+"""What the studio's pages show, read from files without a browser: the live charts and the GGUF advice."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+pytest.importorskip("gradio", reason="the studio needs the studio extra: pip install -e '.[studio]'")
+
+from qlora_kit.studio import charts  # noqa: E402
+from qlora_kit.studio.views import gguf_advice  # noqa: E402
+
+TITLES = {"loss": "Loss", "memory": "Memory", "speed": "Tokens per second", "lr": "Learning rate"}
+
+
+def polyline_points(svg: str, series: str) -> list[tuple[float, float]]:
+    found = re.search(rf"<polyline [^>]*points='([^']*)' data-series='{re.escape(series)}'", svg)
+    assert found, f"no line for {series}"
+    return [tuple(map(float, pair.split(","))) for pair in found.group(1).split()]
+
+
+def test_the_charts_draw_every_logged_point_of_each_series():
+    records = [{"step": 0, "eval_loss": 3.0}]
+    records += [{"step": s, "loss": 4.0 - s / 10, "learning_rate": 1e-3 * s / 10, "tokens_per_s": 900 + s,
+                 "ram_used_gib": 0.5, "ram_peak_gib": 0.6} for s in range(2, 22, 2)]
+    records += [{"step": 20, "eval_loss": 2.0}]
+    page = charts.run_charts(records, TITLES)
+    loss = polyline_points(page, "train")
+    assert len(loss) == 10
+    # Higher loss is drawn higher (smaller y), later steps further right.
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(loss, loss[1:], strict=False))
+    assert len(polyline_points(page, "eval")) == 2
+    assert len(polyline_points(page, "ram used")) == len(polyline_points(page, "ram peak")) == 10
+    assert re.search(r"id='loss-chart' data-points='12'", page)
+    # Each series names its last value, as a hover tooltip would.
+    assert "train 2" in page and "eval 2" in page and "tokens/s 918" in page and "learning rate 2.0e-03" in page
+
+
+def test_a_chart_without_points_says_so_and_a_single_point_is_a_dot():
+    empty = charts.run_charts([], TITLES)
+    assert empty.count("no points yet") == 4
+    one = charts.line_chart("Loss", {"train": [(0, 1.5)], "eval": []})
+    assert "<circle" in one and "data-points='1'" in one and "eval" not in one
+
+
+def test_a_long_run_is_thinned_but_keeps_its_last_point_and_not_a_number_is_left_out():
+    points = [(float(s), math.sin(s / 50)) for s in range(5001)]
+    points[17] = (17.0, float("nan"))
+    thinned = charts.thin([p for p in points if math.isfinite(p[1])])
+    assert len(thinned) <= charts.MAX_POINTS + 1
+    assert thinned[-1] == points[-1]
+    svg = charts.line_chart("x", {"s": points})
+    assert "nan" not in svg.lower()
+
+
+@pytest.mark.parametrize(("span", "step"), [(1.0, 0.5), (0.003, 0.001), (7.3, 2.0), (130.0, 50.0), (0.0, 1.0)])
+def test_ticks_are_round_numbers(span, step):
+    assert charts.nice_step(span) == pytest.approx(step)
+
+
+def test_the_gguf_advice_is_there_before_the_merge_and_names_a_type_not_a_script(tmp_path):
+    from qlora_kit.recipe.loading import recipe_from_dict, recipe_to_dict
+    from qlora_kit.studio.app import demo_raw
+    from qlora_kit.studio.form import raw_to_toml
+
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    recipe = recipe_from_dict(demo_raw(), where="the demo")
+    (run / "recipe.toml").write_text(raw_to_toml(recipe_to_dict(recipe)), encoding="utf-8")
+    advice = gguf_advice(run)
+    # The demo's config.json names no `architectures`, only model_type = qwen2: still sized, before any merge.
+    assert "q4_k_m" in advice and "q8_0" in advice and "card" in advice
+    assert advice.splitlines()[-1].strip().startswith("for an 8 GB card:")
+    assert "export_gguf.py" not in advice and "python" not in advice
+
+
+def test_the_advice_for_a_hub_model_comes_from_its_published_config_offline(tmp_path):
+    from qlora_kit.recipe.loading import recipe_from_dict, recipe_to_dict
+    from qlora_kit.studio.form import raw_to_toml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = recipe_from_dict({"model": {"name": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"},
+                               "data": {"source": "data.jsonl"}}, where="a test")
+    (run / "recipe.toml").write_text(raw_to_toml(recipe_to_dict(recipe)), encoding="utf-8")
+    advice = gguf_advice(run)
+    assert re.search(r"q4_k_m\s+4\.68 GB file", advice)
+    assert advice.splitlines()[-1].strip() == "for an 8 GB card: q6_k"
+
+
+def test_an_architecture_the_export_does_not_write_gets_no_size_lines():
+    from qlora_kit.plan.gguf_sizes import advice_lines, architecture
+
+    assert architecture({"model_type": "qwen2"}) == "Qwen2ForCausalLM"
+    assert architecture({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) == "LlamaForCausalLM"
+    assert architecture({"model_type": "gemma"}) is None
+    assert architecture({"model_type": "qwen2", "architectures": ["Qwen2ForSequenceClassification"]}) is None
+    assert advice_lines({"model_type": "mistral"}, "x") == []

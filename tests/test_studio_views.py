@@ -35,7 +35,7 @@ def test_the_charts_draw_every_logged_point_of_each_series():
     assert len(polyline_points(page, "ram used")) == len(polyline_points(page, "ram peak")) == 10
     assert re.search(r"id='loss-chart' data-points='12'", page)
     # Each series names its last value, as a hover tooltip would.
-    assert "train 2" in page and "eval 2" in page and "tokens/s 918" in page and "learning rate 2.0e-03" in page
+    assert "train 2" in page and "eval 2" in page and "tokens/s 920" in page and "learning rate 2.0e-03" in page
 
 
 def test_a_chart_without_points_says_so_and_a_single_point_is_a_dot():

@@ -183,8 +183,19 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     assert only_local(page.requests) == [], "the page reached beyond 127.0.0.1"
 
 
-def test_error_cases_show_the_clis_message_in_the_page(page, studio):
-    # A bad data row: the dry run's message (with the line number) beside the data field, no traceback.
+def field_error(page, elem_id: str, pattern: str, timeout: float = 120) -> str:
+    """The message Gradio shows under a field (its validation message), once it matches `pattern`."""
+    return wait_text(page, f"#{elem_id} .validation-error:not(:empty)", pattern, timeout)
+
+
+def marked(page) -> list[str]:
+    """The fields showing an error message, by element id."""
+    return page.evaluate("[...document.querySelectorAll('.validation-error')].filter(e => e.textContent.trim())"
+                         ".map(e => e.closest('[id]').id)")
+
+
+def test_error_cases_show_the_clis_message_under_the_field(page, studio):
+    # A bad data row: the dry run's message, with the line number, under the data field; no traceback.
     bad = studio.root / "data" / "bad.jsonl"
     bad.parent.mkdir(exist_ok=True)
     good = '{"Question": "q%d", "Complex_CoT": "c", "Response": "r"}\n'
@@ -193,24 +204,25 @@ def test_error_cases_show_the_clis_message_in_the_page(page, studio):
     page.wait_for_function("document.querySelector('#key-model-name input').value.includes('tiny-qwen2')")
     page.locator("#key-data-source textarea, #key-data-source input").first.fill("data/bad.jsonl")
     page.locator("#preview-btn").click()
-    text = wait_text(page, "#model-error", r"did not finish", 120)
-    assert re.search(r"line 6|row 6|:6\b", text), text
-    assert "Traceback" not in text
+    text = field_error(page, "key-data-source", r"bad\.jsonl, line 6")
+    assert "not valid JSON" in text and "Traceback" not in text
+    assert marked(page) == ["key-data-source"]
 
-    # A path outside the workspace: refused before anything runs.
+    # A path outside the workspace: refused under the field before anything runs.
     page.locator("#key-data-source textarea, #key-data-source input").first.fill("../../etc/passwd.jsonl")
     page.locator("#preview-btn").click()
-    wait_text(page, "#model-error", r"outside the studio's workspace")
+    field_error(page, "key-data-source", r"outside the studio's workspace")
 
-    # A typo'd hub id (offline here): the CLI's one-screen message, in the page.
+    # A typo'd hub id (offline here): the CLI's one-screen message under the model field.
     page.locator("#key-data-source textarea, #key-data-source input").first.fill(
         str(studio.root / "data" / "bad.jsonl"))
     model = page.locator("#key-model-name input")
     model.fill("deepseek-ai/DeepSeek-R1-Distil-Qwen-1.5B")
     model.press("Enter")
     page.locator("#preview-btn").click()
-    text = wait_text(page, "#model-error", r"did not finish", 120)
+    text = field_error(page, "key-model-name", r"DeepSeek-R1-Distil-Qwen-1\.5B")
     assert "Traceback" not in text
+    assert marked(page) == ["key-model-name"]
     shoot(page, "error")
 
     # A plan that does not fit: the gauge says so, with the planner's advice.
@@ -224,9 +236,21 @@ def test_error_cases_show_the_clis_message_in_the_page(page, studio):
     text = wait_text(page, "#fit", r"does not fit", 60)
     assert "Try:" in text
 
-    # A value the recipe refuses: the loader's message naming the key.
+    # A value the recipe refuses: the loader's message under that key, gone once the value is fixed.
     set_number(page, "key-lora-r", 0)
-    wait_text(page, "#form-error", r"lora\.r")
+    text = field_error(page, "key-lora-r", r"lora\.r", 30)
+    assert marked(page) == ["key-lora-r"], "only the refused key is marked"
+    shoot(page, "field-error")
+    set_number(page, "key-lora-r", 8)
+    page.wait_for_function("![...document.querySelectorAll('.validation-error')].some(e => e.textContent.trim())",
+                           timeout=30_000)
+    # A refused value on the Settings screen is pointed at from the Train screen's Start.
+    set_number(page, "key-train-batch_size", 0)
+    field_error(page, "key-train-batch_size", r"train\.batch_size", 30)
+    tab(page, "Train")
+    page.locator("#start").click()
+    wait_text(page, "#train-error", r"train\.batch_size.*Settings", 30)
+    assert not (studio.root / "runs").exists() or not any((studio.root / "runs").iterdir())
     assert only_local(page.requests) == []
 
 

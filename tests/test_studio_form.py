@@ -214,3 +214,39 @@ def test_a_training_that_dies_is_failed_with_its_last_lines(tmp_path):
     assert "the input needs a fix" in text and "train.max_steps" in text and "Traceback" not in text
     assert runs.list_runs(tmp_path / "runs") == [str(run_dir)]
     assert runs.running_pid(run_dir) is None and not runs.stop_run(run_dir)
+
+
+def test_each_problem_of_a_refused_form_goes_under_the_key_it_names():
+    from qlora_kit.studio.form import SFT_FIELD, problems_by_field
+
+    values = form.defaults()
+    values[form.KEYS.index(form.BY_NAME["data.source"])] = "data.jsonl"
+    values[form.KEYS.index(form.BY_NAME["lora.r"])] = 0
+    values[form.KEYS.index(form.BY_NAME["train.batch_size"])] = 0
+    with pytest.raises(UserError) as refused:
+        form.form_recipe(values, "neftune_noise_alpha = 5\nno_such_argument = 1\n")
+    fields = problems_by_field(refused.value, fallback="output.dir")
+    assert set(fields) == {"lora.r", "train.batch_size", SFT_FIELD}
+    assert "`lora.r`" in fields["lora.r"] and "batch_size" not in fields["lora.r"]
+    assert "no_such_argument" in fields[SFT_FIELD]
+    assert "Fix the keys above" not in "".join(fields.values())
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    ("`grpo.rewards.choice` must be a number (the reward's weight), got 'x'", "grpo.rewards"),
+    ("data.eval_rows = 16 leaves no rows to train on (5 usable rows).", "data.eval_rows"),
+    ("model.name = 'x/y' (model) is not in the local cache", "model.name"),
+    ("/w/data/bad.jsonl, line 6: not valid JSON", None),
+    ("runs/data.max_length is a folder name, not a key", None),
+])
+def test_the_field_a_line_names(line, field):
+    assert form.field_of(line) == field
+
+
+def test_a_commands_error_is_read_from_its_output():
+    from qlora_kit.studio.runs import cli_error
+
+    output = ("recipe ...\n  data.source = 'x'\n"
+              "error: /w/bad.jsonl, line 2: not valid JSON.\n\nFix or delete that line.\n")
+    assert cli_error(output) == "/w/bad.jsonl, line 2: not valid JSON.\n\nFix or delete that line."
+    assert cli_error("all fine\n") == ""

@@ -43,6 +43,8 @@ CSS = """
 /* The once-a-second refresh must not flash a progress timer over the status line, the log and the charts. */
 #status [data-testid='status-tracker'], #log [data-testid='status-tracker'],
 #charts [data-testid='status-tracker'] { display: none !important; }
+/* A field's error (Gradio's validation message): the CLI's lines as it wrote them. */
+.validation-error { white-space: pre-wrap; font-weight: normal !important; font-size: 0.9em; }
 .studio-error { color: #b71c1c; background: #fff4f4; border: 1px solid #f2b8b8; padding: 8px; white-space: pre-wrap;
                 border-radius: 4px; }
 """ + charts.CSS
@@ -88,13 +90,45 @@ def build(ws: Workspace) -> gr.Blocks:
         """The form as a Recipe whose paths are inside the workspace (the CLI's loader checks the rest)."""
         values = list(values)
         for name, what in (("model.name", "model"), ("data.source", "data"), ("model.tokenizer", "tokenizer"),
-                           ("model.gguf_file", "GGUF file"), ("eval.file", "questions file")):
+                           ("model.gguf_file", "GGUF file"), ("eval.file", "questions file"),
+                           ("output.dir", "output.dir")):
             i = form.KEYS.index(form.BY_NAME[name])
+            if name == "output.dir":
+                values[i] = values[i] or "runs/studio"
             if values[i]:
-                values[i] = ws.reference(str(values[i]), what)
-        out_i = form.KEYS.index(form.BY_NAME["output.dir"])
-        values[out_i] = str(ws.resolve(str(values[out_i] or "runs/studio"), "output.dir"))
+                try:
+                    values[i] = str(ws.resolve(str(values[i]), what)) if name == "output.dir" \
+                        else ws.reference(str(values[i]), what)
+                except UserError as error:  # said under the field it concerns
+                    raise UserError(error.title, [f"{name}: {line}" for line in error.problems or [error.title]],
+                                    error.hint) from None
         return form.form_recipe(values, sft)
+
+    def failure_fields(output: str, recipe) -> dict[str, str]:
+        """A failed command's error message under the field it concerns: the recipe key it names, else the data or
+        model it names (a bad row's file and line, a hub id that cannot be reached)."""
+        message = runs.cli_error(output)
+        if not message:
+            return {}
+        name = form.field_of(message)
+        if name is None and recipe is not None:
+            if recipe.data.source and recipe.data.source in message:
+                name = "data.source"
+            elif recipe.model.name and recipe.model.name in message:
+                name = "model.name"
+        return {name: message} if name else {}
+
+    def elsewhere(errors: dict[str, str], here) -> dict[str, str]:
+        """The errors of fields not on the screen the user is on (those on it are marked where they are)."""
+        return {name: message for name, message in errors.items() if name not in here}
+
+    def pointer(errors: dict[str, str], lang_code: str = "en") -> str:
+        """The box beside the button: which fields to fix and on which screen (the messages are at the fields)."""
+        if not errors:
+            return ""
+        where = [f"`{name}` ({t('tab_model' if name in form.SCREEN_KEYS else 'tab_settings', lang_code)})"
+                 for name in errors]
+        return error_box(t("fix_fields", lang_code) + " " + ", ".join(where))
 
     with gr.Blocks(title="qlora_kit studio", analytics_enabled=False) as page:
         with gr.Row():
@@ -149,7 +183,7 @@ def build(ws: Workspace) -> gr.Blocks:
 
             # ---------------------------------------------------------------- 2. settings and fit
             with tr(gr.Tab(t("tab_settings"), id="settings", elem_id="tab-settings"), "tab_settings"):
-                form_error = gr.HTML(elem_id="form-error")
+                form_error = gr.HTML(elem_id="form-error")  # the fields to fix, when one is on another screen
                 with gr.Row():
                     with gr.Column(scale=3):
                         tr(gr.Markdown(f"### {t('common')}"), "common", "value")
@@ -275,12 +309,35 @@ def build(ws: Workspace) -> gr.Blocks:
 
         upload.upload(on_upload, upload, [data_box, model_error])
 
+        # Errors go under the field they concern, as Gradio's own validation message: an action leaves its field
+        # errors in this state, and its change runs `paint`, a validator (the function it guards does nothing) that
+        # shows them at the fields and clears the others. (A validator on a `.then` step is not run by Gradio 6.31.)
+        # The box beside the button says which fields, and on which screen.
+        field_errors = gr.State({})
+        form_fields = [*components, sft_box]
+        field_names = [key.full for key in form.KEYS] + [form.SFT_FIELD]
+
+        def marks(errors: dict[str, str]) -> dict[str, Any]:
+            # Stamped, so that the state changes after every action: Gradio clears a field's message when an event
+            # that reads the field starts, and an unchanged state would not paint it again.
+            return {"fields": errors, "at": time.monotonic_ns()}
+
+        def paint(*values):
+            errors = (values[-1] or {}).get("fields", {})
+            return [gr.validate(name not in errors, errors.get(name, "")) for name in field_names] + \
+                [gr.validate(True, "")]
+
+        field_errors.change(lambda *values: None, [*form_fields, field_errors], None, validator=paint,
+                            show_progress="hidden")
+
         def on_preview(*values):
-            sft = values[-1]
+            *values, sft, lang_choice = values
+            code = LANGUAGES.get(lang_choice, "en")
             try:
-                recipe = confined_recipe(values[:-1], sft)
+                recipe = confined_recipe(values, sft)
             except UserError as error:
-                yield error_box(error), "", ""
+                errors = form.problems_by_field(error, "data.source")
+                yield pointer(elsewhere(errors, form.SCREEN_KEYS), code), "", "", marks(errors)
                 return
             scratch = ws.studio_dir() / "preview"
             recipe = form.changed(recipe, output={"dir": str(scratch), "overwrite": True})
@@ -290,50 +347,57 @@ def build(ws: Workspace) -> gr.Blocks:
 
             recipe_file.write_text(form.raw_to_toml(recipe_to_dict(recipe)), encoding="utf-8")
             (scratch / "preview.jsonl").unlink(missing_ok=True)
-            yield "", "", "…"
-            for text, code in runs.stream(runs.command("run", str(recipe_file), "--dry-run"), ws.root):
-                if code is None:
-                    yield gr.skip(), gr.skip(), text
-                elif code != 0:
-                    yield error_box(runs.failure_text(text, code, "The dry run")), "", text
+            yield "", "", "…", marks({})
+            for text, status in runs.stream(runs.command("run", str(recipe_file), "--dry-run"), ws.root):
+                if status is None:
+                    yield gr.skip(), gr.skip(), text, gr.skip()
+                elif status != 0:
+                    errors = failure_fields(text, recipe)
+                    box = pointer(elsewhere(errors, form.SCREEN_KEYS), code) if errors \
+                        else error_box(runs.failure_text(text, status, "The dry run"))
+                    yield box, "", text, marks(errors)
                 else:
-                    yield "", preview_html(scratch), text
+                    yield "", preview_html(scratch), text, marks({})
 
-        preview_btn.click(on_preview, [*components, sft_box], [model_error, preview, preview_log])
+        preview_btn.click(on_preview, [*form_fields, lang], [model_error, preview, preview_log, field_errors])
 
         def on_form(*values):
-            *values, sft, card_choice = values
+            *values, sft, card_choice, lang_choice = values
             try:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
-                return error_box(error), gr.skip(), gr.skip(), gr.skip()
+                errors = form.problems_by_field(error, "output.dir")
+                settings = [name for name in field_names if name not in form.SCREEN_KEYS]
+                box = pointer(elsewhere(errors, settings), LANGUAGES.get(lang_choice, "en"))
+                return box, gr.skip(), gr.skip(), gr.skip(), marks(errors)
             text = form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft))
             target = ws.studio_dir() / "recipe.toml"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
-            return "", text, fit.plan_html(recipe, card_choice), str(target)
+            return "", text, fit.plan_html(recipe, card_choice), str(target), marks({})
 
-        gr.on([c.change for c in [*components, sft_box, card]], on_form, [*components, sft_box, card],
-              [form_error, toml_box, fit_box, download], trigger_mode="always_last", queue=True)
-        page.load(on_form, [*components, sft_box, card], [form_error, toml_box, fit_box, download])
+        gr.on([c.change for c in [*form_fields, card]], on_form, [*form_fields, card, lang],
+              [form_error, toml_box, fit_box, download, field_errors], trigger_mode="always_last", queue=True)
+        page.load(on_form, [*form_fields, card, lang], [form_error, toml_box, fit_box, download, field_errors])
 
         def on_start(*values):
-            *values, sft = values
+            *values, sft, lang_choice = values
             try:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
-                return gr.skip(), error_box(error), gr.skip()
+                errors = form.problems_by_field(error, "output.dir")
+                return gr.skip(), pointer(errors, LANGUAGES.get(lang_choice, "en")), gr.skip(), marks(errors)
             out = Path(recipe.output.dir)
             if runs.running_pid(out) is not None:
-                return gr.skip(), error_box(f"{out} is already training: stop it first."), gr.skip()
+                return gr.skip(), error_box(f"{out} is already training: stop it first."), gr.skip(), marks({})
             recipe_file = recipe_path_for(recipe)
             recipe_file.parent.mkdir(parents=True, exist_ok=True)
             recipe_file.write_text(form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft)),
                                    encoding="utf-8")
             runs.start_run(out, recipe_file, ws.root)
-            return gr.update(choices=runs.list_runs(ws.runs_dir()) or [str(out)], value=str(out)), "", ""
+            return gr.update(choices=runs.list_runs(ws.runs_dir()) or [str(out)], value=str(out)), "", "", marks({})
 
-        start_btn.click(on_start, [*components, sft_box], [run_dir, train_error, seen])
+        start_btn.click(on_start, [*form_fields, lang], [run_dir, train_error, seen, field_errors])
 
         def checked_run_dir(text) -> Path:
             if not text:

@@ -9,6 +9,7 @@ from the defaults, like a hand-written recipe, and loads back equal through reci
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from typing import Any
 
@@ -136,3 +137,35 @@ def changed(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:
     """A copy of `recipe` with some keys replaced: changed(r, train={"max_steps": 5})."""
     return dataclasses.replace(recipe, **{name: dataclasses.replace(getattr(recipe, name), **values)
                                           for name, values in sections.items()})
+
+
+SFT_FIELD = "sft"
+"""The free [sft] table's box: where problems about `sft.NAME` and [sft] are shown."""
+_KEY_NAME = re.compile(r"(?<![\w./-])([a-z_]+\.[a-z_0-9]+)(?![\w/-])")
+
+
+def field_of(text: str) -> str | None:
+    """The form field a line of an error concerns: the first recipe key it names (`grpo.rewards.format` is
+    grpo.rewards, `sft.NAME` the [sft] box), else None. A file name such as data.jsonl is not a key."""
+    for match in _KEY_NAME.finditer(text):
+        name = match.group(1)
+        if name in BY_NAME:
+            return name
+        if name.startswith("sft."):
+            return SFT_FIELD
+    if "[sft]" in text:
+        return SFT_FIELD
+    return None
+
+
+def problems_by_field(error: UserError, fallback: str) -> dict[str, str]:
+    """A recipe error as messages under the fields they concern: each problem line under the key it names, the
+    hint with each; an error naming no key goes whole to `fallback`. The CLI's loader writes every problem as
+    "`section.key` ...", so in practice each line finds its field."""
+    lines = error.problems or [error.title]
+    fields: dict[str, list[str]] = {}
+    for line in lines:
+        fields.setdefault(field_of(line) or field_of(error.title) or fallback, []).append(line)
+    # The loader's "fix the keys above" says where to look in a terminal; under the field it is said already.
+    hint = f"\n\n{error.hint}" if error.hint and not error.hint.startswith("Fix the keys above") else ""
+    return {name: "\n".join(found) + hint for name, found in fields.items()}

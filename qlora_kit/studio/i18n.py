@@ -40,6 +40,7 @@ TEXTS: dict[str, dict[str, str]] = {
     "run_pick": {"en": "Run directory", "zh": "运行目录"},
     "refresh_runs": {"en": "Refresh the list", "zh": "刷新列表"},
     "log": {"en": "Last lines of the log", "zh": "日志最后几行"},
+    "fix_fields": {"en": "Fix what is marked in red under:", "zh": "请修改红字标出的字段："},
     "loss_chart": {"en": "Loss (train and eval)", "zh": "损失（训练与验证）"},
     "memory_chart": {"en": "Memory used and peak (GiB)", "zh": "已用与峰值内存（GiB）"},
     "speed_chart": {"en": "Tokens per second", "zh": "每秒 token 数"},

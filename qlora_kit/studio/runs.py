@@ -193,6 +193,15 @@ def stream(argv: list[str], cwd: Path, log_path: Path | None = None) -> Iterator
     yield text, code
 
 
+def cli_error(output: str) -> str:
+    """The one-screen error a qlora-kit command printed before exiting (`error: ...` to the end), or ""."""
+    lines = output.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if not starts:
+        return ""
+    return "\n".join([lines[starts[-1]].removeprefix("error: "), *lines[starts[-1] + 1:]]).strip()
+
+
 def failure_text(output: str, code: int, what: str) -> str:
     """A failed child's last lines and the way on, as the page shows it."""
     tail = "\n".join(output.rstrip().splitlines()[-15:])

@@ -69,7 +69,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], colours
     if not series:
         parts.append(f"<text class='empty' x='{LEFT + width / 2}' y='{TOP + height / 2}' text-anchor='middle'>"
                      "no points yet</text>")
-        return _figure(parts, elem_id, 0)
+        return _figure(parts, elem_id, 0, None)
     xs = [x for points in series.values() for x, _ in points]
     ys = [y for points in series.values() for _, y in points]
     x0, x1 = min(xs), max(xs)
@@ -114,12 +114,14 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], colours
         parts.append(f"<rect x='{legend_x}' y='{TOP - 17}' width='10' height='3' fill='{colour}'/>"
                      f"<text x='{legend_x + 13}' y='{TOP - 13}'>{html.escape(text)}</text>")
         legend_x += 20 + 6.2 * len(text)
-    return _figure(parts, elem_id, points_drawn)
+    return _figure(parts, elem_id, points_drawn, max(xs))
 
 
-def _figure(parts: list[str], elem_id: str, points: int) -> str:
+def _figure(parts: list[str], elem_id: str, points: int, last_step: float | None) -> str:
+    # data-points and data-last-step say what is drawn, for the browser test and the latency measurement.
     ident = f" id='{elem_id}'" if elem_id else ""
-    return (f"<div class='chart'{ident} data-points='{points}'><svg viewBox='0 0 {WIDTH} {HEIGHT}' role='img' "
+    last = f" data-last-step='{last_step:g}'" if last_step is not None else ""
+    return (f"<div class='chart'{ident} data-points='{points}'{last}><svg viewBox='0 0 {WIDTH} {HEIGHT}' role='img' "
             f"xmlns='http://www.w3.org/2000/svg'>{''.join(parts)}</svg></div>")
 
 

@@ -1,10 +1,12 @@
 """`python -m qlora_kit.studio.measure`: the studio's three performance figures, as docs/studio.md reports them.
 
-1. first page: seconds from `qlora-kit studio` to the page's first answer, and to the form shown in chromium;
-2. chart latency: seconds from the CLI writing a metrics line to the page showing that step (every logged step of a
-   demo run, measured in the browser against the file's growth);
-3. overhead: the demo's wall time through the studio vs the same recipe from the CLI, run first: once with the page
-   open on the Train screen (charts redrawing, chromium on the same cores), once with the tab closed after Start.
+1. first page: seconds from `qlora-kit studio` to the page's first answer, and to the form drawn in chromium (median
+   of three), beside the same two figures for Gradio's floor: a page of one dropdown;
+2. chart latency: seconds from the CLI writing a metrics line to the loss chart drawing that step (the chart's
+   data-last-step, read in the browser every 20 ms, against the file's growth read every 10 ms);
+3. overhead: the demo's wall time from the CLI, from the page kept open on the Train screen (charts redrawing,
+   chromium on the same cores), and from the page closed after Start, in turns (--repeat rounds, medians); each
+   from the start to the exit status on disk, with the CPU seconds chromium and the studio spent meanwhile.
 
 Needs chromium and Playwright (the test extra). Measurements, not tests: the numbers depend on the machine.
 """
@@ -64,92 +66,197 @@ def demo_steps(page, steps: int, out: str = "runs/demo") -> None:
     page.get_by_role("tab", name=re.compile("Train")).click()
 
 
+def cpu_seconds(processes, children: bool = True) -> float:
+    """User + system CPU seconds of these processes (and their children), so far (0 for those gone)."""
+    import psutil
+
+    total = 0.0
+    for proc in processes:
+        try:
+            for one in [proc, *(proc.children(recursive=True) if children else [])]:
+                times = one.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def browser_processes():
+    import psutil
+
+    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(("chromium", "chrome"))]
+
+
+def wait_exit(run: Path) -> None:
+    while not (run / "studio.exit").is_file():
+        time.sleep(0.02)
+
+
+def page_run(browser, url: str, root: Path, name: str, steps: int, studio_pid: int, keep_open: bool) -> dict:
+    """The demo started from the page; the page kept open on the Train screen (charts redrawing) or closed after
+    Start. Wall time from the click to the child's exit status on disk, as for the CLI run."""
+    import psutil
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#preset")
+    demo_steps(page, steps, f"runs/{name}")
+    run = root / "runs" / name
+    metrics = run / "metrics.jsonl"
+    written: dict[int, float] = {}
+    shown: dict[int, float] = {}
+    done = threading.Event()
+
+    def watch():
+        seen = 0
+        while not done.is_set():
+            try:
+                lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            except (OSError, json.JSONDecodeError):
+                lines = []
+            for record in lines[seen:]:
+                if "loss" in record:
+                    written.setdefault(record["step"], time.monotonic())
+            seen = len(lines)
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    studio = [psutil.Process(studio_pid)]
+    cpu_before = (cpu_seconds(browser_processes(), children=False), cpu_seconds(studio))
+    began = time.monotonic()
+    page.locator("#start").click()
+    if keep_open:
+        while not (run / "studio.exit").is_file():
+            step = page.evaluate("(document.querySelector('#loss-chart') || {dataset: {}}).dataset.lastStep")
+            if step:
+                shown.setdefault(int(float(step)), time.monotonic())
+            time.sleep(0.02)
+    else:
+        page.wait_for_function("document.querySelector('#status').innerText.includes('running')")
+        page.close()
+        wait_exit(run)
+    wall = time.monotonic() - began
+    done.set()
+    cpu_after = (cpu_seconds(browser_processes(), children=False), cpu_seconds(studio))
+    if keep_open:
+        page.close()
+    result = {"wall_s": round(wall, 2),
+              "train_wall_s": json.loads((run / "summary.json").read_text())["wall_time_s"],
+              "studio_cpu_s": round(cpu_after[1] - cpu_before[1], 2)}
+    if keep_open:  # a closed tab's renderer is gone, and its CPU seconds with it
+        result["browser_cpu_s"] = round(cpu_after[0] - cpu_before[0], 2)
+    lags = sorted(shown[s] - written[s] for s in shown if s in written)
+    if lags:
+        result["chart_lag_s"] = {"median": round(lags[len(lags) // 2], 2), "max": round(lags[-1], 2),
+                                 "steps_seen": len(lags)}
+    return result
+
+
+def cli_run(root: Path, name: str, steps: int) -> dict:
+    """The same demo recipe as the page's, from the command line."""
+    import tomli_w
+
+    from qlora_kit.studio.app import demo_raw
+
+    raw = demo_raw()
+    raw["train"]["max_steps"] = steps
+    recipe = root / "recipes" / "cli.toml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(tomli_w.dumps(raw), encoding="utf-8")
+    began = time.monotonic()
+    subprocess.run([sys.executable, "-m", "qlora_kit", "run", str(recipe), f"output.dir={root / 'runs' / name}"],
+                   cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                   env={**os.environ, "COLUMNS": "120"})
+    wall = time.monotonic() - began
+    return {"wall_s": round(wall, 2),
+            "train_wall_s": json.loads((root / "runs" / name / "summary.json").read_text())["wall_time_s"]}
+
+
+GRADIO_FLOOR_APP = """
+import os, sys
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+import gradio as gr
+with gr.Blocks(analytics_enabled=False) as page:
+    gr.Dropdown(["a", "b"], elem_id="preset")
+page.launch(server_port=int(sys.argv[1]), quiet=True, ssr_mode=False, pwa=False, enable_monitoring=False,
+            mcp_server=False)
+"""
+
+
+def first_page(browser, command: list[str], port: int) -> tuple[float, float]:
+    """Seconds from starting `command` to its HTTP answer on `port`, and to #preset drawn in a tab."""
+    start = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.02)
+    answered = time.monotonic() - start
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#preset")
+    shown = time.monotonic() - start
+    page.close()
+    proc.terminate()
+    proc.wait()
+    return round(answered, 2), round(shown, 2)
+
+
+def median(values: list[float]) -> float:
+    return round(sorted(values)[len(values) // 2], 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_kit.studio.measure", description=__doc__.split("\n")[0])
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--steps", type=int, default=200, help="demo steps for the latency and overhead runs")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of CLI / page open / tab closed (default 3)")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
-    results = {}
+    results: dict = {}
     with tempfile.TemporaryDirectory() as folder, sync_playwright() as p:
         root = Path(folder)
         browser = p.chromium.launch(executable_path=args.chromium, args=LAUNCH_ARGS)
-        proc, url, start = start_studio(root)
-        results["first_answer_s"] = round(time.monotonic() - start, 2)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.wait_for_selector("#preset")
-        results["form_shown_s"] = round(time.monotonic() - start, 2)
+        # 1. First page, three times each: the studio, and Gradio's floor (a page of one dropdown).
+        floor_app = root / "floor.py"
+        floor_app.write_text(GRADIO_FLOOR_APP, encoding="utf-8")
+        studio_times, floor_times = [], []
+        for _ in range(3):
+            port = free_port()
+            studio_times.append(first_page(browser, [sys.executable, "-m", "qlora_kit", "studio", "--no-browser",
+                                                     "--port", str(port), "--root", str(root)], port))
+            port = free_port()
+            floor_times.append(first_page(browser, [sys.executable, str(floor_app), str(port)], port))
+        results["first_answer_s"] = median([a for a, _ in studio_times])
+        results["form_shown_s"] = median([s for _, s in studio_times])
+        results["gradio_floor"] = {"first_answer_s": median([a for a, _ in floor_times]),
+                                   "shown_s": median([s for _, s in floor_times])}
 
-        # 2 and 3: a demo run from the page; metrics.jsonl's growth watched beside the page's step counter.
-        demo_steps(page, args.steps)
-        metrics = root / "runs" / "demo" / "metrics.jsonl"
-        written: dict[int, float] = {}
-        done = threading.Event()
-
-        def watch():
-            seen = 0
-            while not done.is_set():
-                try:
-                    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-                except (OSError, json.JSONDecodeError):
-                    lines = []
-                for record in lines[seen:]:
-                    if "loss" in record:
-                        written.setdefault(record["step"], time.monotonic())
-                seen = len(lines)
-                time.sleep(0.01)
-
-        threading.Thread(target=watch, daemon=True).start()
-        began = time.monotonic()
-        page.locator("#start").click()
-        shown: dict[int, float] = {}
-        while True:
-            text = page.locator("#status").inner_text()
-            step = re.search(r"step (\d+)", text)
-            if step and "loss" in text:
-                shown.setdefault(int(step.group(1)), time.monotonic())
-            if "finished" in text:
-                break
-            time.sleep(0.02)
-        studio_wall = time.monotonic() - began
-        done.set()
-        lags = sorted(shown[s] - written[s] for s in shown if s in written)
-        results["chart_lag_s"] = {"median": round(lags[len(lags) // 2], 2), "max": round(lags[-1], 2),
-                                  "steps_seen": len(lags)}
-        summary = json.loads((root / "runs" / "demo" / "summary.json").read_text())
-        results["studio_run"] = {"page_wall_s": round(studio_wall, 1), "train_wall_s": summary["wall_time_s"]}
-
-        # The same recipe from the CLI, nothing else running.
-        recipe = root / "recipes" / "demo.toml"
-        began = time.monotonic()
-        subprocess.run([sys.executable, "-m", "qlora_kit", "run", str(recipe), f"output.dir={root / 'runs' / 'cli'}"],
-                       cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
-                       env={**os.environ, "COLUMNS": "120"})
-        cli_wall = time.monotonic() - began
-        summary = json.loads((root / "runs" / "cli" / "summary.json").read_text())
-        results["cli_run"] = {"command_wall_s": round(cli_wall, 1), "train_wall_s": summary["wall_time_s"]}
-
-        # Started from the page, then the tab closed: the studio's own cost without a browser drawing charts.
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.wait_for_selector("#preset")
-        demo_steps(page, args.steps, "runs/closed")
-        began = time.monotonic()
-        page.locator("#start").click()
-        page.wait_for_function("document.querySelector('#status').innerText.includes('running')")
-        page.close()
-        closed = root / "runs" / "closed"
-        while not (closed / "studio.exit").is_file():
-            time.sleep(0.05)
-        closed_wall = time.monotonic() - began
-        summary = json.loads((closed / "summary.json").read_text())
-        results["studio_run_tab_closed"] = {"wall_s": round(closed_wall, 1), "train_wall_s": summary["wall_time_s"]}
-        results["overhead_percent"] = {"page_open": round((studio_wall / cli_wall - 1) * 100, 1),
-                                       "tab_closed": round((closed_wall / cli_wall - 1) * 100, 1)}
+        # 2 and 3: the demo from the CLI, from the page kept open, and from the page closed after Start, in turns.
+        proc, url, _ = start_studio(root)
+        rounds = []
+        for i in range(args.repeat):
+            rounds.append({"cli": cli_run(root, f"cli{i}", args.steps),
+                           "page_open": page_run(browser, url, root, f"open{i}", args.steps, proc.pid, True),
+                           "tab_closed": page_run(browser, url, root, f"closed{i}", args.steps, proc.pid, False)})
         proc.terminate()
         browser.close()
+    results["rounds"] = rounds
+    cli = median([r["cli"]["wall_s"] for r in rounds])
+    lags = [r["page_open"]["chart_lag_s"] for r in rounds if "chart_lag_s" in r["page_open"]]
+    results["chart_lag_s"] = {"median": median([lag["median"] for lag in lags]),
+                              "max": max(lag["max"] for lag in lags)} if lags else None
+    results["median_wall_s"] = {way: median([r[way]["wall_s"] for r in rounds])
+                                for way in ("cli", "page_open", "tab_closed")}
+    results["overhead_percent"] = {way: round((results["median_wall_s"][way] / cli - 1) * 100, 1)
+                                   for way in ("page_open", "tab_closed")}
+    results["browser_cpu_s_page_open"] = median([r["page_open"]["browser_cpu_s"] for r in rounds])
+    results["studio_cpu_s_page_open"] = median([r["page_open"]["studio_cpu_s"] for r in rounds])
     print(json.dumps(results, indent=2))
     return 0
 

@@ -1,10 +1,12 @@
 """The Train screen's four live charts, drawn here as one small SVG picture each and sent as HTML.
 
-Why not Gradio's LinePlot: on the 2-core machine, headless chromium redrawing four Vega-Lite plots every 1.5 s while
-a CPU run trains cost the run 10-30 % of its wall time (`python -m qlora_kit.studio.measure`, docs/studio.md): each
-update re-runs Vega's parser and a canvas render on the cores the training needs. A polyline of a few hundred
-points is a few kilobytes of SVG that the browser lays out in a millisecond, and the picture is the same on every
-browser. What the page loses, hover tooltips, each chart makes up for by naming every series' last value.
+Why not Gradio's LinePlot: each of its updates re-runs Vega's parser and a canvas render, in software in a headless
+browser, on the cores a CPU run trains on. Measured with `python -m qlora_kit.studio.measure` (3 rounds of the demo,
+docs/studio.md), chromium spent a median 5.15 CPU-seconds per run with the four LinePlots and 4.72 with these
+pictures, of which about 1.4 is the idle browser's own; the wall-time difference was within the rounds' noise. What
+decided it: the picture is a few kilobytes the server makes without pandas, a test can read what it draws
+(`data-points`, `data-last-step`), and each series names its last value, which a hover tooltip would only show on
+demand.
 """
 
 from __future__ import annotations

@@ -84,3 +84,20 @@ def test_modelscope_without_its_package_says_how_to_install(monkeypatch):
         fetch_from_modelscope(recipe, weights=False)
     with pytest.raises(UserError, match=r'pip install "qlora_kit\[modelscope\]"'):
         load_rows(recipe.data)
+
+
+def test_a_mistyped_local_path_is_named_with_the_file_meant_and_the_hub_never_asked(no_hub, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "medical_zh.jsonl").write_text("{}\n")
+    recipe = recipe_from_dict({"data": {"source": "data/medical_zh.jsnl"}})
+    recipe.source_path = str(tmp_path / "recipe.toml")
+    started = time.monotonic()
+    with pytest.raises(UserError) as caught:
+        settle_hub_access(recipe)
+    text = caught.value.render()
+    assert "data.source = 'data/medical_zh.jsnl': no such file or folder (did you mean `data/medical_zh.jsonl`?)" \
+        in text
+    assert "did not answer" not in text and time.monotonic() - started < 2  # not the hub's 4 s probe
+    # An org/name hub id with no such local folder is left to the hub.
+    with pytest.raises(UserError, match="did not answer"):
+        settle_hub_access(recipe_from_dict({"data": {"source": "FreedomIntelligence/medical-o1-reasoning-SFT"}}))

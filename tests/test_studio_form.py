@@ -250,3 +250,12 @@ def test_a_commands_error_is_read_from_its_output():
               "error: /w/bad.jsonl, line 2: not valid JSON.\n\nFix or delete that line.\n")
     assert cli_error(output) == "/w/bad.jsonl, line 2: not valid JSON.\n\nFix or delete that line."
     assert cli_error("all fine\n") == ""
+
+
+def test_a_mistyped_file_in_a_workspace_folder_is_a_path_and_a_hub_id_is_not(tmp_path):
+    from qlora_kit.studio.workspace import Workspace
+
+    (tmp_path / "data").mkdir()
+    ws = Workspace(tmp_path)
+    assert ws.is_path("data/rows.jsnl")
+    assert not ws.is_path("FreedomIntelligence/medical-o1-reasoning-SFT")

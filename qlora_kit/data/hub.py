@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_kit.errors import UserError
+from qlora_kit.errors import UserError, did_you_mean
 from qlora_kit.recipe.schema import LOCAL_SUFFIXES, Recipe, is_local_reference
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -38,9 +38,24 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
 
 
+def recipe_folder(recipe: Recipe) -> Path:
+    """Where the recipe's relative paths start."""
+    return Path(recipe.source_path).parent if recipe.source_path else Path.cwd()
+
+
+def close_local_name(reference: str, base: Path) -> str:
+    """" (did you mean `data/rows.jsonl`?)" when `reference` names a file or folder that is not there but a close
+    name is, in a folder that is (a mistyped local path reads as a hub id: `data/rows.jsnl`); else ""."""
+    path = Path(reference).expanduser()
+    folder = path.parent if path.is_absolute() else base / path.parent
+    if path.parent == Path(".") or not folder.is_dir():
+        return ""
+    return did_you_mean(path.name, [entry.name for entry in folder.iterdir()], prefix=f"{path.parent}/")
+
+
 def hub_items(recipe: Recipe) -> list[HubItem]:
     """What this run would fetch from the Hugging Face hub (hub ids; not local paths, not ModelScope ids)."""
-    base = Path(recipe.source_path).parent if recipe.source_path else Path.cwd()
+    base = recipe_folder(recipe)
     items = []
     if recipe.model.hub == "huggingface":
         for key, value in (("model.name", recipe.model.name), ("model.tokenizer", recipe.model.tokenizer)):
@@ -84,6 +99,12 @@ def settle_hub_access(recipe: Recipe, say=print) -> str:
     items = hub_items(recipe)
     if not items:
         return "local"
+    mistyped = [(item, close) for item in items if (close := close_local_name(item.repo_id, recipe_folder(recipe)))]
+    if mistyped:
+        raise UserError("Not a file here, and most likely not meant as a hub id:",
+                        [f"{item.recipe_key} = {item.repo_id!r}: no such file or folder{close}"
+                         for item, close in mistyped],
+                        hint="Fix the name (a hub id is org/name, with no file extension).")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return "offline"  # the user said so: the libraries read the cache, and say what is missing
     if reachable(endpoint()):

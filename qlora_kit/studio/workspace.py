@@ -57,11 +57,14 @@ class Workspace:
                 *(p.resolve() for p in self.extra)]
 
     def is_path(self, text: str) -> bool:
-        """A path rather than a hub id: starts like one, ends like a file, or names something in the root."""
+        """A path rather than a hub id: starts like one, ends like a file, or names something in the root (or in
+        a folder of it)."""
         text = text.strip()
         return (text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or not HUB_ID.match(text)
                 or text.lower().endswith((".gguf", ".jsonl", ".json", ".csv", ".parquet", ".toml"))
-                or (self.root / text).exists())
+                or (self.root / text).exists()
+                # data/rows.jsnl: a mistyped file in a folder of the workspace, not an org/name hub id
+                or ((self.root / text).parent != self.root and (self.root / text).parent.is_dir()))
 
     def resolve(self, text: str, what: str = "path") -> Path:
         """The absolute path `text` names (relative to the root), or a UserError when it leaves the workspace."""

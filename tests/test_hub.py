@@ -101,3 +101,15 @@ def test_a_mistyped_local_path_is_named_with_the_file_meant_and_the_hub_never_as
     # An org/name hub id with no such local folder is left to the hub.
     with pytest.raises(UserError, match="did not answer"):
         settle_hub_access(recipe_from_dict({"data": {"source": "FreedomIntelligence/medical-o1-reasoning-SFT"}}))
+
+
+def test_a_missing_data_file_names_the_close_one_and_is_not_asked_of_the_hub(tmp_path):
+    from qlora_kit.data.rows import read_source_records
+    from qlora_kit.recipe.schema import DataSection
+
+    (tmp_path / "medical_zh.jsonl").write_text("{}\n")
+    for typo in ("medical_zh.jsnl", "medical_zh.jsonl.txt", "medicl_zh.jsonl"):
+        with pytest.raises(UserError) as caught:
+            read_source_records(DataSection(source=str(tmp_path / typo)))
+        assert "Data file not found" in caught.value.title, typo
+        assert f"(did you mean `{tmp_path}/medical_zh.jsonl`?)" in caught.value.title, typo

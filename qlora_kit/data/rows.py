@@ -90,9 +90,12 @@ def read_source_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:
     """data.source's records as dicts (a local file or a hub data set), and where they came from for messages. Shared
     by the SFT rows here and GRPO's checkable rows."""
     path = Path(data.source).expanduser()
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+    # A path that says it is one (absolute, ./, ~) is never sent to the hub as an id, whatever its suffix.
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or data.source.startswith((".", "/", "~")):
         if not path.is_file():
-            raise UserError(f"Data file not found: {path}",
+            from qlora_kit.data.hub import close_local_name
+
+            raise UserError(f"Data file not found: {path}{close_local_name(str(path), Path.cwd())}",
                             hint="Set data.source to an existing .jsonl/.json/.csv/.parquet file or a hub id.")
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         reader = readers.get(path.suffix.lower())

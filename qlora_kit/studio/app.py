@@ -295,8 +295,12 @@ def build(ws: Workspace) -> gr.Blocks:
             except UserError as error:
                 return [gr.skip()] * len(components) + [error_box(error)]
             values = form.recipe_values(recipe)
+            at = {key.full: i for i, key in enumerate(form.KEYS)}
             if presets[name] is not None:  # a recipe's output.dir, relative to where the studio runs its commands
-                values[form.KEYS.index(form.BY_NAME["output.dir"])] = recipe.output.dir
+                values[at["output.dir"]] = recipe.output.dir
+            if recipe.model.gguf_file:  # the .gguf file the recipe names, as one path (the loader splits it again)
+                values[at["model.name"]] = str(Path(recipe.model.name) / recipe.model.gguf_file)
+                values[at["model.gguf_file"]] = ""
             return [*values, ""]
 
         # select, not change: choosing the same preset again resets the form to it.

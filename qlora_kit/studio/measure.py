@@ -6,7 +6,9 @@
    data-last-step, read in the browser every 20 ms, against the file's growth read every 10 ms);
 3. overhead: the demo's wall time from the CLI, from the page kept open on the Train screen (charts redrawing,
    chromium on the same cores), and from the page closed after Start, in turns (--repeat rounds, medians); each
-   from the start to the exit status on disk, with the CPU seconds chromium and the studio spent meanwhile.
+   from the start to the exit status on disk, with the CPU seconds chromium and the studio spent meanwhile;
+4. chromium's CPU in cores on a blank page and on the Train screen following a run: what the browser costs by
+   itself, and what following a run adds.
 
 Needs chromium and Playwright (the test extra). Measurements, not tests: the numbers depend on the machine.
 """
@@ -206,6 +208,30 @@ def first_page(browser, command: list[str], port: int) -> tuple[float, float]:
     return round(answered, 2), round(shown, 2)
 
 
+def browser_cores(browser, url: str, root: Path, window_s: float = 12.0) -> dict:
+    """Chromium's CPU, in cores, over `window_s`: on a blank page (the browser's own), and on the Train screen
+    following a running demo (what the page adds while it follows a run)."""
+
+    def cores() -> float:
+        before = cpu_seconds(browser_processes(), children=False)
+        time.sleep(window_s)
+        return round((cpu_seconds(browser_processes(), children=False) - before) / window_s, 3)
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto("about:blank")
+    blank = cores()
+    page.goto(url)
+    page.wait_for_selector("#preset")
+    demo_steps(page, 100_000, "runs/cores")
+    page.locator("#start").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('loss')", timeout=300_000)
+    following = cores()
+    page.locator("#stop").click()
+    wait_exit(root / "runs" / "cores")
+    page.close()
+    return {"blank_page": blank, "train_screen_following_a_run": following}
+
+
 def median(values: list[float]) -> float:
     return round(sorted(values)[len(values) // 2], 2)
 
@@ -244,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append({"cli": cli_run(root, f"cli{i}", args.steps),
                            "page_open": page_run(browser, url, root, f"open{i}", args.steps, proc.pid, True),
                            "tab_closed": page_run(browser, url, root, f"closed{i}", args.steps, proc.pid, False)})
+        results["browser_cores"] = browser_cores(browser, url, root)
         proc.terminate()
         browser.close()
     results["rounds"] = rounds

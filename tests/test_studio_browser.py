@@ -208,6 +208,11 @@ def test_error_cases_show_the_clis_message_under_the_field(page, studio):
     assert "not valid JSON" in text and "Traceback" not in text
     assert marked(page) == ["key-data-source"]
 
+    # A mistyped file name: the file meant, under the data field (not a hub lookup of "data/bad.jsnl").
+    page.locator("#key-data-source textarea, #key-data-source input").first.fill("data/bad.jsnl")
+    page.locator("#preview-btn").click()
+    field_error(page, "key-data-source", r"Data file not found: .*bad\.jsnl \(did you mean `.*data/bad\.jsonl`\?\)")
+
     # A path outside the workspace: refused under the field before anything runs.
     page.locator("#key-data-source textarea, #key-data-source input").first.fill("../../etc/passwd.jsonl")
     page.locator("#preview-btn").click()

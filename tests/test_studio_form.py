@@ -259,3 +259,20 @@ def test_a_mistyped_file_in_a_workspace_folder_is_a_path_and_a_hub_id_is_not(tmp
     ws = Workspace(tmp_path)
     assert ws.is_path("data/rows.jsnl")
     assert not ws.is_path("FreedomIntelligence/medical-o1-reasoning-SFT")
+
+
+def test_gradios_queue_polls_calmly_and_still_reads_the_attributes_set():
+    import inspect
+
+    import gradio as gr
+
+    from qlora_kit.studio.cli import QUEUE_IDLE_POLL_S, QUEUE_PROGRESS_POLL_S, calm_queue
+
+    with gr.Blocks() as page:
+        gr.Textbox()
+    calm_queue(page.queue())
+    queue = page._queue
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (QUEUE_IDLE_POLL_S, QUEUE_PROGRESS_POLL_S)
+    # The loops read them on every turn: a Gradio that renamed them would make calm_queue a silent no-op.
+    assert "self.sleep_when_free" in inspect.getsource(type(queue).start_processing)
+    assert "self.progress_update_sleep_when_free" in inspect.getsource(type(queue).start_progress_updates)

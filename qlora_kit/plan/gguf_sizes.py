@@ -67,6 +67,11 @@ def smallest_card(needed: float) -> int | None:
     return next((card for card in CARDS_GIB if needed <= card * 1024**3 - CARD_RESERVED), None)
 
 
+def readable(size: float) -> str:
+    """Bytes as GB to two decimals, or as MB below a tenth of a GB (a small model's files are not 0.00 GB)."""
+    return f"{size / 1e9:6.2f} GB" if size >= 1e8 else f"{size / 1e6:6.1f} MB"
+
+
 def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT, *, command: bool = True) -> list[str]:
     """Lines for the end of a merge: each type's file, file + KV cache, the smallest card it fits, and the
     export command for the best type that fits an 8 GB card (`command=False`: the type only, for the studio, whose
@@ -75,7 +80,8 @@ def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT, *, comm
         return []
     kv = kv_cache_bytes(config, context)
     lines = [f"GGUF for llama.cpp / Ollama / LM Studio (file + f16 KV cache at {context} tokens "
-             f"{kv / 1e9:.2f} GB + {COMPUTE_OVERHEAD / 1e9:.1f} GB compute buffers; a card keeps 1 GiB for itself):"]
+             f"{readable(kv).strip()} + {COMPUTE_OVERHEAD / 1e9:.1f} GB compute buffers; a card keeps 1 GiB for "
+             "itself):"]
     best_8 = None
     for name in ADVICE_TYPES:
         size = file_bytes(config, name)
@@ -83,8 +89,7 @@ def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT, *, comm
         if card is not None and card <= 8:
             best_8 = name
         where = f"{'an' if card in (8, 80) else 'a'} {card} GB card" if card else "no single card listed"
-        lines.append(f"  {name:<7} {size / 1e9:6.2f} GB file, {(size + kv + COMPUTE_OVERHEAD) / 1e9:6.2f} GB in use "
-                     f"-> {where}")
+        lines.append(f"  {name:<7} {readable(size)} file, {readable(size + kv + COMPUTE_OVERHEAD)} in use -> {where}")
     pick = best_8 or "q4_k_m"
     lines.append(f"  for an 8 GB card: python tools/export_gguf.py {folder_hint} --type {pick}" if command
                  else f"  for an 8 GB card: {pick}")

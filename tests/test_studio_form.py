@@ -276,3 +276,14 @@ def test_gradios_queue_polls_calmly_and_still_reads_the_attributes_set():
     # The loops read them on every turn: a Gradio that renamed them would make calm_queue a silent no-op.
     assert "self.sleep_when_free" in inspect.getsource(type(queue).start_processing)
     assert "self.progress_update_sleep_when_free" in inspect.getsource(type(queue).start_progress_updates)
+
+
+def test_a_gguf_file_chosen_as_the_model_is_read_as_loading_a_recipe_reads_it(tmp_path):
+    """The model list offers .gguf files: the form's recipe must be the folder + the file, as load_recipe makes it
+    (the planner and the chat read it so; a bare .gguf name made the fit gauge fail)."""
+    gguf = tmp_path / "models" / "tiny.Q4_1.gguf"
+    values = form.defaults()
+    values[form.KEYS.index(form.BY_NAME["model.name"])] = str(gguf)
+    values[form.KEYS.index(form.BY_NAME["data.source"])] = "data.jsonl"
+    recipe = form.form_recipe(values)
+    assert (recipe.model.name, recipe.model.gguf_file) == (str(gguf.parent), str(gguf))

@@ -128,9 +128,14 @@ def raw_to_toml(raw: dict[str, Any]) -> str:
 
 def form_recipe(values: list[Any], sft: str = "") -> Recipe:
     """The form as a validated Recipe (the CLI's loader, so the page shows the CLI's messages)."""
-    from qlora_kit.recipe.loading import recipe_from_dict
+    from pathlib import Path
 
-    return recipe_from_dict(form_to_raw(values, sft), where="the form")
+    from qlora_kit.recipe.loading import normalize_gguf_reference, recipe_from_dict
+
+    recipe = recipe_from_dict(form_to_raw(values, sft), where="the form")
+    # As loading a recipe file does: a .gguf model is its folder + the file (the planner and the chat read it so).
+    normalize_gguf_reference(recipe.model, Path.cwd())
+    return recipe
 
 
 def changed(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:

@@ -10,7 +10,11 @@ directory. One job per module:
     runs.py       child processes (start, SIGINT stop, resume, jobs) and reading a run directory
     chat.py       base vs fine-tuned replies, streamed from two `qlora-kit chat` children
     i18n.py       English and Chinese texts of the page
-    app.py        the Gradio Blocks layout and its events
+    charts.py     the Train screen's live charts, as small SVG pictures made from metrics.jsonl
+    views.py      what the other screens show, made from run files: preview rows, status, results, GGUF advice
+    app.py        the Gradio Blocks layout and its events (errors painted under the fields they concern)
+    measure.py    `python -m qlora_kit.studio.measure`: the performance figures docs/studio.md reports
 
-Gradio is imported only by app.py and only when the page is built: `qlora-kit studio --help` answers at once.
+Gradio is imported only by app.py (and cli.py's launch) when the page is built: `qlora-kit studio --help` answers at
+once.
 """

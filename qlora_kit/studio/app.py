@@ -1,7 +1,8 @@
 """The page: Gradio Blocks, one tab per step of the beginner's path, every action a `qlora-kit` child process.
 
 Model & data -> Settings & fit -> Train -> Results -> Chat -> Export. The settings form is generated from the
-recipe's keys (form.py); the charts, results and files are read from the run directory (runs.py). Element ids
+recipe's keys (form.py); the charts (charts.py), results and files are read from the run directory (runs.py,
+views.py). Element ids
 (`elem_id`) name what a user clicks and reads; the browser tests find the page by them too.
 """
 

@@ -98,3 +98,12 @@ def test_an_architecture_the_export_does_not_write_gets_no_size_lines():
     assert architecture({"model_type": "gemma"}) is None
     assert architecture({"model_type": "qwen2", "architectures": ["Qwen2ForSequenceClassification"]}) is None
     assert advice_lines({"model_type": "mistral"}, "x") == []
+
+
+def test_the_charts_speak_the_pages_language():
+    from qlora_kit.studio.app import chart_titles
+
+    chinese = charts.run_charts([], chart_titles("zh"))
+    assert chinese.count("还没有数据点") == 4 and "损失" in chinese and "no points" not in chinese
+    drawn = charts.run_charts([{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}], chart_titles("zh"))
+    assert ">步</text>" in drawn

@@ -54,7 +54,7 @@ CSS = """
 
 
 def chart_titles(lang: str) -> dict[str, str]:
-    return {name: t(f"{name}_chart", lang) for name in ("loss", "memory", "speed", "lr")}
+    return {name: t(f"{name}_chart", lang) for name in ("loss", "memory", "speed", "lr", "empty", "step")}
 
 
 def demo_raw() -> dict[str, dict[str, Any]]:

@@ -59,10 +59,11 @@ def thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def line_chart(title: str, series: dict[str, list[tuple[float, float]]], colours: dict[str, str] | None = None,
-               elem_id: str = "") -> str:
+               elem_id: str = "", words: dict[str, str] | None = None) -> str:
     """One chart: `series` maps a name to its (step, value) points, in step order. Names with no point are left
     out; a chart with no point at all says so rather than drawing empty axes."""
     colours = colours or {}
+    words = {"empty": "no points yet", "step": "step", **(words or {})}
     series = {name: thin([(x, y) for x, y in points if math.isfinite(y)]) for name, points in series.items()}
     series = {name: points for name, points in series.items() if points}
     width, height = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
@@ -70,7 +71,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], colours
     points_drawn = sum(len(p) for p in series.values())
     if not series:
         parts.append(f"<text class='empty' x='{LEFT + width / 2}' y='{TOP + height / 2}' text-anchor='middle'>"
-                     "no points yet</text>")
+                     f"{html.escape(words['empty'])}</text>")
         return _figure(parts, elem_id, 0, None)
     xs = [x for points in series.values() for x, _ in points]
     ys = [y for points in series.values() for _, y in points]
@@ -98,7 +99,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], colours
     while tick <= x1:
         parts.append(f"<text x='{px(tick):.1f}' y='{HEIGHT - 8}' text-anchor='middle'>{label(tick)}</text>")
         tick += step
-    parts.append(f"<text class='empty' x='4' y='{HEIGHT - 8}'>step</text>")
+    parts.append(f"<text class='empty' x='4' y='{HEIGHT - 8}'>{html.escape(words['step'])}</text>")
     legend_x = LEFT
     for i, (name, points) in enumerate(series.items()):
         colour = colours.get(name, PALETTE[i % len(PALETTE)])
@@ -133,17 +134,20 @@ MEMORY_COLOURS = {"vram used": "#2ca02c", "vram peak": "#d62728", "ram used": "#
 
 def run_charts(records: list[dict], titles: dict[str, str]) -> str:
     """metrics.jsonl's records as the four charts: loss (train, eval), memory (used, peak), tokens/s, learning
-    rate. `titles` names them in the page's language (keys loss, memory, speed, lr)."""
+    rate. `titles` names them in the page's language (keys loss, memory, speed, lr; and empty, step for the words
+    inside a chart)."""
 
     def points(key: str) -> list[tuple[float, float]]:
         return [(r["step"], float(r[key])) for r in records if key in r and r[key] is not None and "step" in r]
 
     memory_keys = sorted({k for r in records for k in r if k.endswith(("_used_gib", "_peak_gib"))})
+    words = {key: titles[key] for key in ("empty", "step") if key in titles}
     charts = [
-        line_chart(titles["loss"], {"train": points("loss"), "eval": points("eval_loss")}, LOSS_COLOURS, "loss-chart"),
+        line_chart(titles["loss"], {"train": points("loss"), "eval": points("eval_loss")}, LOSS_COLOURS, "loss-chart",
+                   words),
         line_chart(titles["memory"], {k.removesuffix("_gib").replace("_", " "): points(k) for k in memory_keys},
-                   MEMORY_COLOURS, "memory-chart"),
-        line_chart(titles["speed"], {"tokens/s": points("tokens_per_s")}, elem_id="speed-chart"),
-        line_chart(titles["lr"], {"learning rate": points("learning_rate")}, elem_id="lr-chart"),
+                   MEMORY_COLOURS, "memory-chart", words),
+        line_chart(titles["speed"], {"tokens/s": points("tokens_per_s")}, elem_id="speed-chart", words=words),
+        line_chart(titles["lr"], {"learning rate": points("learning_rate")}, elem_id="lr-chart", words=words),
     ]
     return f"<div class='charts'>{''.join(charts)}</div>"

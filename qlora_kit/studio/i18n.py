@@ -44,6 +44,8 @@ TEXTS: dict[str, dict[str, str]] = {
     "loss_chart": {"en": "Loss (train and eval)", "zh": "损失（训练与验证）"},
     "memory_chart": {"en": "Memory used and peak (GiB)", "zh": "已用与峰值内存（GiB）"},
     "speed_chart": {"en": "Tokens per second", "zh": "每秒 token 数"},
+    "empty_chart": {"en": "no points yet", "zh": "还没有数据点"},
+    "step_chart": {"en": "step", "zh": "步"},
     "lr_chart": {"en": "Learning rate", "zh": "学习率"},
     "results_refresh": {"en": "Show the results", "zh": "显示结果"},
     "eval_btn": {"en": "Run qlora-kit eval", "zh": "运行 qlora-kit eval"},

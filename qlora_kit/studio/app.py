@@ -48,6 +48,15 @@ CSS = """
 #charts [data-testid='status-tracker'] { display: none !important; }
 /* A field's error (Gradio's validation message): the CLI's lines as it wrote them. */
 .validation-error { white-space: pre-wrap; font-weight: normal !important; font-size: 0.9em; }
+/* A dropdown shows its message in the status overlay, over what the user typed: put it in the flow, above the field,
+   as a text box shows its own. */
+.block > .wrap:has(.validation-error:not(:empty)) { position: static !important; display: block !important;
+    background: none !important; border: none !important; padding: 0 0 4px 0 !important; min-height: 0 !important;
+    text-align: left !important; }
+.wrap .validation-error:not(:empty) { position: static !important; transform: none !important; display: block;
+    text-align: left; background: none !important; border: none !important; padding: 0 !important;
+    margin: 0 !important; box-shadow: none !important; }
+.block > .wrap:has(.validation-error:not(:empty)) button { display: none !important; }
 .studio-error { color: #b71c1c; background: #fff4f4; border: 1px solid #f2b8b8; padding: 8px; white-space: pre-wrap;
                 border-radius: 4px; }
 """ + charts.CSS

@@ -107,3 +107,18 @@ def test_the_charts_speak_the_pages_language():
     assert chinese.count("还没有数据点") == 4 and "损失" in chinese and "no points" not in chinese
     drawn = charts.run_charts([{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}], chart_titles("zh"))
     assert ">步</text>" in drawn
+
+
+def test_the_status_line_reads_a_runs_planned_steps_again_only_when_its_recipe_changes(tmp_path):
+    import os
+
+    from qlora_kit.studio.views import planned_steps
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[data]\nsource = "d.jsonl"\n[train]\nmax_steps = 200\n', encoding="utf-8")
+    os.utime(recipe, ns=(1_000_000_000, 1_000_000_000))
+    assert planned_steps(recipe) == 200
+    recipe.write_text('[data]\nsource = "d.jsonl"\n[train]\nmax_steps = 7\n', encoding="utf-8")
+    os.utime(recipe, ns=(2_000_000_000, 2_000_000_000))
+    assert planned_steps(recipe) == 7
+    assert planned_steps(tmp_path / "missing.toml") == 0

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from qlora_kit.errors import UserError
-from qlora_kit.studio import charts, chat, fit, form, runs
+from qlora_kit.studio import charts, chat, fit, form, runs, views
 from qlora_kit.studio.i18n import LANGUAGES, t
 from qlora_kit.studio.views import (
     error_box,
@@ -115,32 +115,6 @@ def build(ws: Workspace) -> gr.Blocks:
                     raise UserError(error.title, [f"{name}: {line}" for line in error.problems or [error.title]],
                                     error.hint) from None
         return form.form_recipe(values, sft)
-
-    def failure_fields(output: str, recipe) -> dict[str, str]:
-        """A failed command's error message under the field it concerns: the recipe key it names, else the data or
-        model it names (a bad row's file and line, a hub id that cannot be reached)."""
-        message = runs.cli_error(output)
-        if not message:
-            return {}
-        name = form.field_of(message)
-        if name is None and recipe is not None:
-            if recipe.data.source and recipe.data.source in message:
-                name = "data.source"
-            elif recipe.model.name and recipe.model.name in message:
-                name = "model.name"
-        return {name: message} if name else {}
-
-    def elsewhere(errors: dict[str, str], here) -> dict[str, str]:
-        """The errors of fields not on the screen the user is on (those on it are marked where they are)."""
-        return {name: message for name, message in errors.items() if name not in here}
-
-    def pointer(errors: dict[str, str], lang_code: str = "en") -> str:
-        """The box beside the button: which fields to fix and on which screen (the messages are at the fields)."""
-        if not errors:
-            return ""
-        where = [f"`{name}` ({t('tab_model' if name in form.SCREEN_KEYS else 'tab_settings', lang_code)})"
-                 for name in errors]
-        return error_box(t("fix_fields", lang_code) + " " + ", ".join(where))
 
     with gr.Blocks(title="qlora_kit studio", analytics_enabled=False) as page:
         with gr.Row():
@@ -355,7 +329,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "data.source")
-                yield pointer(elsewhere(errors, form.SCREEN_KEYS), code), "", "", marks(errors)
+                yield views.pointer(views.elsewhere(errors, form.SCREEN_KEYS), code), "", "", marks(errors)
                 return
             scratch = ws.studio_dir() / "preview"
             recipe = form.changed(recipe, output={"dir": str(scratch), "overwrite": True})
@@ -370,8 +344,8 @@ def build(ws: Workspace) -> gr.Blocks:
                 if status is None:
                     yield gr.skip(), gr.skip(), text, gr.skip()
                 elif status != 0:
-                    errors = failure_fields(text, recipe)
-                    box = pointer(elsewhere(errors, form.SCREEN_KEYS), code) if errors \
+                    errors = form.failure_fields(runs.cli_error(text), recipe)
+                    box = views.pointer(views.elsewhere(errors, form.SCREEN_KEYS), code) if errors \
                         else error_box(runs.failure_text(text, status, "The dry run"))
                     yield box, "", text, marks(errors)
                 else:
@@ -386,7 +360,7 @@ def build(ws: Workspace) -> gr.Blocks:
             except UserError as error:
                 errors = form.problems_by_field(error, "output.dir")
                 settings = [name for name in field_names if name not in form.SCREEN_KEYS]
-                box = pointer(elsewhere(errors, settings), LANGUAGES.get(lang_choice, "en"))
+                box = views.pointer(views.elsewhere(errors, settings), LANGUAGES.get(lang_choice, "en"))
                 return box, gr.skip(), gr.skip(), gr.skip(), marks(errors)
             text = form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft))
             target = ws.studio_dir() / "recipe.toml"
@@ -404,7 +378,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "output.dir")
-                return gr.skip(), pointer(errors, LANGUAGES.get(lang_choice, "en")), gr.skip(), marks(errors)
+                return gr.skip(), views.pointer(errors, LANGUAGES.get(lang_choice, "en")), gr.skip(), marks(errors)
             out = Path(recipe.output.dir)
             if runs.running_pid(out) is not None:
                 return gr.skip(), error_box(f"{out} is already training: stop it first."), gr.skip(), marks({})

@@ -174,3 +174,17 @@ def problems_by_field(error: UserError, fallback: str) -> dict[str, str]:
     # The loader's "fix the keys above" says where to look in a terminal; under the field it is said already.
     hint = f"\n\n{error.hint}" if error.hint and not error.hint.startswith("Fix the keys above") else ""
     return {name: "\n".join(found) + hint for name, found in fields.items()}
+
+
+def failure_fields(message: str, recipe: Recipe | None) -> dict[str, str]:
+    """A failed command's error message (runs.cli_error) under the field it concerns: the recipe key it names, else
+    the data or model field when it names that file or id (a bad row's file and line, a hub id out of reach)."""
+    if not message:
+        return {}
+    name = field_of(message)
+    if name is None and recipe is not None:
+        if recipe.data.source and recipe.data.source in message:
+            name = "data.source"
+        elif recipe.model.name and recipe.model.name in message:
+            name = "model.name"
+    return {name: message} if name else {}

@@ -7,16 +7,31 @@ from __future__ import annotations
 
 import html
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from qlora_kit.errors import UserError
 from qlora_kit.studio import runs
+from qlora_kit.studio.form import SCREEN_KEYS
 from qlora_kit.studio.i18n import t
 
 
 def error_box(error: UserError | str) -> str:
     text = error.render() if isinstance(error, UserError) else error
     return f"<pre class='studio-error'>{html.escape(text)}</pre>"
+
+
+def elsewhere(errors: dict[str, str], here) -> dict[str, str]:
+    """The errors of fields not on the screen the user is on (those on it are marked where they are)."""
+    return {name: message for name, message in errors.items() if name not in here}
+
+
+def pointer(errors: dict[str, str], lang: str = "en") -> str:
+    """The box beside a button: which fields to fix and on which screen (the messages are at the fields)."""
+    if not errors:
+        return ""
+    where = [f"`{name}` ({t('tab_model' if name in SCREEN_KEYS else 'tab_settings', lang)})" for name in errors]
+    return error_box(t("fix_fields", lang) + " " + ", ".join(where))
 
 
 def preview_html(scratch: Path) -> str:
@@ -64,6 +79,25 @@ def token_decoder(recipe_file: Path):
     return lambda ids: tok.decode(ids)
 
 
+def planned_steps(recipe_file: Path) -> int:
+    """train.max_steps of a run's recipe.toml (0 when unreadable): read again only when the file changes, since the
+    status line asks every second."""
+    try:
+        return _planned_steps(str(recipe_file), recipe_file.stat().st_mtime_ns)
+    except OSError:
+        return 0
+
+
+@lru_cache(maxsize=64)
+def _planned_steps(recipe_file: str, _mtime_ns: int) -> int:
+    from qlora_kit.recipe.loading import load_recipe
+
+    try:
+        return load_recipe(Path(recipe_file)).train.max_steps
+    except (UserError, OSError):
+        return 0
+
+
 def status_markdown(path: Path, state: runs.RunState, records: list[dict], lang: str) -> str:
     words = t(f"status_{state.status}", lang)
     steps = [r for r in records if "loss" in r]
@@ -71,12 +105,7 @@ def status_markdown(path: Path, state: runs.RunState, records: list[dict], lang:
         return f"**{path.name}**: {words}"
     last = records[-1]
     step = last.get("step", 0)
-    from qlora_kit.recipe.loading import load_recipe
-
-    try:
-        total = load_recipe(path / "recipe.toml").train.max_steps
-    except (UserError, OSError):
-        total = 0
+    total = planned_steps(path / "recipe.toml")
     eta = ""
     if total and step and state.status == "running" and last.get("time_s"):
         eta = f" · ETA {max(total - step, 0) * last['time_s'] / step:.0f} s"

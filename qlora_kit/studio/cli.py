@@ -83,10 +83,11 @@ QUEUE_PROGRESS_POLL_S = 0.1
 
 
 def calm_queue(page) -> None:
-    """Gradio's event queue looks for work every 1 ms when it has none (and for progress every 10 ms): measured
-    with `python -m qlora_kit.studio.measure`, 0.045 of a core for as long as the studio is open, even with no tab,
-    taken from the training it watches. 20 ms and 100 ms are still below what a click notices. These are attributes
-    of Gradio's Queue, not options: tests/test_studio_form.py fails if a Gradio version renames them."""
+    """Gradio's event queue looks for work every 1 ms when it has none (and for progress every 10 ms): about 0.045
+    of a core for as long as the studio is open, even with no tab, taken from the training it watches. With 20 ms and
+    100 ms, still below what a click notices, the studio's CPU while a demo run trained with its tab closed went from
+    1.0 to 0.26 CPU-s (`python -m qlora_kit.studio.measure`, docs/studio.md). These are attributes of Gradio's Queue,
+    not options: tests/test_studio_form.py fails if a Gradio version stops reading them."""
     queue = page._queue
     queue.sleep_when_free = QUEUE_IDLE_POLL_S
     queue.progress_update_sleep_when_free = QUEUE_PROGRESS_POLL_S

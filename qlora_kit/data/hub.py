@@ -99,7 +99,8 @@ def settle_hub_access(recipe: Recipe, say=print) -> str:
     items = hub_items(recipe)
     if not items:
         return "local"
-    mistyped = [(item, close) for item in items if (close := close_local_name(item.repo_id, recipe_folder(recipe)))]
+    base = recipe_folder(recipe)
+    mistyped = [(item, close) for item in items if (close := close_local_name(item.repo_id, base))]
     if mistyped:
         raise UserError("Not a file here, and most likely not meant as a hub id:",
                         [f"{item.recipe_key} = {item.repo_id!r}: no such file or folder{close}"

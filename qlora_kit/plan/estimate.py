@@ -81,10 +81,9 @@ def read_architecture(model: ModelSection) -> Architecture:
     from the hub."""
     from qlora_kit.plan.architectures import published_config
 
-    known = published_config(model.name)
-    if known and not Path(model.name).expanduser().is_dir():
-        return Architecture.from_config(known, model.name)
-    return Architecture.from_config(read_config(model), model.display_name if model.gguf_file else model.name)
+    published = bool(published_config(model.name)) and not Path(model.name).expanduser().is_dir()
+    return Architecture.from_config(read_config(model),
+                                    model.display_name if model.gguf_file and not published else model.name)
 
 
 def read_config(model: ModelSection) -> dict:

@@ -15,12 +15,14 @@ from typing import Any
 import gradio as gr
 
 from qlora_kit.errors import UserError
-from qlora_kit.studio import charts, chat, fit, form, runs, views
+from qlora_kit.studio import charts, chat, fit, form, runs
 from qlora_kit.studio.i18n import LANGUAGES, t
 from qlora_kit.studio.views import (
+    elsewhere,
     error_box,
     eval_markdown,
     gguf_advice,
+    pointer,
     preview_html,
     results_markdown,
     status_markdown,
@@ -308,6 +310,7 @@ def build(ws: Workspace) -> gr.Blocks:
         field_errors = gr.State({})
         form_fields = [*components, sft_box]
         field_names = [key.full for key in form.KEYS] + [form.SFT_FIELD]
+        settings_fields = {name for name in field_names if name not in form.SCREEN_KEYS}
 
         def marks(errors: dict[str, str]) -> dict[str, Any]:
             # Stamped, so that the state changes after every action: Gradio clears a field's message when an event
@@ -329,7 +332,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "data.source")
-                yield views.pointer(views.elsewhere(errors, form.SCREEN_KEYS), code), "", "", marks(errors)
+                yield pointer(elsewhere(errors, form.SCREEN_KEYS), code), "", "", marks(errors)
                 return
             scratch = ws.studio_dir() / "preview"
             recipe = form.changed(recipe, output={"dir": str(scratch), "overwrite": True})
@@ -345,7 +348,7 @@ def build(ws: Workspace) -> gr.Blocks:
                     yield gr.skip(), gr.skip(), text, gr.skip()
                 elif status != 0:
                     errors = form.failure_fields(runs.cli_error(text), recipe)
-                    box = views.pointer(views.elsewhere(errors, form.SCREEN_KEYS), code) if errors \
+                    box = pointer(elsewhere(errors, form.SCREEN_KEYS), code) if errors \
                         else error_box(runs.failure_text(text, status, "The dry run"))
                     yield box, "", text, marks(errors)
                 else:
@@ -359,8 +362,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "output.dir")
-                settings = [name for name in field_names if name not in form.SCREEN_KEYS]
-                box = views.pointer(views.elsewhere(errors, settings), LANGUAGES.get(lang_choice, "en"))
+                box = pointer(elsewhere(errors, settings_fields), LANGUAGES.get(lang_choice, "en"))
                 return box, gr.skip(), gr.skip(), gr.skip(), marks(errors)
             text = form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft))
             target = ws.studio_dir() / "recipe.toml"
@@ -378,7 +380,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "output.dir")
-                return gr.skip(), views.pointer(errors, LANGUAGES.get(lang_choice, "en")), gr.skip(), marks(errors)
+                return gr.skip(), pointer(errors, LANGUAGES.get(lang_choice, "en")), gr.skip(), marks(errors)
             out = Path(recipe.output.dir)
             if runs.running_pid(out) is not None:
                 return gr.skip(), error_box(f"{out} is already training: stop it first."), gr.skip(), marks({})

@@ -38,11 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_studio(root: Path) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
+def serve(command: list[str], port: int) -> tuple[subprocess.Popen, str, float]:
+    """Start a web server and wait for its first HTTP 200: (process, url, the monotonic time it was started)."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_kit", "studio", "--no-browser", "--port", str(port),
-                             "--root", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     while True:
         try:
@@ -51,6 +50,15 @@ def start_studio(root: Path) -> tuple[subprocess.Popen, str, float]:
                     return proc, url, start
         except OSError:
             time.sleep(0.02)
+
+
+def studio_command(root: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "qlora_kit", "studio", "--no-browser", "--port", str(port), "--root", str(root)]
+
+
+def start_studio(root: Path) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    return serve(studio_command(root, port), port)
 
 
 def demo_steps(page, steps: int, out: str = "runs/demo") -> None:
@@ -187,16 +195,7 @@ page.launch(server_port=int(sys.argv[1]), quiet=True, ssr_mode=False, pwa=False,
 
 def first_page(browser, command: list[str], port: int) -> tuple[float, float]:
     """Seconds from starting `command` to its HTTP answer on `port`, and to #preset drawn in a tab."""
-    start = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.02)
+    proc, url, start = serve(command, port)
     answered = time.monotonic() - start
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
@@ -254,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         studio_times, floor_times = [], []
         for _ in range(3):
             port = free_port()
-            studio_times.append(first_page(browser, [sys.executable, "-m", "qlora_kit", "studio", "--no-browser",
-                                                     "--port", str(port), "--root", str(root)], port))
+            studio_times.append(first_page(browser, studio_command(root, port), port))
             port = free_port()
             floor_times.append(first_page(browser, [sys.executable, str(floor_app), str(port)], port))
         results["first_answer_s"] = median([a for a, _ in studio_times])

@@ -2,12 +2,13 @@
 
 PDFs keep no paragraphs, only positioned lines, so both jobs read geometry. A line is a running header or footer
 when it sits at the top or bottom edge of its page and is one of: a bare page number ("3", "- 3 -", "Page 3 of 10",
-"第 3 页", "iv"); a line whose digit-masked shape comes back at the edges of at least half of the pages
-("Report 2024 — page #"); or, outermost, a short line that starts or ends with the page's own printed number, the
-number that follows the page index by an offset several pages share (a book's "Chapter 3: Objects 15" changes with
-every chapter, so repetition alone misses it). Lines are then joined: a gap wider than the line pitch, a change of
-font size (a heading) or an indented line after a line that ended early starts a paragraph; pdfium's mark of a
-hyphenated line end joins the word halves; lines of Chinese text join without a space, others with one.
+"第 3 页", "iv"); a line whose digit-masked shape comes back at the same height at the edges of at least half
+of the pages ("Report 2024 — page #"); or, outermost, a short line that starts or ends with the page's own printed
+number, the number that follows the page index by an offset several pages share (a book's "Chapter 3: Objects 15"
+changes with every chapter, so repetition alone misses it). Lines are then joined: a gap wider than the line
+pitch, a change of font size (a heading) or an indented line after a line that ended early starts a paragraph;
+pdfium's mark of a hyphenated line end joins the word halves; lines of Chinese text join without a space, others
+with one.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ _LEADING_NUMBER = re.compile(r"^(\d{1,5})\s")
 _TRAILING_NUMBER = re.compile(r"\s(\d{1,5})$")
 _LEADING_ROMAN = re.compile(r"^([ivxlc]{1,7})\s")
 _TRAILING_ROMAN = re.compile(r"\s([ivxlc]{1,7})$")
-_LIGATURES = str.maketrans({"ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "st", "ﬆ": "st"})
+# Ligatures as letters; the bullets Word's Symbol and Wingdings fonts put in the private use area as real bullets
+_LETTERS = str.maketrans({"ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "st", "ﬆ": "st",
+                          "\uf0b7": "•", "\uf0a7": "▪", "\uf0d8": "➢", "\uf0fc": "✓", "\uf06e": "■", "\uf076": "❖"})
 _CJK = re.compile(r"[\u2e80-\u303f\u3040-\u30ff\u3100-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 _SENTENCE_END = tuple(".!?:;。！？：；…”」』)")
 
@@ -66,6 +69,10 @@ def is_page_number(text: str) -> bool:
 def _shape(text: str) -> str:
     """The line with its numbers masked, so "Report — page 3" and "Report — page 4" are the same line."""
     return re.sub(r"\d+", "#", re.sub(r"\s+", " ", text.strip().lower()))
+
+
+def _place(line: Line) -> tuple[str, int]:
+    return _shape(line.text), round(line.baseline / 2)
 
 
 def _roman(value: int) -> str:
@@ -108,21 +115,24 @@ def _edges(lines: list[Line]) -> tuple[list[Line], list[Line]]:
 def strip_running_lines(pages: list[list[Line]]) -> list[list[Line]]:
     """Each page's lines without its running header, footer and page number (the pages are one document's)."""
     with_text = [lines for lines in pages if lines]
-    shapes: Counter[str] = Counter()
+    places: Counter[tuple[str, int]] = Counter()
     offsets: Counter[tuple[str, int]] = Counter()
     for index, lines in enumerate(pages, start=1):
         top, bottom = _edges(lines)
         edge = {id(line): line for line in top + bottom}.values()
-        shapes.update({_shape(line.text) for line in edge if not is_page_number(line.text)})
+        places.update({_place(line) for line in edge if not is_page_number(line.text)})
         offsets.update({(kind, value - index) for line in edge for kind, value in _edge_numbers(line.text)})
-    # Half of the pages: a heading that happens to open a few pages must not count as a running header.
-    repeated = {shape for shape, count in shapes.items() if count >= 2 and count >= len(with_text) / 2}
+    # A running line is printed at the same height on every page; on half of the pages at least, so that a heading
+    # that happens to open a few pages is not taken for one. Heights are kept in 2-point steps, and a line one step
+    # off still counts (a header at 800.9 and one at 801.1 points).
+    repeated = {(shape, step) for (shape, step) in places
+                if sum(places[shape, near] for near in (step - 1, step, step + 1)) >= max(2, len(with_text) / 2)}
     # Three pages (two in a two-page file) whose edge number follows the page index by the same offset: that
     # number is the printed page number, whatever text the header puts around it.
     shared = {key for key, count in offsets.items() if count >= min(3, max(2, len(with_text)))}
 
     def running(line: Line, index: int, outermost: bool) -> bool:
-        if is_page_number(line.text) or _shape(line.text) in repeated:
+        if is_page_number(line.text) or _place(line) in repeated:
             return True
         return outermost and len(line.text) <= 120 and any(
             (kind, value - index) in shared for kind, value in _edge_numbers(line.text))
@@ -197,8 +207,8 @@ def page_text(lines: list[Line]) -> str:
 
 
 def tidy(text: str) -> str:
-    """Ligatures as letters, runs of spaces as one, no spaces at line ends, at most one blank line in a row."""
-    text = text.translate(_LIGATURES).replace("\u00ad", "").replace("\ufffe", "")
+    """Ligatures as letters, symbol-font bullets as bullets, runs of spaces as one, no spaces at line ends, at most one blank line in a row."""
+    text = text.translate(_LETTERS).replace("\u00ad", "").replace("\ufffe", "")
     text = re.sub(r"[^\S\n]+", " ", text)
     text = re.sub(r" *\n *", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()

@@ -18,6 +18,9 @@ from qlora_kit.make_data.page_cleanup import Line, page_text, strip_running_line
 NO_TEXT_LAYER = "scanned PDF: no text layer (run OCR first, e.g. ocrmypdf)"
 ENCRYPTED = "encrypted PDF (it needs a password: save an unlocked copy, e.g. qpdf --decrypt)"
 
+ONLY_RUNNING_LINES = ("no text besides running headers, footers and page numbers (a scan with a printed header? "
+                      "run OCR first, e.g. ocrmypdf)")
+
 _HYPHEN_MARK = "\ufffe"  # PDFium's mark for a hyphen it removed at a line end
 
 
@@ -40,7 +43,7 @@ def read_pdf(path: Path) -> list[tuple[int, str]] | str:
         return NO_TEXT_LAYER
     texts = [(number, page_text(lines)) for number, lines in enumerate(strip_running_lines(pages), start=1)]
     texts = [(number, text) for number, text in texts if text]
-    return texts or NO_TEXT_LAYER
+    return texts or ONLY_RUNNING_LINES
 
 
 def _page_lines(page, pdfium_c) -> list[Line]:

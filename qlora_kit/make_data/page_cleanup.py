@@ -207,7 +207,8 @@ def page_text(lines: list[Line]) -> str:
 
 
 def tidy(text: str) -> str:
-    """Ligatures as letters, symbol-font bullets as bullets, runs of spaces as one, no spaces at line ends, at most one blank line in a row."""
+    """Ligatures as letters, symbol-font bullets as bullets, one space for a run, none at line ends, at most one
+    blank line in a row."""
     text = text.translate(_LETTERS).replace("\u00ad", "").replace("\ufffe", "")
     text = re.sub(r"[^\S\n]+", " ", text)
     text = re.sub(r" *\n *", "\n", text)

@@ -32,7 +32,9 @@ def read_pdf(path: Path) -> list[tuple[int, str]] | str:
     try:
         document = pdfium.PdfDocument(path)
     except pdfium.PdfiumError as error:
-        if error.err_code in (pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY):
+        # err_code came with pypdfium2 5; 4.30 (the newest wheel for macOS before 13) says it only in the message
+        code = getattr(error, "err_code", None)
+        if code in (pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY) or "password" in str(error).lower():
             return ENCRYPTED
         return f"not a readable PDF ({error}): damaged, or not a PDF despite its name"
     try:
@@ -50,8 +52,11 @@ def _page_lines(page, pdfium_c) -> list[Line]:
     """The page's visual lines in the order PDFium reads them, each with its position and font size."""
     textpage = page.get_textpage()
     try:
-        text = textpage.get_text_range()
-        if len(text) != textpage.count_chars():
+        count = textpage.count_chars()
+        # An explicit range: pypdfium2 4.x sends the no-argument call to get_text_bounded, whose text has no
+        # one-to-one character indices
+        text = textpage.get_text_range(0, count)
+        if len(text) != count:
             # Never seen on real files; without the one-to-one indices the positions are unknown, so keep the
             # lines in order with no geometry (they are then joined as one paragraph per page).
             return [Line(line.strip(), 0.0, 0.0, -float(i), 10.0) for i, line in enumerate(text.splitlines())

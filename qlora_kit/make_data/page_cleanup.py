@@ -116,35 +116,37 @@ def strip_running_lines(pages: list[list[Line]]) -> list[list[Line]]:
     """Each page's lines without its running header, footer and page number (the pages are one document's)."""
     with_text = [lines for lines in pages if lines]
     places: Counter[tuple[str, int]] = Counter()
-    offsets: Counter[tuple[str, int]] = Counter()
+    offsets: Counter[tuple[str, str, int]] = Counter()
     for index, lines in enumerate(pages, start=1):
         top, bottom = _edges(lines)
         edge = {id(line): line for line in top + bottom}.values()
         places.update({_place(line) for line in edge if not is_page_number(line.text)})
-        offsets.update({(kind, value - index) for line in edge for kind, value in _edge_numbers(line.text)})
+        # By side: a book numbered in its headers can still have a footnote "4 ..." at the foot of page 4
+        offsets.update({(side, kind, value - index) for side, lines_there in (("top", top), ("bottom", bottom))
+                        for line in lines_there[:1] for kind, value in _edge_numbers(line.text)})
     # A running line is printed at the same height on every page; on half of the pages at least, so that a heading
     # that happens to open a few pages is not taken for one. Heights are kept in 2-point steps, and a line one step
     # off still counts (a header at 800.9 and one at 801.1 points).
     repeated = {(shape, step) for (shape, step) in places
                 if sum(places[shape, near] for near in (step - 1, step, step + 1)) >= max(2, len(with_text) / 2)}
-    # Three pages (two in a two-page file) whose edge number follows the page index by the same offset: that
-    # number is the printed page number, whatever text the header puts around it.
+    # Three pages (two in a two-page file) whose outermost line at one edge has a number that follows the page
+    # index by the same offset: that is the printed page number, whatever text the header puts around it.
     shared = {key for key, count in offsets.items() if count >= min(3, max(2, len(with_text)))}
 
-    def running(line: Line, index: int, outermost: bool) -> bool:
+    def running(line: Line, index: int, side: str, outermost: bool) -> bool:
         if is_page_number(line.text) or _place(line) in repeated:
             return True
         return outermost and len(line.text) <= 120 and any(
-            (kind, value - index) in shared for kind, value in _edge_numbers(line.text))
+            (side, kind, value - index) in shared for kind, value in _edge_numbers(line.text))
 
     cleaned = []
     for index, lines in enumerate(pages, start=1):
         removed: set[int] = set()
-        for edge in _edges(lines):
+        for side, edge in zip(("top", "bottom"), _edges(lines), strict=True):
             for depth, line in enumerate(edge):
                 if id(line) in removed:
                     continue
-                if not running(line, index, outermost=depth == 0):
+                if not running(line, index, side, outermost=depth == 0):
                     break
                 removed.add(id(line))
         cleaned.append([line for line in lines if id(line) not in removed])

@@ -216,6 +216,7 @@ def test_html_keeps_the_content_and_drops_navigation_scripts_and_page_chrome(tmp
 <body><header><a href="/">ACME home</a></header>
 <nav><ul><li>Products</li><li>Contact</li></ul></nav>
 <div class="breadcrumb">Home / Manuals</div>
+<div class="header"><p>Next: Valves, Previous: Safety</p></div><div class="toc"><ul><li>泵的保养</li></ul></div>
 <article><h1>泵的保养</h1><p>每次检修之前，先关闭两个阀门，
 然后打开排水口。</p>
 <h2>Checks</h2><ul><li>Coupling: every <b>three</b> months</li><li><p>Bearings: never</p></li></ul>

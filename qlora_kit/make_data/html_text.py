@@ -1,10 +1,11 @@
 """An HTML page's content as light Markdown, through lxml's HTML parser (libxml2: forgiving of real-world tag soup).
 
-Only what a reader of the page reads is kept: scripts, styles, forms and the site's chrome (nav, aside, a page-level
-header or footer, elements whose class or id says navigation, menu, sidebar or breadcrumb, ARIA navigation and
-banner roles) are dropped; with one <main>, only it is read. h1-h6 become '#' lines, list items '- ' lines, table
-rows '| a | b |' lines, <pre> a fenced block; the rest is paragraphs with HTML's whitespace collapsed (a line break
-in the source between two Chinese characters is no space at all, as a browser shows it).
+Only what a reader of the page reads is kept: scripts, styles, forms and the site's chrome (nav, aside, a
+page-level header or footer, as a tag or a class, elements whose class or id says navigation, menu, sidebar,
+breadcrumb or toc, ARIA navigation and banner roles) are dropped; with one <main>, only it is read. h1-h6 become
+'#' lines, list items '- ' lines, table rows '| a | b |' lines, <pre> a fenced block; the rest is paragraphs with
+HTML's whitespace collapsed (a line break in the source between two Chinese characters is no space at all, as a
+browser shows it).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from qlora_kit.make_data.text_decoding import decode_text
 _DROP = {"script", "style", "noscript", "template", "nav", "aside", "form", "svg", "iframe", "button", "select",
          "textarea", "object", "embed", "canvas", "map", "dialog", "head", "title", "meta", "link"}
 _DROP_ROLES = {"navigation", "banner", "contentinfo", "search", "menu", "menubar", "complementary"}
-_CHROME = re.compile(r"^(?:nav\w*|\w*-?nav(?:bar)?|menu\w*|sidebar\w*|breadcrumbs?|skip-?link|cookie\w*|toc)$",
-                     re.IGNORECASE)
+_CHROME = re.compile(
+    r"^(?:nav\w*|\w*-?nav(?:bar)?|menu\w*|sidebar\w*|breadcrumbs?|skip-?link|cookie\w*|(?:\w+-)?toc)$", re.IGNORECASE)
 _BLOCKS = {"p", "div", "section", "article", "main", "body", "ul", "ol", "dl", "dt", "dd", "table", "thead",
            "tbody", "tfoot", "blockquote", "figure", "figcaption", "address", "details", "summary", "caption",
            "center", "hr", "header", "footer", "fieldset", "legend", "li", "tr", "pre"}
@@ -69,6 +70,13 @@ def _chrome(element) -> bool:
     return any(_CHROME.match(name) for name in names)
 
 
+def _page_furniture(element) -> bool:
+    """A page-level header or footer: the tag, or a div of that class (texinfo's "Next: ... Previous: ..." bar)."""
+    if not isinstance(element.tag, str):
+        return False
+    return element.tag in ("header", "footer") or bool({"header", "footer"} & set((element.get("class") or "").split()))
+
+
 def _inline(text: str) -> str:
     """HTML whitespace rules: any run of whitespace is one space, and none between two Chinese characters."""
     text = re.sub(rf"(?<=[{_CJK}])\s*\n\s*(?=[{_CJK}])", "", text)
@@ -96,7 +104,7 @@ class _Blocks:
 
     def walk(self, element, inside_content: bool = False) -> None:
         tag = element.tag if isinstance(element.tag, str) else ""  # comments and processing instructions: ""
-        if tag in _DROP or (tag and _chrome(element)) or (tag in ("header", "footer") and not inside_content):
+        if tag in _DROP or (tag and _chrome(element)) or (_page_furniture(element) and not inside_content):
             return
         inside_content = inside_content or tag in ("article", "main")
         if tag in ("h1", "h2", "h3", "h4", "h5", "h6"):

@@ -220,3 +220,21 @@ def test_fuzzed_rows_load_render_and_encode_or_explain(demo_tokenizer, tmp_path_
     renderer, _ = make_renderer(demo_tokenizer, data)
     for example in encode_rows(Encoder(demo_tokenizer, renderer), rowset.rows):
         assert example.input_ids[-1] == demo_tokenizer.eos_token_id and 1 in example.completion_mask
+
+
+@pytest.mark.parametrize("rows", ['{"Question": "q?", "Complex_CoT": "c", "Response": "r"}\n{oops\n',
+                                  '{"Question": "q?", "Response": "r"}\n'])
+def test_a_data_mistake_is_answered_before_the_libraries_load(tmp_path, rows):
+    """A bad row or a missing column is found by reading the file, which needs no tokenizer: it is answered as fast
+    as a recipe typo, before torch and transformers are imported (they take most of a minute on a slow disk)."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(recipe_text(tmp_path, data=_write(tmp_path / "r.jsonl", rows)), encoding="utf-8")
+    probe = ("import sys\nfrom qlora_kit.run import main\ncode = main([sys.argv[1]])\n"
+             "print('exit', code, 'torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert "exit 2 torch imported: False" in result.stdout, result.stdout + result.stderr
+    assert "r.jsonl" in result.stdout + result.stderr

@@ -88,10 +88,9 @@ def rewards_by_step(out) -> dict[int, float]:
 def learned(tmp_path_factory, learnable_model):
     folder = tmp_path_factory.mktemp("learnable")
     out = folder / "run"
-    started = time.monotonic()
     result = run_cli(learnable_recipe(folder, learnable_model, out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"out": out, "stdout": result.stdout, "seconds": time.monotonic() - started}
+    return {"out": out, "stdout": result.stdout}
 
 
 def test_the_reward_rises_on_a_learnable_task(learned):
@@ -100,7 +99,6 @@ def test_the_reward_rises_on_a_learnable_task(learned):
     first = sum(rewards[s] for s in (1, 2, 3)) / 3
     last = sum(rewards[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
     assert last > first + MARGIN, f"reward {first:.3f} -> {last:.3f} in {STEPS} steps"
-    assert learned["seconds"] < 90, f"{learned['seconds']:.0f} s"
 
 
 def test_the_run_directory_of_a_grpo_run(learned):

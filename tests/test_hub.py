@@ -113,3 +113,15 @@ def test_a_missing_data_file_names_the_close_one_and_is_not_asked_of_the_hub(tmp
             read_source_records(DataSection(source=str(tmp_path / typo)))
         assert "Data file not found" in caught.value.title, typo
         assert f"(did you mean `{tmp_path}/medical_zh.jsonl`?)" in caught.value.title, typo
+
+
+def test_a_bare_missing_file_name_says_where_it_looked_and_names_the_file_beside_it(tmp_path, monkeypatch):
+    from qlora_kit.data.rows import read_source_records
+    from qlora_kit.recipe.schema import DataSection
+
+    (tmp_path / "medical_o1_en.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as caught:
+        read_source_records(DataSection(source="medical_o1_en.json"))
+    assert caught.value.title == (f"Data file not found: medical_o1_en.json (looked for {tmp_path}/medical_o1_en.json)"
+                                  " (did you mean `medical_o1_en.jsonl`?)")

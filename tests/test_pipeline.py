@@ -84,7 +84,10 @@ def test_demo_run_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # The recipe at a glance: what differs from the defaults, not all ~80 resolved lines.
     assert "  train.max_steps = 6\n" in result.stdout and "  output.report_to = [\"tensorboard\"]\n" in result.stdout
-    assert "  lora.r = " not in result.stdout and f"every setting as used: {out / 'recipe.toml'}" in result.stdout
+    assert "  lora.r = " not in result.stdout
+    assert f"every setting as used is saved in {out / 'recipe.toml'} when the run starts" in result.stdout
+    # bitsandbytes' refused optional CPU kernel (kernels-community) says nothing a user could act on: kept out.
+    assert "kernels-community" not in result.stdout + result.stderr
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
                  "recipe.toml", "loss_curve.png", "metrics.jsonl", "summary.json", "samples.md", "report.md",
                  "memory_speed.png"):
@@ -94,17 +97,33 @@ def test_demo_run_from_the_command_line(tmp_path):
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 4, 6]
-    # The eval before training is step 0, then every eval_steps and at the end; each split into answer and reasoning.
+    # First the 16-bit base's eval (before the NF4 model loads), then the trainer's: step 0 (the NF4 base), every
+    # eval_steps and at the end; each split into answer and reasoning.
+    sixteen = metrics[0]
+    assert sixteen["step"] == 0 and {"base_16bit_eval_loss", "base_16bit_eval_answer_loss",
+                                     "base_16bit_eval_reasoning_loss"} <= sixteen.keys()
+    assert sixteen["base_16bit_eval_rows"] == 16
     evals = [m for m in metrics if "eval_loss" in m]
-    assert [m["step"] for m in evals] == [0, 3, 6] and metrics[0]["time_s"] == 0.0
+    assert [m["step"] for m in evals] == [0, 3, 6] and metrics[1]["time_s"] == 0.0
     assert all({"eval_answer_loss", "eval_reasoning_loss", "eval_runtime"} <= m.keys() for m in evals)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_eval_loss"] == round(evals[-1]["eval_loss"], 4)
-    assert summary["eval_loss_before"] == round(evals[0]["eval_loss"], 4) and summary["eval_rows"] == 16
+    # "before" is the model the user started from (16-bit); the NF4 base, what training starts from, beside it.
+    assert summary["eval_loss_before"] == round(sixteen["base_16bit_eval_loss"], 4) and summary["eval_rows"] == 16
+    assert summary["eval_loss_nf4_base"] == round(evals[0]["eval_loss"], 4) != summary["eval_loss_before"]
+    assert summary["eval_answer_loss_before"] == round(sixteen["base_16bit_eval_answer_loss"], 4)
     assert summary["eval_time_s"] == round(evals[1]["eval_runtime"] + evals[2]["eval_runtime"], 1)
     assert summary["format_base"].endswith("/1") and summary["format_fine_tuned"].endswith("/1")
-    assert "eval loss before training: " in result.stdout
-    assert f"eval loss {evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} on 16 held-out rows" in result.stdout
+    assert f"eval loss before training: 16-bit base {sixteen['base_16bit_eval_loss']:.4f}" in result.stdout
+    assert (f"eval loss 16-bit base {sixteen['base_16bit_eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} trained "
+            "on 16 held-out rows") in result.stdout
+    assert f"NF4 base (the 4-bit model training starts from) {evals[0]['eval_loss']:.4f}: 4-bit storage cost" \
+        in result.stdout
+    report = (out / "report.md").read_text()
+    assert f"{sixteen['base_16bit_eval_loss']:.4f} (16-bit base), {evals[0]['eval_loss']:.4f} (step 0, NF4 base)" \
+        in report
+    # The warmup's first step trains (transformers' schedule would give it a learning rate of exactly 0).
+    assert next(m for m in metrics if "loss" in m)["learning_rate"] > 0
     assert summary["tokens_per_s"] > 0 and summary["model_weights"].startswith("RANDOM-INIT")
     for picture in ("loss_curve.png", "memory_speed.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -129,7 +148,7 @@ def test_demo_run_from_the_command_line(tmp_path):
                         "## Recipe"]
     assert "![train and eval loss](loss_curve.png)" in report and "(memory_speed.png)" in report
     assert "| steps | 6 |" in report and "eval loss on the held-out rows: " in report
-    assert f"**eval loss {evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f}" in report
+    assert f"**eval loss 16-bit base {sixteen['base_16bit_eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f}" in report
     assert "training on 224 rows" in report and report.count("| fine-tuned | ") == 1
     assert "RAM: peak resident memory" in report and "tokens/s (min " in report
     assert f"throughput over the whole training: {summary['tokens_per_s']:,.0f} tokens/s" in report

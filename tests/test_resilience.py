@@ -83,17 +83,20 @@ def test_a_resumed_run_keeps_its_eval_before_training(tmp_path):
     with_eval = [*SHORT, "data.eval_rows=8", "train.max_steps=6", f"output.dir={out}"]
     crashed = run_cli(DEMO, *with_eval, env={"QLORA_KIT_FAULT_OOM_AT_STEP": "4"})
     assert crashed.returncode == 3 and "eval loss before training: " in crashed.stdout
-    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
-    assert before["step"] == 0 and before["time_s"] == 0.0
+    sixteen, before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:2]
+    assert sixteen["step"] == before["step"] == 0 and before["time_s"] == 0.0 and "base_16bit_eval_loss" in sixteen
 
     resumed = run_cli(DEMO, *with_eval)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "eval loss before training" not in resumed.stdout
+    assert "eval loss before training" not in resumed.stdout and "16-bit base (what you start from)" not in \
+        resumed.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 6]
+    assert [r["step"] for r in records if "base_16bit_eval_loss" in r] == [0]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval_loss_before"] == round(before["eval_loss"], 4) and summary["final_eval_loss"] is not None
-    assert f"eval loss {before['eval_loss']:.4f} → " in resumed.stdout
+    assert summary["eval_loss_before"] == round(sixteen["base_16bit_eval_loss"], 4)
+    assert summary["eval_loss_nf4_base"] == round(before["eval_loss"], 4) and summary["final_eval_loss"] is not None
+    assert f"eval loss 16-bit base {sixteen['base_16bit_eval_loss']:.4f} → " in resumed.stdout
 
 
 def test_a_half_written_checkpoint_is_skipped(uninterrupted, tmp_path):

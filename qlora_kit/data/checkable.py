@@ -173,16 +173,17 @@ class GrpoExamples:
     data_report: list[str]
 
 
-def build_grpo_examples(recipe, tokenizer, console) -> GrpoExamples:
+def build_grpo_examples(recipe, tokenizer, console, rows: CheckableSet | None = None) -> GrpoExamples:
     """Rows -> prompts -> ids; rows whose prompt leaves no room for grpo.max_completion_length in data.max_length
-    are dropped (or refused, data.over_length = "error") and counted. All before any weight loads."""
+    are dropped (or refused, data.over_length = "error") and counted. All before any weight loads. `rows`: already
+    read (a local file is read before the libraries load); else read here."""
     from qlora_kit.data.encode import Encoder
     from qlora_kit.data.render import make_renderer
     from qlora_kit.data.report import show_data
     from qlora_kit.data.rows import Row
 
     data, room = recipe.data, recipe.data.max_length - recipe.grpo.max_completion_length
-    rows = load_checkable(data, recipe.train.seed)
+    rows = rows or load_checkable(data, recipe.train.seed)
     renderer, layout = make_renderer(tokenizer, data)
     bos = Encoder(tokenizer, renderer).bos_id
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from qlora_kit.data.encode import Encoder, apply_length_policy
 from qlora_kit.data.render import make_renderer
 from qlora_kit.data.report import data_lines, data_notes, show_data
-from qlora_kit.data.rows import load_rows, split_rows
+from qlora_kit.data.rows import RowSet, load_rows, split_rows
 from qlora_kit.errors import UserError
 
 
@@ -29,12 +29,13 @@ class Examples:
     data_report: list[str]
 
 
-def build_examples(recipe, tokenizer, console) -> Examples:
+def build_examples(recipe, tokenizer, console, rowset: RowSet | None = None) -> Examples:
     """Rows -> prompt/completion pairs -> token ids with the completion mask; reports lengths and drops.
     Each row is encoded once; the eval rows are drawn from those that fit max_length, so data.eval_rows counts
-    rows actually evaluated."""
+    rows actually evaluated. `rowset`: already read (a local file is read before the libraries load); else read
+    here."""
     data = recipe.data
-    rowset = load_rows(data)
+    rowset = rowset or load_rows(data)
     renderer, layout = make_renderer(tokenizer, data)
     encoder = Encoder(tokenizer, renderer)
     encoded = {}

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.errors import UserError
-from qlora_kit.recipe.schema import DataSection
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+from qlora_kit.errors import UserError, did_you_mean
+from qlora_kit.recipe.schema import LOCAL_SUFFIXES, DataSection
 
 
 @dataclass
@@ -86,17 +84,20 @@ def split_rows(rows: list[Row], data: DataSection, seed: int,
     return [r for r in rows if r.number not in held_out], [r for r in rows if r.number in held_out]
 
 
+def is_local_source(data: DataSection) -> bool:
+    """data.source names a file (or what should be one), not a hub data set: a data file's suffix, something on disk,
+    or a path that says it is one (absolute, ./, ~), which is never sent to the hub as an id, whatever its suffix."""
+    path = Path(data.source).expanduser()
+    return path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or data.source.startswith((".", "/", "~"))
+
+
 def read_source_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:
     """data.source's records as dicts (a local file or a hub data set), and where they came from for messages. Shared
     by the SFT rows here and GRPO's checkable rows."""
     path = Path(data.source).expanduser()
-    # A path that says it is one (absolute, ./, ~) is never sent to the hub as an id, whatever its suffix.
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or data.source.startswith((".", "/", "~")):
+    if is_local_source(data):
         if not path.is_file():
-            from qlora_kit.data.hub import close_local_name
-
-            raise UserError(f"Data file not found: {path}{close_local_name(str(path), Path.cwd())}",
-                            hint="Set data.source to an existing .jsonl/.json/.csv/.parquet file or a hub id.")
+            raise file_not_found(path)
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         reader = readers.get(path.suffix.lower())
         if reader is None:
@@ -108,6 +109,19 @@ def read_source_records(data: DataSection) -> tuple[list[dict[str, Any]], str]:
             raise UserError(f"{path}: not UTF-8 text (byte {e.start}).",
                             hint="Re-save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8`).") from None
     return _read_hub(data), f"{data.source} [{data.config}/{data.split}]"
+
+
+def file_not_found(path: Path) -> UserError:
+    """Where it looked (relative names are read from the current folder, once the recipe's folder had none), and
+    the close file beside it: `rows.json` for `rows.jsonl`, `data/rows.jsnl` for `data/rows.jsonl`."""
+    looked = path if path.is_absolute() else Path.cwd() / path
+    folder = looked.parent
+    close = did_you_mean(path.name, [entry.name for entry in folder.iterdir()],
+                         prefix="" if path.parent == Path(".") else f"{path.parent}/") if folder.is_dir() else ""
+    where = "" if path.is_absolute() else f" (looked for {looked})"
+    return UserError(f"Data file not found: {path}{where}{close}",
+                     hint="Set data.source to an existing .jsonl/.json/.csv/.parquet file (a relative path starts "
+                          "from the recipe's folder) or a hub data set id.")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

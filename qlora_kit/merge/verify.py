@@ -11,8 +11,10 @@ merged folder. Which merge is the right default is measured on a real model in d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,13 +152,22 @@ def verify(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged
                   f"{len(examples)} held-out rows "
                   "through base + adapter (PEFT) and the merged folder, one model at a time")
     read = functools.partial(read_model, prompts=prompts, device=device, examples=examples)
-    trained = read(adapter_model(run, base, adapter, plan, compute, device, quantized=True), with_base=True)
+    with_original = not plan.prequantized and run.recipe.quant.load_in_4bit
+    models = 3 if with_original else 2
+    # A line as each model starts and ends: on a CPU each takes minutes, and a log (no terminal, no live view)
+    # would otherwise show nothing until the verdict.
+    progress = ModelProgress(console, models)
+    with progress("the NF4 base + adapter, as trained"):
+        trained = read(adapter_model(run, base, adapter, plan, compute, device, quantized=True), with_base=True)
     original = None
-    if not plan.prequantized and run.recipe.quant.load_in_4bit:
-        original = read(adapter_model(run, base, adapter, plan, compute, device, quantized=False), with_base=True)
+    if with_original:
+        with progress("the original 16-bit base + adapter"):
+            original = read(adapter_model(run, base, adapter, plan, compute, device, quantized=False),
+                            with_base=True)
     elif not run.recipe.quant.load_in_4bit:  # 16-bit LoRA: the run trained on the original weights
         original, trained = trained, None
-    merged = read(merged_model(merged_dir, trust, device, compute), with_base=False)
+    with progress("the merged folder"):
+        merged = read(merged_model(merged_dir, trust, device, compute), with_base=False)
 
     if plan.into == "dequantized" or original is None:
         reference, what = trained, "PEFT on the NF4 base, as trained"
@@ -182,6 +193,21 @@ def verify(run: Run, base: Checkpoint, adapter: Adapter, plan: MergePlan, merged
         console.print(f"[yellow]note:[/] the merge error is comparable to the adapter's whole effect: {dtype_name} "
                       "rounding swallows part of this (small) update; --dtype float32 keeps it.")
     return result
+
+
+class ModelProgress:
+    """`with progress("the merged folder"):` prints "model 3/3: the merged folder ..." and then its time."""
+
+    def __init__(self, console, models: int):
+        self.console, self.models, self.done = console, models, 0
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        self.done += 1
+        started = time.monotonic()
+        self.console.print(f"[dim]  model {self.done}/{self.models}: {what} (logits, greedy text, eval loss) ...")
+        yield
+        self.console.print(f"[dim]  model {self.done}/{self.models}: done in {time.monotonic() - started:.0f} s")
 
 
 @dataclass

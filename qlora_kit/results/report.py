@@ -22,6 +22,7 @@ from qlora_kit.recipe.run_files import (
 )
 from qlora_kit.results.markdown import fenced, one_line, quoted, table_cell
 from qlora_kit.results.samples import Sample
+from qlora_kit.train import base_eval
 from qlora_kit.train.artifacts import read_records
 from qlora_kit.train.summary import outcome_lines
 
@@ -141,12 +142,16 @@ def loss_lines(records: list[dict]) -> list[str]:
         lines.append(f"- train loss: {train[0]['loss']:.4f} at step {train[0]['step']} → "
                      f"{train[-1]['loss']:.4f} at step {train[-1]['step']} ({len(train)} logged steps)")
     if evals:
-        points = ", ".join(f"{r['eval_loss']:.4f} (step {r['step']})" for r in evals)
-        lines.append(f"- eval loss on the held-out rows: {points}")
-        answers = [r for r in evals if "eval_answer_loss" in r]
-        if answers:
-            points = ", ".join(f"{r['eval_answer_loss']:.4f} (step {r['step']})" for r in answers)
-            lines.append(f"- eval loss on the answer tokens alone: {points}")
+        sixteen = next((r for r in records if r["step"] == 0 and f"{base_eval.PREFIX}_loss" in r), None)
+        quantized = sixteen is not None or any(base_eval.NOT_MEASURED in r for r in records)
+        for key, what in (("loss", "eval loss on the held-out rows"),
+                          ("answer_loss", "eval loss on the answer tokens alone")):
+            points = [f"{r[f'eval_{key}']:.4f} (step {r['step']}{', NF4 base' if quantized and not r['step'] else ''})"
+                      for r in evals if f"eval_{key}" in r]
+            if sixteen and f"{base_eval.PREFIX}_{key}" in sixteen:
+                points.insert(0, f"{sixteen[f'{base_eval.PREFIX}_{key}']:.4f} (16-bit base)")
+            if points:
+                lines.append(f"- {what}: {', '.join(points)}")
     return [*lines, ""] if lines else []
 
 

@@ -147,8 +147,9 @@ def sample_markdown(number: int, sample: Sample, max_new_tokens: int) -> list[st
                   "format_", ""]
         if reply.opened:
             lines += details("Reasoning", reply.think or "(empty)")
-        else:
-            lines += ["_(no reasoning block: the model answered directly)_", ""]
+        else:  # "answered directly" only when it also stopped: a reply cut at the limit answered nothing yet
+            lines += ["_(no reasoning block: the model answered directly)_" if reply.finished else
+                      "_(no reasoning block; the reply was cut at the token limit)_", ""]
         lines += ["**Answer**", "", fenced(reply.answer) if reply.answer else missing_answer(reply, max_new_tokens),
                   ""]
     return lines
@@ -186,9 +187,13 @@ def show_sample(console: Console, number: int, sample: Sample) -> None:
 
 
 def reply_view(reply: Reply) -> Group:
-    think = one_line(reply.think, THINK_PREVIEW_CHARS) or ("(no reasoning)" if reply.opened else "(answered directly)")
+    direct = "(answered directly)" if reply.finished else "(no reasoning block)"
+    think = one_line(reply.think, THINK_PREVIEW_CHARS) or ("(no reasoning)" if reply.opened else direct)
     answer = Text(reply.answer, style="bold") if reply.answer else Text("(no answer)", style="yellow")
-    return Group(Text(think, style="dim"), answer)
+    parts = [Text(think, style="dim"), answer]
+    if not reply.finished:
+        parts.append(Text(f"(cut at the limit: {reply.new_tokens} new tokens, no EOS)", style="yellow"))
+    return Group(*parts)
 
 
 def sample_finished_run(outcome, tokenizer, recipe: Recipe, examples, out_dir: Path, console) -> list[Sample]:

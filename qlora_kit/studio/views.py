@@ -116,9 +116,12 @@ def status_markdown(path: Path, state: runs.RunState, records: list[dict], lang:
 
 def results_markdown(summary: dict) -> str:
     lines = [f"### {summary.get('steps', '?')} steps, {summary.get('wall_time_s', 0):.0f} s"]
-    if "eval_loss_before" in summary:
-        lines.append(f"**eval loss {summary['eval_loss_before']:.4f} → {summary.get('final_eval_loss', 0):.4f}** "
-                     f"({summary.get('eval_rows', '?')} held-out rows)")
+    if summary.get("final_eval_loss") is not None:
+        # The same lines as the terminal's: counted from the 16-bit base, the NF4 base beside it.
+        from qlora_kit.train.summary import outcome_lines
+
+        first, *rest = [line for line in outcome_lines(summary) if line.startswith(("eval", "  "))]
+        lines.append(f"**{first}**" + "".join(f"  \n{line.strip()}" for line in rest))
     if "format_base" in summary:
         lines.append(f"format compliance (reasoning closed, an answer, EOS): base {summary['format_base']}, "
                      f"fine-tuned {summary.get('format_fine_tuned', '?')}")

@@ -119,14 +119,17 @@ class MetricsRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         mem = snapshot()
         elapsed = time.monotonic() - self.started if self.started is not None else self.clock_offset
-        record = {"step": state.global_step, "time_s": round(elapsed, 3),
-                  **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
-                  **({"num_tokens": logs["num_tokens"] + self.token_offset} if "num_tokens" in (logs or {}) else {}),
-                  f"{mem.kind.lower()}_used_gib": round(mem.used_gib, 4),
-                  f"{mem.kind.lower()}_peak_gib": round(mem.peak_gib, 4)}
+        self.append({"step": state.global_step, "time_s": round(elapsed, 3),
+                     **{k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
+                     **({"num_tokens": logs["num_tokens"] + self.token_offset} if "num_tokens" in (logs or {}) else {}),
+                     f"{mem.kind.lower()}_used_gib": round(mem.used_gib, 4),
+                     f"{mem.kind.lower()}_peak_gib": round(mem.peak_gib, 4)})
+
+    def append(self, record: dict) -> None:
+        """One record, to memory and to the file at once (also those the trainer does not log: the 16-bit base)."""
         self.records.append(record)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def write_loss_curve(records: list[dict], path: Path, title: str) -> None:
@@ -145,6 +148,11 @@ def write_loss_curve(records: list[dict], path: Path, title: str) -> None:
     if evals:
         steps, losses = zip(*evals, strict=True)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="eval loss")
+    from qlora_kit.train.base_eval import PREFIX
+
+    sixteen = next((r[f"{PREFIX}_loss"] for r in records if r["step"] == 0 and f"{PREFIX}_loss" in r), None)
+    if sixteen is not None:  # a 4-bit run's eval starts from the NF4 base; the model the user had is this line
+        ax.axhline(sixteen, color="tab:gray", linestyle=":", linewidth=1.5, label="eval loss of the 16-bit base")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (completion tokens)")
     ax.set_title(title, fontsize=10)
@@ -221,13 +229,17 @@ def write_json(path: Path, content: dict) -> None:
 
 
 def summarize(records: list[dict], steps: int, train_rows: int, trainable: int, weights: str,
-              resume_step: int = 0) -> dict:
+              resume_step: int = 0, quantized: bool = False) -> dict:
     """The run in one dict, over the whole run (a resumed one included: metrics.jsonl holds every step, its clock
     and its token count run on across the resume).
 
     tokens_per_s counts training time only: wall time minus the periodic and final evaluations (the one before
-    training is not in the wall time at all). Eval losses: before the first step and at the end, over all
-    completion tokens and split into the reasoning's and the answer's."""
+    training is not in the wall time at all). Eval losses: at the start and at the end, over all completion tokens
+    and split into the reasoning's and the answer's. "before" is the 16-bit base, the model the user started from
+    (None, with eval_before_note saying why, when it could not be measured); a 4-bit run's NF4 base beside it
+    (`*_nf4_base`): what quantization cost, which training wins back first."""
+    from qlora_kit.train.base_eval import StartingPoints
+
     # num_tokens: the running count of tokens trained on (padding excluded), cumulative over the whole run.
     tokens = max((r.get("num_tokens", 0) for r in records), default=0)
     wall = max((r.get("time_s", 0.0) for r in records), default=0.0)
@@ -235,6 +247,7 @@ def summarize(records: list[dict], steps: int, train_rows: int, trainable: int, 
     train_time = max(wall - eval_time, 0.0)
     train = [r for r in records if "loss" in r]
     before = next((r for r in records if r["step"] == 0 and "eval_loss" in r), {})
+    start = StartingPoints.from_records(records, quantized)
     final = next((r for r in reversed(records) if "eval_loss" in r and r["step"] == steps and r["step"] > 0), {})
     mem = snapshot()
 
@@ -252,16 +265,19 @@ def summarize(records: list[dict], steps: int, train_rows: int, trainable: int, 
         "final_train_loss": round(train[-1]["loss"], 4) if train else None,
         "mean_train_loss": mean_train_loss(train),
         "eval_rows": int(before.get("eval_rows") or final.get("eval_rows") or 0) or None,
-        "eval_loss_before": rounded(before, "eval_loss"),
-        "final_eval_loss": rounded(final, "eval_loss"),
-        "eval_answer_loss_before": rounded(before, "eval_answer_loss"),
-        "final_eval_answer_loss": rounded(final, "eval_answer_loss"),
-        "eval_reasoning_loss_before": rounded(before, "eval_reasoning_loss"),
-        "final_eval_reasoning_loss": rounded(final, "eval_reasoning_loss"),
+        **{f"eval{part}_loss_before": rounded(start.sixteen_bit, f"eval{part}_loss") for part in PARTS},
+        **({f"eval{part}_loss_nf4_base": rounded(start.nf4, f"eval{part}_loss") for part in PARTS}
+           if quantized and before else {}),
+        **({"eval_before_note": f"16-bit base {start.not_measured}"} if start.not_measured else {}),
+        **{f"final_eval{part}_loss": rounded(final, f"eval{part}_loss") for part in PARTS},
         "trainable_parameters": trainable,
         "model_weights": weights,
         **({"resumed_from_step": resume_step} if resume_step else {}),
     }
+
+
+PARTS = ("", "_answer", "_reasoning")
+"""Eval losses over all completion tokens, the answer's and the reasoning's (eval_loss, eval_answer_loss, ...)."""
 
 
 def mean_train_loss(train: list[dict]) -> float | None:

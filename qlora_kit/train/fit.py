@@ -82,6 +82,17 @@ def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Pa
         from transformers import enable_full_determinism
 
         enable_full_determinism(recipe.train.seed)
+    processes = processes or Processes()
+    eval_examples = examples.eval
+    quantized = recipe.quant.load_in_4bit
+    # Before the NF4 model exists: the 16-bit base, what the user starts from, needs the memory to itself.
+    # A resumed run measured it when it first started (metrics.jsonl's step 0).
+    sixteen_bit = None
+    if quantized and eval_examples and not resume_from:
+        from qlora_kit.train.base_eval import evaluate_16bit_base
+
+        sixteen_bit = evaluate_16bit_base(recipe, precision, eval_examples, tokenizer.pad_token_id or 0, console,
+                                          distributed=processes.distributed)
     model = add_lora(load_model(recipe, precision), recipe.lora, seed=recipe.train.seed)
     trainable, total = count_parameters(model)
     label = "RANDOM-INIT weights (demo/benchmark, not a real model)" if recipe.model.init == "random" else "pretrained"
@@ -96,13 +107,12 @@ def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Pa
                       "is on the CPU.")
     if precision.device == "cpu" and recipe.train.gradient_checkpointing:
         recipe = checkpointing_on_cpu(recipe, console)
-    processes = processes or Processes()
     global_batch = recipe.train.batch_size * recipe.train.grad_accum * processes.world_size
     title = f"qlora_kit · {recipe.model.display_name} · {label}"
     if processes.distributed:
         title += f" · {processes.world_size} processes, global batch {global_batch}"
-    watch = Watchers.start(out, resume_step, title, console, processes)
-    train_examples, eval_examples = examples.train, examples.eval
+    watch = Watchers.start(out, resume_step, title, console, processes, quantized, sixteen_bit)
+    train_examples = examples.train
     trainer = build_trainer(recipe, model, tokenizer, to_dataset(train_examples),
                             to_dataset(eval_examples) if eval_examples else None, precision, out, watch.callbacks)
     trainer.eval_examples = eval_examples
@@ -129,7 +139,7 @@ def fit(recipe: Recipe, tokenizer, examples, out: Path, console, resume_from: Pa
     tokenizer.save_pretrained(out / run_files.ADAPTER_DIR)
     artifacts.write_loss_curve(metrics.records, out / run_files.CURVE_FILE, f"{recipe.model.display_name} · {label}")
     summary = artifacts.summarize(metrics.records, trainer.state.global_step, len(train_examples), trainable, label,
-                                  resume_step)
+                                  resume_step, quantized=quantized)
     summary.update(processes=processes.world_size, global_batch=global_batch)
     artifacts.write_json(out / run_files.SUMMARY_FILE, summary)
     return Outcome(trainer.state.global_step, summary=summary, model=trainer.model, sharded=trainer.is_fsdp_enabled)
@@ -146,9 +156,13 @@ class Watchers:
     callbacks: list
 
     @classmethod
-    def start(cls, out: Path, resume_step: int, title: str, console, processes: Processes) -> Watchers:
+    def start(cls, out: Path, resume_step: int, title: str, console, processes: Processes, quantized: bool = False,
+              sixteen_bit: dict | None = None) -> Watchers:
+        """`sixteen_bit`: the metrics record of the 16-bit base's eval (train/base_eval.py), written first; a resumed
+        run finds it, and the trainer's own step-0 eval of the NF4 base, in metrics.jsonl."""
         from qlora_kit.recipe.run_files import METRICS_FILE
         from qlora_kit.train.artifacts import LogFinalStep, MetricsRecorder
+        from qlora_kit.train.base_eval import StartingPoints
         from qlora_kit.train.interrupts import GracefulStop, InjectOutOfMemory
         from qlora_kit.train.status import StatusCallback
 
@@ -157,10 +171,10 @@ class Watchers:
         metrics = status = None
         if processes.is_main:  # the other ranks train in silence and write nothing
             metrics = MetricsRecorder(out / METRICS_FILE, resume_step)
-            # A resumed run's "before" is the eval loss logged at step 0 when it first started.
-            before = next((r for r in metrics.records if r["step"] == 0 and "eval_loss" in r), {})
-            status = StatusCallback(title, console,
-                                    eval_before={k: v for k, v in before.items() if k.endswith("_loss")})
+            if sixteen_bit:
+                metrics.append(sixteen_bit)
+            status = StatusCallback(title, console, quantized=quantized,
+                                    start=StartingPoints.from_records(metrics.records, quantized))
             callbacks += [metrics, status]
         return cls(stop, metrics, status, callbacks)
 
@@ -185,32 +199,27 @@ def train_guarded(steps, trainer, watch: Watchers, recipe: Recipe, out: Path) ->
             watch.status.close()
 
 
-CPU_ACTIVATIONS_SHARE = 0.25
-"""On a CPU, gradient checkpointing is turned off when all activations take at most this share of the free RAM."""
-
-
 def checkpointing_on_cpu(recipe: Recipe, console) -> Recipe:
     """Gradient checkpointing saves GPU memory by recomputing every layer in the backward pass. A CPU has RAM to
     spare for the models one trains on it, and recomputing cost 35-55% more time a step (SmolLM2-135M, 768-token
-    rows: 46-57 tokens/s with it, 71-73 without; tools/bench_cpu_speed.py): off, when the activations fit in a
-    quarter of the free RAM (the planner's per-layer terms). The recipe on disk keeps its setting."""
+    rows: 46-57 tokens/s with it, 71-73 without; tools/bench_cpu_speed.py): off, when every layer's activations fit
+    in a quarter of the free RAM. The decision is the planner's (qlora_kit.plan.cpu.checkpointing_choice), so the
+    CPU plan printed before loading shows what this run does. The recipe on disk keeps its setting."""
     import dataclasses
 
     import psutil
 
-    from qlora_kit.plan.estimate import activations_without_checkpointing, read_architecture
+    from qlora_kit.plan.cpu import checkpointing_choice
+    from qlora_kit.plan.estimate import read_architecture
 
     try:
         arch = read_architecture(recipe.model)
     except UserError:
         return recipe
-    need = activations_without_checkpointing(arch, recipe.train.batch_size * recipe.data.max_length)
-    free = psutil.virtual_memory().available
-    if need > CPU_ACTIVATIONS_SHARE * free:
+    choice = checkpointing_choice(arch, recipe, psutil.virtual_memory().available)
+    if choice.on:
         return recipe
-    console.print(f"[dim]gradient checkpointing off on this CPU: all activations (about {need / 1024**3:.1f} GiB at "
-                  f"{recipe.data.max_length} tokens) fit in RAM ({free / 1024**3:.1f} GiB free), and recomputing "
-                  "them would cost about a third more time per step.")
+    console.print(f"[dim]gradient checkpointing {choice.reason}.")
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, gradient_checkpointing=False))
 
 

@@ -25,10 +25,12 @@ from qlora_kit.recipe.trainer_arguments import grpo_arguments
 def trainer_class():
     from trl import GRPOTrainer
 
-    class QloraKitGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer with two changes: prompts are tokenized as SFT tokenizes them (TRL would encode the rendered
-        text with add_special_tokens=True: a second BOS after the template's own), and memory and tokens/s go
-        into the logs like SFT's."""
+    from qlora_kit.train.warmup import WarmupFromTheFirstStep
+
+    class QloraKitGRPOTrainer(WarmupFromTheFirstStep, GRPOTrainer):
+        """GRPOTrainer with three changes: prompts are tokenized as SFT tokenizes them (TRL would encode the rendered
+        text with add_special_tokens=True: a second BOS after the template's own), memory and tokens/s go into the
+        logs like SFT's, and the warmup's first step trains (as SFT's)."""
 
         bos_id: int | None = None
         _throughput_mark: tuple[float, int] | None = None

@@ -1,6 +1,6 @@
-"""TRL's SFTTrainer with two changes: the length-grouped batch order is resumable (qlora_kit.train.batch_order), and
-evaluation is qlora_kit.train.eval_loss's (one token-weighted loss, split into reasoning and answer); nothing else
-differs."""
+"""TRL's SFTTrainer with three changes: the length-grouped batch order is resumable (qlora_kit.train.batch_order),
+evaluation is qlora_kit.train.eval_loss's (one token-weighted loss, split into reasoning and answer), and the warmup's
+first step trains (qlora_kit.train.warmup); nothing else differs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ def trainer_class():
     from transformers import Trainer
     from trl import SFTTrainer
 
-    class QloraKitTrainer(SFTTrainer):
+    from qlora_kit.train.warmup import WarmupFromTheFirstStep
+
+    class QloraKitTrainer(WarmupFromTheFirstStep, SFTTrainer):
         eval_examples: list = []
         """The eval rows as qlora_kit.data.encode built them (answer_start included); set by train.build_trainer."""
 

@@ -6,6 +6,7 @@ the trainer logs (loss, learning rate, gradient norm, tokens) and adds memory an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -16,12 +17,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from transformers import TrainerCallback
 
+from qlora_kit.train.base_eval import StartingPoints
 from qlora_kit.train.memory_use import snapshot
 
 
 class StatusCallback(TrainerCallback):
     def __init__(self, title: str, console: Console | None = None, live: bool | None = None,
-                 eval_before: dict[str, float] | None = None):
+                 quantized: bool = False, start: StartingPoints | None = None):
         self.title = title
         self.console = console or Console()
         self.use_live = self.console.is_terminal if live is None else live
@@ -33,8 +35,10 @@ class StatusCallback(TrainerCallback):
         self.last_tokens = (0.0, 0, 0.0)  # (time, tokens, eval_seconds) at the previous log, for tokens/s
         self.eval_seconds = 0.0
         """Time spent evaluating since training began: neither tokens/s nor the ETA count it."""
-        self.eval_before: dict[str, float] = dict(eval_before or {})
-        """eval_loss / eval_answer_loss before training (a resumed run: from metrics.jsonl)."""
+        self.quantized = quantized
+        self.start = start or StartingPoints({}, {})
+        """Where the eval loss started: the 16-bit base (measured before the run loaded its 4-bit model) and the
+        NF4 base (the trainer's eval at step 0); a resumed run reads both from metrics.jsonl."""
         self.reward_parts: dict[str, float] = {}
         """GRPO: reward function name -> its mean over the last logged step's completions."""
 
@@ -61,8 +65,10 @@ class StatusCallback(TrainerCallback):
         logs = logs or {}
         now = time.monotonic()
         if state.global_step == 0 and "eval_loss" in logs:  # the eval before training: the "before" of every view
-            self.eval_before = {k: float(v) for k, v in logs.items() if k.startswith("eval_") and "loss" in k}
-            self.console.print(f"eval loss before training: {eval_text(logs)}", highlight=False, soft_wrap=True)
+            losses = {k: float(v) for k, v in logs.items() if k.startswith("eval_") and k.endswith("_loss")}
+            self.start = dataclasses.replace(self.start, **{"nf4" if self.quantized else "sixteen_bit": losses})
+            self.console.print(f"eval loss before training: {starting_text(self.start)}", highlight=False,
+                               soft_wrap=True)
             return
         if "loss" in logs and math.isfinite(logs["loss"]):
             loss = float(logs["loss"])
@@ -90,7 +96,7 @@ class StatusCallback(TrainerCallback):
         elif "loss" in logs:
             self.console.print(self.plain_line(state), highlight=False, soft_wrap=True)
         elif "eval_loss" in logs:
-            self.console.print(f"step {state.global_step}/{self.total} | eval loss {eval_text(logs, self.eval_before)}",
+            self.console.print(f"step {state.global_step}/{self.total} | eval loss {self.eval_now(logs)}",
                                highlight=False, soft_wrap=True)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -104,6 +110,15 @@ class StatusCallback(TrainerCallback):
             self.live = None
 
     # -- rendering --------------------------------------------------------------------------------
+    def eval_now(self, logs: dict) -> str:
+        """The eval loss now, counted from the 16-bit base, with the NF4 base beside it on a 4-bit run."""
+        text = eval_text(logs, self.start.sixteen_bit)
+        if "eval_loss" in self.start.nf4:
+            text += f" · NF4 base {self.start.nf4['eval_loss']:.4f}"
+            if not self.start.sixteen_bit:
+                text += " (16-bit base not measured)"
+        return text
+
     def eta(self, step: int) -> str:
         if step <= 0 or not self.total:
             return "--"
@@ -145,10 +160,10 @@ class StatusCallback(TrainerCallback):
                      f"{mem.used_gib:.2f} GiB used, peak {mem.peak_gib:.2f} of {mem.total_gib:.1f} GiB")
         loss = f"{v['loss']:.4f}  (smoothed {self.smoothed_loss:.4f})" if "loss" in v else "--"
         grid.add_row("loss", "", loss)
-        if "eval_loss" in v or self.eval_before:
+        if "eval_loss" in v or self.start.sixteen_bit or self.start.nf4:
             now = {k: v[k] for k in ("eval_loss", "eval_answer_loss") if k in v}
-            grid.add_row("eval loss", "", eval_text(now, self.eval_before) if now else
-                         f"{self.eval_before['eval_loss']:.4f} before training")
+            grid.add_row("eval loss", "", self.eval_now(now) if now else
+                         f"before training: {starting_text(self.start)}")
         if "reward" in v:  # GRPO: what the run optimises, and the completions it is learning from
             grid.add_row("reward", "", reward_text(v, self.reward_parts))
             grid.add_row("completions", "", completion_text(v))
@@ -181,6 +196,19 @@ def completion_text(values: dict) -> str:
         parts.append(f"{values['completions/clipped_ratio']:.0%} clipped")
     if "kl" in values:
         parts.append(f"kl {values['kl']:.4f}")
+    return ", ".join(parts) or "--"
+
+
+def starting_text(start: StartingPoints) -> str:
+    """"16-bit base 2.6045, NF4 base 2.8947 (4-bit storage +0.2902)": where the eval loss starts, in one line."""
+    parts = []
+    if "eval_loss" in start.sixteen_bit:
+        parts.append(f"16-bit base {eval_text(start.sixteen_bit)}")
+    elif start.not_measured:
+        parts.append(f"16-bit base {start.not_measured}")
+    if "eval_loss" in start.nf4:
+        cost = start.quantization_cost()
+        parts.append(f"NF4 base {eval_text(start.nf4)}" + (f" (4-bit storage {cost:+.4f})" if cost is not None else ""))
     return ", ".join(parts) or "--"
 
 

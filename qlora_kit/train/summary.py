@@ -13,22 +13,31 @@ def show_recipe(console: Console, changes: list[str], source: str, resolved_file
     console.rule(f"[bold]recipe[/] {source}")
     for line in changes:
         console.print(Text(f"  {line}"))
-    console.print(f"[dim]  everything else: the defaults (docs/recipe.md); every setting as used: "
-                  f"{resolved_file}")
+    # Written once the run directory is prepared (never over a finished run's): a run refused before that has none.
+    console.print(f"[dim]  everything else: the defaults (docs/recipe.md); every setting as used is saved in "
+                  f"{resolved_file} when the run starts")
 
 
 def outcome_lines(summary: dict) -> list[str]:
-    """Did it work, in two lines: the eval loss before -> after (all tokens, the answer's, the reasoning's) and the
-    format compliance of the samples."""
+    """Did it work, in a few lines: the eval loss from the 16-bit base to the trained model (all tokens, the
+    answer's, the reasoning's), the NF4 base beside it, and the format compliance of the samples."""
     lines = []
     before, after = summary.get("eval_loss_before"), summary.get("final_eval_loss")
     if after is not None:
         rows = f" on {summary['eval_rows']} held-out rows" if summary.get("eval_rows") else ""
-        lines.append(f"eval loss {change(before, after)}{rows}")
+        start = "16-bit base " if before is not None else ""
+        lines.append(f"eval loss {start}{change(before, after)} trained{rows}")
         parts = [f"{part} tokens {change(summary.get(f'eval_{part}_loss_before'), summary[f'final_eval_{part}_loss'])}"
                  for part in ("answer", "reasoning") if summary.get(f"final_eval_{part}_loss") is not None]
         if parts:
             lines.append("  " + ", ".join(parts))
+        nf4 = summary.get("eval_loss_nf4_base")
+        if nf4 is not None:
+            cost = f": 4-bit storage cost {nf4 - before:+.4f}, which training wins back first" if before is not None \
+                else ""
+            lines.append(f"  NF4 base (the 4-bit model training starts from) {nf4:.4f}{cost}")
+        if summary.get("eval_before_note"):
+            lines.append(f"  {summary['eval_before_note']}")
     if summary.get("judged_rows"):  # GRPO: the held-out rows answered before and after, scored by the rewards
         n = summary["judged_rows"]
 

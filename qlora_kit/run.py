@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_matches(recipe, tokenizer)
     grpo = recipe.train.method == "grpo"  # reinforcement learning on checkable answers instead of SFT (docs/grpo.md)
     examples = build_examples_for(recipe, tokenizer, console, grpo)
-    plan = check_memory_plan(recipe, console, force=args.force)
+    plan = check_memory_plan(recipe, console, force=args.force, examples=examples)
 
     if args.dry_run:
         if processes.is_main:
@@ -211,27 +211,45 @@ def write_run_report(recipe, command: str, data_report: list[str], summary: dict
                  samples=samples, planned_reserved_gib=plan.reserved_gib if plan else None, judged_lines=judged)
 
 
-def check_memory_plan(recipe, console, force: bool):
-    """Show the VRAM plan; on a GPU, refuse a run that clearly does not fit (the OOM would come later).
-    Returns the plan on a GPU (report.md sets it against the measured peak), None on a CPU."""
+def check_memory_plan(recipe, console, force: bool, examples=None):
+    """Show the plan before any weight loads: on a GPU the VRAM plan; on a CPU this machine's RAM and time plan, with
+    the rows' real lengths (SFT; GRPO's prompts say nothing of the completions', so max_length stands in). Refuse a
+    run that clearly does not fit (the OOM would come later) unless `force`. Returns the VRAM plan on a GPU
+    (report.md sets it against the measured peak), None on a CPU."""
     import torch
 
     from qlora_kit.distributed import current
     from qlora_kit.plan.estimate import make_plan, print_plan, read_architecture
 
-    on_gpu = torch.cuda.is_available()
-    vram_gib = torch.cuda.mem_get_info()[1] / 1024**3 if on_gpu else 8.0
-    plan = make_plan(read_architecture(recipe.model), recipe, vram_gib)
-    console.rule("[bold]memory plan" + ("" if on_gpu else " (no GPU here: shown for an 8 GiB GPU)"))
-    print_plan(plan, console)
+    arch = read_architecture(recipe.model)
     sharded = recipe.distributed.fsdp and current().distributed
+    if not torch.cuda.is_available():
+        from qlora_kit.cli import command_name
+        from qlora_kit.plan.cpu import make_cpu_plan, print_cpu_plan
+
+        sft = examples is not None and recipe.train.method == "sft"
+        cpu = make_cpu_plan(arch, recipe, [len(e.input_ids) for e in examples.train] if sft else None,
+                            [len(e.input_ids) for e in examples.eval] if sft and examples.eval else None)
+        console.rule("[bold]memory and time plan (this CPU: no GPU here)")
+        print_cpu_plan(cpu, console)
+        console.print(f"[dim]A GPU's VRAM plan: {command_name('python -m qlora_kit.plan')} RECIPE --gpu 8")
+        if not cpu.fits and not force and not current().distributed:  # N processes: N shares of one machine's RAM
+            raise UserError(f"The plan says this run may need about {cpu.peak_gib:.1f} GiB of RAM; "
+                            f"{cpu.available_ram_gib:.1f} GiB are free.",
+                            hint="Lower data.max_length or train.batch_size, turn train.gradient_checkpointing on, "
+                                 "or close other programs; --force tries anyway.")
+        return None
+    vram_gib = torch.cuda.mem_get_info()[1] / 1024**3
+    plan = make_plan(arch, recipe, vram_gib)
+    console.rule("[bold]memory plan")
+    print_plan(plan, console)
     if sharded:  # the planner knows one GPU holding everything; FSDP splits weights and adapter state over N
         console.print(f"[dim]FSDP: this is the unsharded plan; over {current().world_size} GPUs each holds a share "
                       "of the weights and the adapter state (but loads the whole 4-bit model once before sharding).")
-    if on_gpu and not plan.fits and not force and not sharded:
+    if not plan.fits and not force and not sharded:
         raise UserError(f"The plan says this run needs about {plan.peak_gib:.1f} GiB; this GPU has "
                         f"{vram_gib:.1f} GiB.", hint=f"Try {plan.suggestion}, or pass --force to try anyway.")
-    return plan if on_gpu else None
+    return plan
 
 
 if __name__ == "__main__":

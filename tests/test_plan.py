@@ -190,7 +190,7 @@ def test_cli_reports_a_missing_model_folder(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # nothing left after the desktop's share: an argument error, not a plan
         main([str(REPO / "recipes" / "demo.toml"), "--vram-gib", "0.3"])
-    assert "--vram-gib must be more than" in capsys.readouterr().err
+    assert "--gpu must be more than" in capsys.readouterr().err
 
 
 

@@ -139,6 +139,15 @@ class StepProfile:
     """... x intermediate."""
     loss_hidden: float
     """x hidden: the loss backward's copies of the final hidden states (saved input, fp32 gradient, its cast)."""
+    saved_hidden: float = 0.0
+    """Gradient checkpointing off: what autograd saves of every layer for the backward, per token, x hidden ..."""
+    saved_intermediate: float = 0.0
+    """... x intermediate ..."""
+    saved_kv: float = 0.0
+    """... x the key/value width ..."""
+    saved_dropout_hidden: float = 0.0
+    """... and, LoRA dropout > 0, x hidden for the dropped-out inputs (fitted by `tools/calibrate_cpu_plan.py
+    tensors --fit`: live tensors of real steps with checkpointing off and on, bench/results/cpu-plan-tensors.json)."""
 
 
 # bfloat16 / float16 autocast with float32 adapters (the GPU path; measured on CPU under bf16 autocast), and
@@ -148,21 +157,27 @@ class StepProfile:
 PROFILES = {
     "bfloat16": StepProfile(2, kept_per_layer=1.34, layer_hidden=12.66, layer_intermediate=7.11, layer_kv=6.4,
                             tiled_hidden=12.16, tiled_kv=13.74, dequant=0.58, dropout_hidden=15.67,
-                            dropout_intermediate=2.36, loss_hidden=5.17),
+                            dropout_intermediate=2.36, loss_hidden=5.17, saved_hidden=11.46, saved_intermediate=4.01,
+                            saved_kv=2.35, saved_dropout_hidden=14.72),
     "float32": StepProfile(4, kept_per_layer=1.0, layer_hidden=5.9, layer_intermediate=5.45, layer_kv=3.69,
                            tiled_hidden=7.31, tiled_kv=2.9, dequant=0.84, dropout_hidden=10.46,
-                           dropout_intermediate=0.0, loss_hidden=3.1),
+                           dropout_intermediate=0.0, loss_hidden=3.1, saved_hidden=5.71, saved_intermediate=3.97,
+                           saved_kv=2.14, saved_dropout_hidden=11.38),
 }
 PROFILES["float16"] = PROFILES["bfloat16"]
 
 
-def activations_without_checkpointing(arch: Architecture, tokens: int, dtype: str = "float32") -> float:
-    """Bytes of every layer's activations kept for the backward when nothing is recomputed: the recomputed
-    layer's measured per-token terms, once per layer (how qlora_kit decides checkpointing on a CPU)."""
+def saved_activations(arch: Architecture, recipe: Recipe, tokens: int, dtype: str = "float32") -> float:
+    """Bytes autograd keeps of every layer until the backward reaches it when nothing is recomputed (gradient
+    checkpointing off): the fitted per-token terms, once per layer."""
     p = PROFILES[dtype]
-    per_token = (p.layer_hidden * arch.hidden + p.layer_intermediate * arch.intermediate
-                 + p.layer_kv * arch.kv_heads * arch.head_dim)
+    per_token = (p.saved_hidden * arch.hidden + p.saved_intermediate * arch.intermediate
+                 + p.saved_kv * arch.kv_heads * arch.head_dim)
+    if recipe.lora.dropout > 0:
+        per_token += p.saved_dropout_hidden * arch.hidden
     return arch.layers * tokens * per_token * p.compute_bytes
+
+
 # Without Triton (on a CPU), TRL folds each loss tile with torch ops: ~7 float32 temporaries of the tile's size.
 LOSS_TILE_FP32_COPIES_WITHOUT_TRITON = 7.25
 
@@ -256,8 +271,9 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
     if recipe.model.attn_implementation == "eager":
         layer += 2 * batch * arch.heads * seq_len * seq_len * c  # scores + probabilities (not calibrated)
     layer_inputs = arch.layers * tokens * h * c
-    if not recipe.train.gradient_checkpointing:  # every layer's activations (a bound: not calibrated)
-        kept_at_layer = kept_at_loss = arch.layers * (tokens * per_token + mlp_tokens * per_mlp_token) * c
+    if not recipe.train.gradient_checkpointing:  # every layer's saved tensors; the last layer's are in `layer`
+        kept_at_loss = saved_activations(arch, recipe, tokens, compute_dtype)
+        kept_at_layer = kept_at_loss * (arch.layers - 1) / arch.layers
     elif recipe.memory.offload_activations:
         kept_at_layer = kept_at_loss = 2 * tokens * h * c  # in CPU RAM; one layer's input in flight each way
     else:
@@ -287,7 +303,8 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         "LoRA weights (fp32)": lora * 4,
         "optimizer state": lora * optimizer_state_bytes(recipe, device),
         **({"reference adapter (grpo.beta > 0)": lora * 4} if grpo and recipe.grpo.beta > 0 else {}),
-        "checkpointed activations": kept,
+        ("checkpointed activations" if recipe.train.gradient_checkpointing
+         else "activations of every layer (no checkpointing)"): kept,
         peak: phases[peak] - kept,
     }
     allocated = sum(terms.values())
@@ -439,17 +456,22 @@ def print_plan(plan: Plan, console=None) -> None:
 def main(argv: list[str] | None = None) -> int:
     from qlora_kit.cli import command_name
 
-    parser = argparse.ArgumentParser(prog=command_name("python -m qlora_kit.plan"),
-                                     description="Estimate the peak VRAM of a recipe before loading any weight.",
-                                     epilog="exit status: 0 when the run fits the GPU, 1 when it does not, 2 for a "
-                                            "problem in the recipe")
+    parser = argparse.ArgumentParser(
+        prog=command_name("python -m qlora_kit.plan"),
+        description="Will the recipe fit, before any weight loads? On a GPU machine: the VRAM plan. On a machine "
+                    "without a GPU: the RAM and time plan of a CPU run (qlora_kit.plan.cpu), and the VRAM plan of "
+                    "a GPU only with --gpu.",
+        epilog="exit status: 0 when the run fits (the GPU, or this CPU machine's RAM), 1 when it does not, 2 for a "
+               "problem in the recipe")
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    parser.add_argument("--vram-gib", type=float, default=8.0, help="GPU memory in GiB (default 8)")
+    parser.add_argument("--gpu", "--vram-gib", dest="vram_gib", type=float, default=None, metavar="GIB",
+                        help="the VRAM plan for a GPU with this many GiB (default on a GPU machine: 8; on a machine "
+                             "without one: the CPU plan only)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_intermixed_args(argv)
-    if args.vram_gib <= DESKTOP_GIB:
-        parser.error(f"--vram-gib must be more than the {DESKTOP_GIB} GiB the planner leaves to the desktop, "
+    if args.vram_gib is not None and args.vram_gib <= DESKTOP_GIB:
+        parser.error(f"--gpu must be more than the {DESKTOP_GIB} GiB the planner leaves to the desktop, "
                      f"got {args.vram_gib:g}")
     try:
         from qlora_kit.model.gguf_base import prepare_gguf_base
@@ -457,15 +479,42 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe = load_recipe(args.recipe, args.overrides)
         prepare_gguf_base(recipe.model, weights=False)  # a GGUF base: its config.json, no weights
-        plan = make_plan(read_architecture(recipe.model), recipe, args.vram_gib)
+        arch = read_architecture(recipe.model)
+        asked_gpu = args.vram_gib is not None
+        # --json prints one plan: the GPU's when asked for, else this machine's.
+        cpu = None if (asked_gpu and args.json) or _has_gpu() else _cpu_plan(arch, recipe)
+        plan = make_plan(arch, recipe, args.vram_gib or 8.0) if asked_gpu or cpu is None else None
     except UserError as error:
         print_user_error(error)
         return EXIT_USER_ERROR
+    verdict = plan if plan else cpu  # the exit status answers the question asked: that GPU, or this machine
     if args.json:
-        print(json.dumps({**asdict(plan), "about": PLAN_FIELDS_EXPLAINED}, indent=2))
-    else:
-        print_plan(plan)
-    return 0 if plan.fits else 1
+        print(json.dumps({**asdict(plan), "about": PLAN_FIELDS_EXPLAINED} if plan else cpu.as_dict(), indent=2))
+        return 0 if verdict.fits else 1
+    from qlora_kit.console import make_console
+
+    console = make_console()
+    if cpu:
+        from qlora_kit.plan.cpu import print_cpu_plan
+
+        print_cpu_plan(cpu, console)
+    if plan:
+        if cpu:  # another machine's figures: said so before the table, not after it
+            console.rule(f"[bold]for a {plan.vram_gib:g} GiB GPU (not this machine)")
+        print_plan(plan, console)
+    return 0 if verdict.fits else 1
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cpu_plan(arch: Architecture, recipe: Recipe):
+    from qlora_kit.plan.cpu import make_cpu_plan
+
+    return make_cpu_plan(arch, recipe)
 
 
 PLAN_FIELDS_EXPLAINED = {

@@ -18,6 +18,8 @@ COMMANDS = {
     "export": ("qlora_kit.gguf.export", "write a merged folder as a GGUF file (+ Ollama Modelfile) for llama.cpp"),
     "eval": ("qlora_kit.eval", "multiple-choice accuracy, base vs fine-tuned (lm-evaluation-harness)"),
     "bench": ("qlora_kit.bench", "memory and speed against plain transformers + peft + TRL"),
+    "make-data": ("qlora_kit.make_data.cli", "documents (PDF, DOCX, Markdown, HTML) to training rows through a teacher "
+                  "model on any OpenAI-compatible server"),
     "studio": ("qlora_kit.studio.cli", "the whole run in a browser: data, settings, fit, live charts, chat, export"),
 }
 

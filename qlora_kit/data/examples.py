@@ -8,6 +8,7 @@ recipe, with the length policy applied and the data report shown.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from qlora_kit.data.encode import Encoder, apply_length_policy
@@ -45,11 +46,17 @@ def build_examples(recipe, tokenizer, console, rowset: RowSet | None = None) -> 
             encoded[row.number] = encoder.encode(row)
         return encoded[row.number]
 
-    train_rows, eval_rows = split_rows(rowset.rows, data, recipe.train.seed,
-                                       usable_for_eval=lambda row: len(encode(row).input_ids) <= data.max_length)
+    if data.eval_source:  # held-out rows of their own (make-data: other documents), none taken from the source
+        train_rows, _ = split_rows(rowset.rows, dataclasses.replace(data, eval_rows=0), recipe.train.seed)
+        eval_rows, eval_examples = rows_of_eval_source(data, encoder)
+    else:
+        train_rows, eval_rows = split_rows(rowset.rows, data, recipe.train.seed,
+                                           usable_for_eval=lambda row: len(encode(row).input_ids) <= data.max_length)
+        eval_examples = [encode(r) for r in eval_rows]
     train_examples, lengths = apply_length_policy([encode(r) for r in train_rows], data.max_length, data.over_length)
-    eval_examples = [encode(r) for r in eval_rows]
     notes = data_notes(rowset, data)
+    if data.eval_source:
+        notes.append(f"eval rows: {len(eval_rows)} from {data.eval_source}")
     if data.eval_rows and len(eval_rows) < data.eval_rows:
         notes.append(f"only {len(eval_rows)} of the {data.eval_rows} eval rows asked for fit max_length = "
                      f"{data.max_length}: the eval loss is over those")
@@ -59,7 +66,7 @@ def build_examples(recipe, tokenizer, console, rowset: RowSet | None = None) -> 
     if not train_examples:
         raise UserError(f"Every training row is longer than data.max_length = {data.max_length} tokens.",
                         hint=f"Raise data.max_length (the longest row has {lengths.percentiles['total']['max']}).")
-    if data.eval_rows and not eval_examples:
+    if (data.eval_rows or data.eval_source) and not eval_examples:
         raise UserError(f"Every row is longer than data.max_length = {data.max_length} tokens, so there is nothing "
                         "to evaluate on.",
                         hint="Raise data.max_length, or set data.eval_rows = 0 and train.eval_steps = 0 to train "
@@ -69,3 +76,18 @@ def build_examples(recipe, tokenizer, console, rowset: RowSet | None = None) -> 
     else:
         sample_rows, samples_from = train_rows, "training rows (data.eval_rows = 0, so the model has seen these)"
     return Examples(train_examples, eval_examples, sample_rows[:recipe.samples.count], samples_from, data_report)
+
+
+def rows_of_eval_source(data, encoder: Encoder) -> tuple[list, list]:
+    """data.eval_source's rows that fit max_length (never truncated: a loss on cut rows is not theirs), the first
+    data.eval_rows of them in the file's order (0: all), and their examples."""
+    held_out = load_rows(dataclasses.replace(data, source=data.eval_source, limit=0))
+    rows, examples = [], []
+    for row in held_out.rows:
+        example = encoder.encode(row)
+        if len(example.input_ids) <= data.max_length:
+            rows.append(row)
+            examples.append(example)
+        if data.eval_rows and len(rows) == data.eval_rows:
+            break
+    return rows, examples

@@ -230,7 +230,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems += [f"`data.format` {p}" for p in template_problems(data.format)]
     problems += [f"`output.report_to` has {name!r}: one of {', '.join(TRACKERS)} expected"
                  f"{did_you_mean(str(name), TRACKERS)}" for name in recipe.output.report_to if name not in TRACKERS]
-    if recipe.train.eval_steps and not data.eval_rows:
+    if recipe.train.eval_steps and not data.eval_rows and not data.eval_source:
         problems.append("`train.eval_steps` is set but `data.eval_rows` is 0: hold out rows to evaluate on")
     if recipe.memory.tiled_mlp and recipe.distributed.fsdp:
         problems.append("`memory.tiled_mlp` does not work with `distributed.fsdp` (its per-slice backward would run "
@@ -281,6 +281,9 @@ def grpo_problems(recipe: Recipe) -> list[str]:
     for switch in ("tiled_mlp", "offload_activations"):  # TRL's GRPOTrainer has neither
         if getattr(recipe.memory, switch):
             problems.append(f"`memory.{switch}` is an SFT switch: turn it off for train.method = \"grpo\"")
+    if recipe.data.eval_source:
+        problems.append("`data.eval_source` is for SFT: GRPO judges the rows it holds out of data.source "
+                        "(data.eval_rows); leave it empty")
     if t.eval_steps:
         problems.append("`train.eval_steps` has no GRPO meaning: the held-out rows (data.eval_rows) are judged at the "
                         "end, before and after; set it to 0")
@@ -348,7 +351,7 @@ def _get(recipe: Recipe, full: str) -> Any:
 
 def _resolve_local_paths(recipe: Recipe, base_dir: Path) -> None:
     # Saved next to the adapter, the recipe must still point at the same files from anywhere else.
-    for section, key in (("model", "name"), ("model", "tokenizer"), ("data", "source")):
+    for section, key in (("model", "name"), ("model", "tokenizer"), ("data", "source"), ("data", "eval_source")):
         value = getattr(getattr(recipe, section), key)
         if value and is_local_reference(value, base_dir):
             setattr(getattr(recipe, section), key, str((base_dir / Path(value).expanduser()).resolve()))

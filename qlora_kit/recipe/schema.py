@@ -122,6 +122,11 @@ class DataSection:
     Off: the file's order throughout (no length grouping either)."""
     eval_rows: int = 0
     """Rows held out for evaluation loss (0 = no evaluation)."""
+    eval_source: str = ""
+    """A file of held-out rows (the same columns as data.source) to evaluate on instead of rows held out of
+    data.source at random: `qlora-kit make-data` writes one beside its rows (FILE.eval.jsonl), from documents no
+    training row comes from, so the eval loss measures what the model learned, not what it memorised. With it,
+    data.eval_rows is how many of its rows to use (0 = all that fit max_length). SFT only."""
 
 
 @dataclass

@@ -1,0 +1,157 @@
+"""A make-data job on disk: the rows it kept, and a log of every decision, so that a kill loses only what was in flight.
+
+    rows.jsonl        the training rows (Question, Complex_CoT, Response + where each came from), appended as kept
+    rows.eval.jsonl   the held-out rows (documents or sections no training row comes from)
+    rows.job/         settings.json (what the job was started with: a resume must match it), log.jsonl, summary.json
+
+Every line is appended and flushed at once: a process killed mid-write leaves at most one cut last line, which is
+dropped on reading (and the file is ended cleanly before the next append). The log says, per chunk, the questions
+the teacher gave, and per question, whether it was kept or why not. A row is written before its "kept" entry, so a
+kill between the two still finds the row by its id: nothing is asked twice, and nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlora_kit.errors import UserError
+
+
+def eval_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".eval.jsonl")
+
+
+def job_folder(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".job")
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file; a line cut short by a kill (no newline, not JSON) is left out."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+class AppendOnly:
+    """A JSONL file that is only ever appended to, one flushed line per record."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A line cut short by a kill would glue itself to the next record: end it first.
+        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with path.open("ab") as f:
+                f.write(b"\n")
+        self.file = path.open("a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class State:
+    """What earlier runs of the job decided, read back from its files."""
+
+    questions: dict[str, list[str]] = field(default_factory=dict)
+    """chunk id -> the questions the teacher gave for it, in the order they were logged."""
+    refused_chunks: dict[str, str] = field(default_factory=dict)
+    """chunk id -> why its questions reply was refused (after the retry)."""
+    decided: dict[str, dict] = field(default_factory=dict)
+    """question id -> its log entry ({"kept": true, "score": ...} or {"kept": false, "reason": ...})."""
+    rows: dict[str, dict] = field(default_factory=dict)
+    """question id -> its row, from both rows files."""
+
+
+class Job:
+    def __init__(self, out: Path, settings: dict, restart: bool = False, overwrite: bool = False):
+        self.out, self.eval_out, self.folder = out, eval_path(out), job_folder(out)
+        self.settings = settings
+        saved = self.folder / "settings.json"
+        ours = saved.is_file()
+        if restart and ours:
+            self.discard()
+            ours = False
+        theirs = [p for p in (self.out, self.eval_out) if p.exists()]
+        if theirs and not ours and not overwrite:
+            raise UserError(f"{theirs[0]} exists and is not a make-data job's output.",
+                            hint="Choose another --out, or pass --overwrite to replace it.")
+        if theirs and not ours:
+            for path in theirs:
+                path.unlink()
+        if ours:
+            before = json.loads(saved.read_text(encoding="utf-8"))
+            changed = [f"{key}: {before.get(key)!r} then, {value!r} now" for key, value in settings.items()
+                       if before.get(key) != value]
+            if changed:
+                raise UserError(f"{self.out} belongs to a job started with other settings:", changed,
+                                hint="Run it with the same settings to continue it, pass --restart to start over "
+                                     "(its rows are deleted), or choose another --out.")
+        self.resumed = ours
+        self.state = self.read_state()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        for path in (self.out, self.eval_out):
+            path.unlink(missing_ok=True)
+
+    def read_state(self) -> State:
+        state = State()
+        for entry in read_lines(self.folder / "log.jsonl"):
+            if "questions" in entry:
+                state.questions.setdefault(entry["chunk"], entry["questions"])
+            elif "refused" in entry:
+                state.refused_chunks[entry["chunk"]] = entry["refused"]
+            elif "question" in entry:
+                state.decided[entry["question"]] = entry
+        for path in (self.out, self.eval_out):
+            for row in read_lines(path):
+                if "id" in row:
+                    state.rows[row["id"]] = row
+        return state
+
+    def start(self) -> None:
+        """Open the files for appending (the settings written once, by the run that starts the job)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.resumed:
+            (self.folder / "settings.json").write_text(json.dumps(self.settings, indent=2, ensure_ascii=False) + "\n",
+                                                       encoding="utf-8")
+        self.log = AppendOnly(self.folder / "log.jsonl")
+        self.writers = {"train": AppendOnly(self.out), "eval": AppendOnly(self.eval_out)}
+
+    def record_questions(self, chunk_id: str, questions: list[str]) -> None:
+        self.state.questions[chunk_id] = questions
+        self.log.append({"chunk": chunk_id, "questions": questions})
+
+    def record_refused_chunk(self, chunk_id: str, reason: str) -> None:
+        self.state.refused_chunks[chunk_id] = reason
+        self.log.append({"chunk": chunk_id, "refused": reason})
+
+    def keep(self, row: dict, split: str) -> None:
+        self.writers[split].append(row)  # the row first: a kill before the log entry still finds it by its id
+        self.state.rows[row["id"]] = row
+        self.decide(row["id"], row["chunk"], kept=True, score=row.get("score"))
+
+    def decide(self, question_id: str, chunk_id: str, kept: bool, **details) -> None:
+        entry = {"question": question_id, "chunk": chunk_id, "kept": kept, **details}
+        self.state.decided[question_id] = entry
+        self.log.append(entry)
+
+    def close(self) -> None:
+        for writer in (getattr(self, "log", None), *getattr(self, "writers", {}).values()):
+            if writer is not None:
+                writer.close()

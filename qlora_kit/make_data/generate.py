@@ -212,5 +212,5 @@ class Generation:
             return replies, f"grounding: judge's score below {self.asking.min_score}"
         return replies, {"Question": question, "Complex_CoT": answer.reasoning, "Response": answer.answer,
                          "source": chunk.source, "page": chunk.pages or None, "section": chunk.heading,
-                         "chunk": chunk.id, "score": score, "reasoning_from": answer.reasoning_from, "teacher": self.teacher.model,
-                         "id": question_id(chunk.id, question)}
+                         "chunk": chunk.id, "score": score, "reasoning_from": answer.reasoning_from,
+                         "teacher": self.teacher.model, "id": question_id(chunk.id, question)}

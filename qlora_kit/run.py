@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from qlora_kit.recipe.loading import load_recipe, recipe_changes, recipe_to_toml
 
     recipe = load_recipe(args.recipe, args.overrides)
+    grpo = recipe.train.method == "grpo"  # reinforcement learning on checkable answers instead of SFT (docs/grpo.md)
+    rows = read_local_rows(recipe, grpo)  # a bad row is answered now, as a recipe typo is: before torch loads
     recipe.output.overwrite |= args.overwrite
     out = Path(recipe.output.dir)
     if not args.dry_run:  # before the long preamble: a finished run is refused at once
@@ -96,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_files(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     check_model_matches(recipe, tokenizer)
-    grpo = recipe.train.method == "grpo"  # reinforcement learning on checkable answers instead of SFT (docs/grpo.md)
-    examples = build_examples_for(recipe, tokenizer, console, grpo)
+    examples = build_examples_for(recipe, tokenizer, console, grpo, rows)
     plan = check_memory_plan(recipe, console, force=args.force, examples=examples)
 
     if args.dry_run:
@@ -141,17 +142,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_examples_for(recipe, tokenizer, console, grpo: bool):
+def read_local_rows(recipe, grpo: bool):
+    """A local data file's rows, read and checked (every row, by line number) in a second, before the libraries load;
+    None for a hub data set, which is read later with the libraries it needs."""
+    from qlora_kit.data.rows import is_local_source
+
+    if not is_local_source(recipe.data):
+        return None
+    if grpo:
+        from qlora_kit.data.checkable import load_checkable
+
+        return load_checkable(recipe.data, recipe.train.seed)
+    from qlora_kit.data.rows import load_rows
+
+    return load_rows(recipe.data)
+
+
+def build_examples_for(recipe, tokenizer, console, grpo: bool, rows=None):
     """SFT: prompt/completion token ids with the completion mask, the first one shown with its trained tokens.
-    GRPO: prompts with the answers the rewards check (the completions are the model's own, written in training)."""
+    GRPO: prompts with the answers the rewards check (the completions are the model's own, written in training).
+    `rows`: read_local_rows's, or None (read here)."""
     if grpo:
         from qlora_kit.data.checkable import build_grpo_examples
 
-        return build_grpo_examples(recipe, tokenizer, console)
+        return build_grpo_examples(recipe, tokenizer, console, rows)
     from qlora_kit.data.examples import build_examples
     from qlora_kit.data.report import show_example
 
-    examples = build_examples(recipe, tokenizer, console)
+    examples = build_examples(recipe, tokenizer, console, rows)
     show_example(console, examples.train[0], tokenizer)
     return examples
 

@@ -229,7 +229,7 @@ def run_job(args, console, chunks, prompts_for, templates, tokenizer, tokenizer_
     job = Job(args.out, settings, restart=args.restart, overwrite=args.overwrite)
     generation = Generation(chunks, prompts_for, teacher, job, asking,
                             args.concurrency or (2 if local else 4), progress=None)
-    job.start()
+    job.start(chunks)
     generation.pending()
     for line in plan_lines(chunks, asking, templates):
         console.print(line)

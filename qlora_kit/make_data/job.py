@@ -2,7 +2,8 @@
 
     rows.jsonl        the training rows (Question, Complex_CoT, Response + where each came from), appended as kept
     rows.eval.jsonl   the held-out rows (documents or sections no training row comes from)
-    rows.job/         settings.json (what the job was started with: a resume must match it), log.jsonl, summary.json
+    rows.job/         settings.json (what the job was started with: a resume must match it), chunks.jsonl (every
+                      chunk's text, pages and split: what a reviewer sets a row beside), log.jsonl, summary.json
 
 Every line is appended and flushed at once: a process killed mid-write leaves at most one cut last line, which is
 dropped on reading (and the file is ended cleanly before the next append). The log says, per chunk, the questions
@@ -124,12 +125,20 @@ class Job:
                     state.rows[row["id"]] = row
         return state
 
-    def start(self) -> None:
-        """Open the files for appending (the settings written once, by the run that starts the job)."""
+    def start(self, chunks: list) -> None:
+        """Open the files for appending (the settings written once, by the run that starts the job), and write the
+        chunks (the same every run: they are made from the same documents with the same settings)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.resumed:
             (self.folder / "settings.json").write_text(json.dumps(self.settings, indent=2, ensure_ascii=False) + "\n",
                                                        encoding="utf-8")
+        known = {c.get("id") for c in read_lines(self.folder / "chunks.jsonl")}
+        with (self.folder / "chunks.jsonl").open("a", encoding="utf-8") as f:  # a trial's chunks, then the rest
+            for chunk in chunks:
+                if chunk.id not in known:
+                    f.write(json.dumps({"id": chunk.id, "source": chunk.source, "pages": chunk.pages,
+                                        "section": chunk.heading, "split": chunk.split, "tokens": chunk.tokens,
+                                        "text": chunk.text}, ensure_ascii=False) + "\n")
         self.log = AppendOnly(self.folder / "log.jsonl")
         self.writers = {"train": AppendOnly(self.out), "eval": AppendOnly(self.eval_out)}
 

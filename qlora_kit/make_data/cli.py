@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     asking.add_argument("--export-prompts", type=Path, metavar="DIR", help="write the default prompts to DIR to edit, "
                         "then exit")
     p.add_argument("--dry-run", action="store_true", help="read and chunk, show the chunks, the plan and the exact "
-                   "prompts; send nothing")
+                   "prompts; send nothing (with --out, the chunks also go to NAME.job/preview.jsonl)")
     p.add_argument("--restart", action="store_true", help="discard this job's rows and log and start over")
     p.add_argument("--overwrite", action="store_true", help="replace an --out file that no make-data job wrote")
     return p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -210,6 +210,10 @@ def run_job(args, console, chunks, prompts_for, templates, tokenizer, tokenizer_
         for line in plan_lines(chunks, asking, templates):
             console.print(line)
         show_chunks(console, chunks, prompts_for, asking)
+        if args.out:  # the chunks as a file as well, for a page that shows them (the studio)
+            from qlora_kit.make_data.job import write_preview
+
+            console.print(f"the chunks, as the job would keep them: {write_preview(args.out, chunks)}")
         console.print("[bold]dry run:[/] nothing was sent.")
         return 0
     local = is_local(args.base_url)

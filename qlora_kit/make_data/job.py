@@ -3,7 +3,8 @@
     rows.jsonl        the training rows (Question, Complex_CoT, Response + where each came from), appended as kept
     rows.eval.jsonl   the held-out rows (documents or sections no training row comes from)
     rows.job/         settings.json (what the job was started with: a resume must match it), chunks.jsonl (every
-                      chunk's text, pages and split: what a reviewer sets a row beside), log.jsonl, summary.json
+                      chunk's text, pages and split: what a reviewer sets a row beside), log.jsonl, summary.json;
+                      a dry run with --out writes only preview.jsonl here (its chunks, in chunks.jsonl's form)
 
 Every line is appended and flushed at once: a process killed mid-write leaves at most one cut last line, which is
 dropped on reading (and the file is ended cleanly before the next append). The log says, per chunk, the questions
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_kit.errors import UserError
+
+PREVIEW_FILE = "preview.jsonl"
+"""A dry run's chunks (with --out): the studio shows them before anything is sent."""
 
 
 def eval_path(out: Path) -> Path:
@@ -42,6 +46,22 @@ def read_lines(path: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def chunk_record(chunk) -> dict:
+    """A chunk as chunks.jsonl (and a dry run's preview.jsonl) hold it."""
+    return {"id": chunk.id, "source": chunk.source, "pages": chunk.pages, "section": chunk.heading,
+            "split": chunk.split, "tokens": chunk.tokens, "text": chunk.text}
+
+
+def write_preview(out: Path, chunks: list) -> Path:
+    """A dry run's chunks, as chunks.jsonl would hold them, in NAME.job/preview.jsonl (replaced by each dry run,
+    read by nothing of the job): what a page shows before anything is sent (the studio's chunk table)."""
+    path = job_folder(out) / PREVIEW_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(chunk_record(c), ensure_ascii=False) + "\n" for c in chunks),
+                    encoding="utf-8")
+    return path
 
 
 class AppendOnly:
@@ -136,9 +156,7 @@ class Job:
         with (self.folder / "chunks.jsonl").open("a", encoding="utf-8") as f:  # a trial's chunks, then the rest
             for chunk in chunks:
                 if chunk.id not in known:
-                    f.write(json.dumps({"id": chunk.id, "source": chunk.source, "pages": chunk.pages,
-                                        "section": chunk.heading, "split": chunk.split, "tokens": chunk.tokens,
-                                        "text": chunk.text}, ensure_ascii=False) + "\n")
+                    f.write(json.dumps(chunk_record(chunk), ensure_ascii=False) + "\n")
         self.log = AppendOnly(self.folder / "log.jsonl")
         self.writers = {"train": AppendOnly(self.out), "eval": AppendOnly(self.eval_out)}
 

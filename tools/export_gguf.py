@@ -1,4 +1,4 @@
-"""`python tools/export_gguf.py MERGED_DIR [--type q4_k_m|q5_k_m|q6_k|q8_0|q5_0|q4_0|f16|bf16] [--out FILE]
+"""`python tools/export_gguf.py MERGED_DIR [--type q8_0|q6_k|q5_k_m|q4_k_m|q5_0|q4_0|f16|bf16] [--out FILE]
 [--overwrite] [--no-modelfile] [--verify]`  ·  `python tools/export_gguf.py RUN_DIR --adapter [--base BASE.gguf]`
 
 Exports a merged model folder (what tools/merge.py writes, or any 16-bit Qwen2/Llama folder such as
@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct) to one GGUF file for llama.cpp / Ollama / LM Studio, in l
 The package qlora_kit/gguf/ (its docstrings and `--help`) describes everything. Needs the `gguf` package:
 `pip install 'qlora_kit[export]'` or `pip install gguf`.
 
+    python tools/export_gguf.py runs/medical/merged   # the advised type (q8_0 for the 1.5B): merged-q8_0.gguf
     python tools/export_gguf.py runs/medical/merged --type q4_K_M   # runs/medical/merged-q4_k_m.gguf + Modelfile
     python tools/export_gguf.py runs/medical/merged --type q8_0 --out medical-q8_0.gguf --verify
     python tools/export_gguf.py runs/medical --adapter --base base-q4_k_m.gguf   # runs/medical/adapter.gguf

@@ -1,4 +1,4 @@
-"""`python tools/export_gguf.py MERGED_DIR [--type q4_k_m|q5_k_m|q6_k|q8_0|q5_0|q4_0|f16|bf16] [--out FILE]
+"""`python tools/export_gguf.py MERGED_DIR [--type q8_0|q6_k|q5_k_m|q4_k_m|q5_0|q4_0|f16|bf16] [--out FILE]
 [--overwrite] [--no-modelfile] [--verify]`   ·   `python tools/export_gguf.py RUN_DIR --adapter --base BASE.gguf`
 
 Turns a merged model folder (what `tools/merge.py` writes: config.json, safetensors shards, the base's
@@ -202,11 +202,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("merged_dir", help="folder written by tools/merge.py (config.json, safetensors, tokenizer); "
                                            "with --adapter, the run directory")
-    parser.add_argument("--type", default="f16", metavar="TYPE",
+    parser.add_argument("--type", metavar="TYPE",
                         help=f"file type: {', '.join(FILE_TYPES)} (Ollama's spellings work too: q4_K_M). "
-                             "q4_k_m: the usual pick for an 8 GB card (llama.cpp's mixture: Q4_K, with Q6_K for the "
-                             "output and half the attn_v / ffn_down); q5_k_m / q6_k: closer to f16, bigger; "
-                             "f16 / bf16: exact up to rounding. Default f16")
+                             "Default: the type advised for this model on an 8 GB card (the merge's last lines "
+                             "give the same advice): q8_0 wherever it fits (a 135M, a 1.5B: as good as f16 in use "
+                             "at half its size), else the best K type that fits (q6_k for a 7B). q4_k_m: "
+                             "llama.cpp's mixture of Q4_K with Q6_K for the output and half the attn_v / ffn_down; "
+                             "f16 / bf16: exact up to rounding, for re-quantizing")
     parser.add_argument("--adapter", action="store_true",
                         help="MERGED_DIR is a run directory: write only its LoRA adapter, in llama.cpp's adapter "
                              "GGUF format (f16 A/B matrices), plus a Modelfile with FROM <--base gguf> and ADAPTER")
@@ -215,8 +217,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
     parser.add_argument("--verify", action="store_true",
-                        help="read the file back with transformers and compare logits with MERGED_DIR on sample "
-                             "prompts (float32: needs 4 bytes of RAM per parameter); exit 1 past the tolerance")
+                        help="read the file back with transformers and set it against MERGED_DIR: every tensor's "
+                             "error, the next-token distributions and the merged model's own greedy tokens on "
+                             "sample prompts, each within a bound per type (docs/gguf.md); exit 1 past any "
+                             "(float32: needs 4 bytes of RAM per parameter)")
     return parser.parse_args(argv)
 
 
@@ -224,6 +228,17 @@ def default_output(folder: Path, quant: str) -> Path:
     """Beside the merged folder, not in it: that folder stays a plain transformers checkpoint."""
     folder = folder.resolve()
     return folder.parent / f"{folder.name}-{quant}.gguf"
+
+
+def advised_type(folder: Path) -> FileType:
+    """No --type: the advice (plan/gguf_sizes.recommended_type) for this folder's config.json, said aloud."""
+    from qlora_kit.plan.gguf_sizes import recommended_type
+
+    config, _ = read_config(folder)
+    advice = recommended_type(config)
+    print(f"--type not given: {advice.type}, the advice for this model on {'an' if advice.card_gib == 8 else 'a'} "
+          f"{advice.card_gib} GB card ({advice.reason}). Pass --type to choose another.")
+    return resolve_type(advice.type)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             from qlora_kit.gguf.adapter import adapter_main
 
             return adapter_main(folder, args)
-        ft = resolve_type(args.type)
+        ft = resolve_type(args.type) if args.type else advised_type(folder)
         out = Path(args.out) if args.out else default_output(folder, ft.name)
         result = export_gguf(folder, out, ft, args.overwrite, modelfile=not args.no_modelfile,
                              progress=sys.stderr.isatty())
@@ -246,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
           f"pre-tokenizer {result.pre_tokenizer} by {result.pre_tokenizer_source}) in {result.seconds:.1f} s")
     if result.modelfile_path:
         print(f"wrote {result.modelfile_path}: ollama create NAME -f {result.modelfile_path}")
+    if args.type:
+        from qlora_kit.plan.gguf_sizes import recommended_type
+
+        advice = recommended_type(read_config(folder)[0])
+        if advice.type != ft.name:
+            print(f"note: the advice for this model on an 8 GB card is {advice.type} ({advice.reason}).")
     if args.verify:
         from qlora_kit.gguf.verify import verify_export
 

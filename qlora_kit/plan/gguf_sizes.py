@@ -1,5 +1,8 @@
-"""Which GGUF type fits which card: the file's size for each type, computed from config.json alone with the
-per-tensor mixture the export writes (mixture.py), plus llama.cpp's f16 KV cache at a stated context.
+"""Which GGUF type fits which card, and which one to export: the file's size for each type, computed from
+config.json alone with the per-tensor mixture the export writes (gguf_mixture.py), plus llama.cpp's f16 KV cache
+at a stated context. `recommended_type` is the one answer to "which type" that the merge's last lines, the export
+(no --type), the studio's Export screen, the README and docs/gguf.md all give (tests/test_gguf_verify.py holds the
+documents to it).
 
 A card fits a type when file + KV cache + COMPUTE_OVERHEAD fit in its memory less CARD_RESERVED (cards are sold
 in GiB; 1 GiB for the CUDA context and a display, the budget GUIDE.md uses: 7.0 GiB of an 8 GB laptop card):
@@ -9,11 +12,19 @@ allowance, not a measurement here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 CONTEXT = 8192                 # tokens of KV cache the advice counts
 COMPUTE_OVERHEAD = 0.3e9       # bytes: llama.cpp's compute buffers (allowance)
 CARD_RESERVED = 1024**3        # bytes of each card not available to the model: CUDA context, display
 CARDS_GIB = (4, 6, 8, 12, 16, 24, 48, 80)
 ADVICE_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
+ADVICE_CARD_GIB = 8            # the card the advice is for unless told: GUIDE.md's 8 GB laptop
+PREFERENCE = ("q8_0", "q6_k", "q5_k_m", "q4_k_m")
+"""Best first. f16 is not in it: q8_0 reads back within 0.002 nats of f16's next-token distribution on
+SmolLM2-135M (bench/results/gguf_verify.json), greedy tokens 90 of 93 the same, at 53 % of the size, so f16
+buys nothing in use (it is the type to keep for re-quantizing elsewhere, and the export writes it on request)."""
+K_BLOCK = 256                  # QK_K: the row length a K-quant block needs
 SIZED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 """The config.json architectures gguf_shapes knows: those the GGUF export writes
 (qlora_kit.gguf.model_config.ARCHITECTURES; a test keeps the two equal)."""
@@ -72,25 +83,69 @@ def readable(size: float) -> str:
     return f"{size / 1e9:6.2f} GB" if size >= 1e8 else f"{size / 1e6:6.1f} MB"
 
 
-def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT, *, command: bool = True) -> list[str]:
-    """Lines for the end of a merge: each type's file, file + KV cache, the smallest card it fits, and the
-    export command for the best type that fits an 8 GB card (`command=False`: the type only, for the studio, whose
-    Export button is the command). No lines for an architecture the export does not write."""
+def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT, *, command: bool = True,
+                 card_gib: int = ADVICE_CARD_GIB) -> list[str]:
+    """Lines for the end of a merge: each type's file, file + KV cache, the smallest card it fits, then the
+    advice (recommended_type) for `card_gib` with its reason, and the export command (`command=False`: the type
+    only, for the studio, whose Export button is the command). No lines for an architecture the export does not
+    write."""
     if architecture(config) is None:
         return []
     kv = kv_cache_bytes(config, context)
     lines = [f"GGUF for llama.cpp / Ollama / LM Studio (file + f16 KV cache at {context} tokens "
              f"{readable(kv).strip()} + {COMPUTE_OVERHEAD / 1e9:.1f} GB compute buffers; a card keeps 1 GiB for "
              "itself):"]
-    best_8 = None
     for name in ADVICE_TYPES:
         size = file_bytes(config, name)
         card = smallest_card(size + kv + COMPUTE_OVERHEAD)
-        if card is not None and card <= 8:
-            best_8 = name
         where = f"{'an' if card in (8, 80) else 'a'} {card} GB card" if card else "no single card listed"
         lines.append(f"  {name:<7} {readable(size)} file, {readable(size + kv + COMPUTE_OVERHEAD)} in use -> {where}")
-    pick = best_8 or "q4_k_m"
-    lines.append(f"  for an 8 GB card: python tools/export_gguf.py {folder_hint} --type {pick}" if command
-                 else f"  for an 8 GB card: {pick}")
+    advice = recommended_type(config, card_gib, context)
+    lines.append(f"  why: {advice.reason}")
+    lines.append(f"  for {'an' if card_gib in (8, 80) else 'a'} {card_gib} GB card: "
+                 + (f"python tools/export_gguf.py {folder_hint} --type {advice.type}" if command else advice.type))
     return lines
+
+
+@dataclass(frozen=True)
+class TypeAdvice:
+    type: str
+    card_gib: int
+    fits: bool                 # False: not even the last choice fits the card; `type` is then q4_k_m
+    reason: str
+
+
+def k_fallback_width(config: dict) -> int | None:
+    """The row width 256 does not divide (hidden size first, then the MLP's), or None: such rows make llama.cpp's
+    K types fall back to older blocks (gguf_mixture.FALLBACK: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0)."""
+    return next((width for width in (config["hidden_size"], config["intermediate_size"]) if width % K_BLOCK), None)
+
+
+def recommended_type(config: dict, card_gib: int = ADVICE_CARD_GIB, context: int = CONTEXT) -> TypeAdvice:
+    """The best type in PREFERENCE whose file + KV cache at `context` + compute buffers fit `card_gib`.
+
+    The best, not the smallest: a model that fits at q8_0 gets q8_0 (every small model on any card listed: the
+    4-5 bit types cost a 135M..1.5B model the most, docs/gguf.md), a 7B on 8 GB gets the largest K type that
+    still fits. A model whose rows 256 does not divide is told why its K types are a poor trade (they fall back
+    to Q5_0 / Q5_1 / Q8_0 for most tensors: SmolLM2's q4_k_m is 73 % of q8_0's size and 40 times its KL)."""
+    budget = card_gib * 1024**3 - CARD_RESERVED
+    in_use = {name: file_bytes(config, name) + kv_cache_bytes(config, context) + COMPUTE_OVERHEAD
+              for name in PREFERENCE}
+    pick = next((name for name in PREFERENCE if in_use[name] <= budget), None)
+    width = k_fallback_width(config)
+    fallback = (f"; rows of {width} are not a multiple of {K_BLOCK}, so the K types fall back to Q5_0 / Q5_1 / Q8_0 "
+                "for most tensors and lose more than their names suggest") if width else ""
+    if pick is None:
+        return TypeAdvice("q4_k_m", card_gib, False,
+                          f"even q4_k_m needs {readable(in_use['q4_k_m']).strip()} at {context} tokens, more than a "
+                          f"{card_gib} GB card holds: llama.cpp then keeps layers on the CPU (slower), or use a "
+                          f"shorter context{fallback}")
+    if pick == "q8_0":
+        reason = (f"q8_0 fits ({readable(in_use['q8_0']).strip()} in use at {context} tokens): as good as f16 in "
+                  "use at half the size, and better than any 4-6 bit type")
+    else:
+        better = PREFERENCE[PREFERENCE.index(pick) - 1]
+        reason = (f"the best type that fits: {better} would need {readable(in_use[better]).strip()} at {context} "
+                  f"tokens, {pick} needs {readable(in_use[pick]).strip()} of the card's "
+                  f"{budget / 1e9:.2f} GB")
+    return TypeAdvice(pick, card_gib, True, reason + fallback)

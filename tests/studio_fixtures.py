@@ -107,3 +107,49 @@ def page(browser, studio):
     tab.wait_for_selector("#preset")
     yield tab
     tab.close()
+
+
+TEACHER_SERVER = Path(__file__).with_name("teacher_server.py")
+
+
+class Teacher:
+    """tests/teacher_server.py in MODE on a free port: a real OpenAI-compatible HTTP server of the tests' own."""
+
+    model = "test-teacher"
+
+    def __init__(self, mode: str, folder: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.requests = folder / f"teacher-{mode}-{self.port}.jsonl"
+        self.proc = subprocess.Popen([sys.executable, str(TEACHER_SERVER), str(self.port), mode, str(self.requests)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the test teacher did not start: {self.proc.stdout.read()}")
+
+    def asked(self) -> list[dict]:
+        """The requests it answered so far, one record each (kind, question, retry)."""
+        import json
+
+        if not self.requests.is_file():
+            return []
+        return [json.loads(line) for line in self.requests.read_text(encoding="utf-8").splitlines()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """start(mode) -> a running Teacher; all of them stopped after the module."""
+    started = []
+    folder = tmp_path_factory.mktemp("teacher")
+
+    def start(mode: str = "good") -> Teacher:
+        server = Teacher(mode, folder)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -39,7 +39,7 @@ def kind_of(prompt: str) -> str:
 def sentences(prompt: str) -> list[str]:
     passage = prompt.split("<passage>", 1)[-1].split("</passage>", 1)[0]
     lines = [line for line in passage.splitlines() if line.strip() and not line.startswith("#")]
-    return [s.strip() for s in re.split(r"(?<=[.!?。])\s*", " ".join(lines)) if len(s.strip()) > 20]
+    return [s.strip() for s in re.split(r"(?<=[.!?。])\s*", " ".join(lines)) if len(s.strip()) > 8]
 
 
 def reply(prompt: str, mode: str) -> tuple[str, str]:

@@ -227,9 +227,9 @@ def run_job(args, console, chunks, prompts_for, templates, tokenizer, tokenizer_
     teacher.check()
     # What makes rows of one kind (the server's address does not: the same model may move to another port or host).
     settings = {"sources": sorted(str(p.resolve()) for p in args.sources), "model": args.model,
-                "tokenizer": tokenizer_name, "chunk_tokens": budget, "overlap": args.overlap, "eval_share": args.eval_share, "lang": args.lang,
-                "questions_per_chunk": args.questions_per_chunk, "min_score": args.min_score,
-                "answer_tokens": args.answer_tokens, "prompts": prompts_digest(prompts)}
+                "tokenizer": tokenizer_name, "chunk_tokens": budget, "overlap": args.overlap,
+                "eval_share": args.eval_share, "lang": args.lang, "questions_per_chunk": args.questions_per_chunk,
+                "min_score": args.min_score, "answer_tokens": args.answer_tokens, "prompts": prompts_digest(prompts)}
     job = Job(args.out, settings, restart=args.restart, overwrite=args.overwrite)
     generation = Generation(chunks, prompts_for, teacher, job, asking,
                             args.concurrency or (2 if local else 4), progress=None)

@@ -10,7 +10,7 @@ real NF4, LoRA r 16 on all linear layers, TRL, two steps at batch 1) with gradie
 each shape of a small grid, in float32 (a CPU run) and under bfloat16 autocast (a GPU run, counted on a CPU).
 Without checkpointing autograd keeps every layer's saved tensors until the backward reaches it; the difference
 between the two runs at the same shape (the loss tiles cancel) is that, per layer. `--fit` prints the per-token
-coefficients of qlora_kit.plan.estimate.SAVED_PER_LAYER.
+coefficients (the saved_* fields of qlora_kit.plan.peak.PROFILES).
 
 `baseline`: the resident memory of a fresh interpreter that imported what a run imports (torch, transformers, TRL,
 peft, bitsandbytes, datasets): qlora_kit.plan.cpu.LIBRARIES_GIB.
@@ -132,7 +132,7 @@ def measure_shape(shape: tuple, dtype: str) -> dict:
 
 def planned_tensors(measurement: dict, checkpointing: bool):
     """The planner's live-tensor estimate (what a GPU's allocator or the counter sees) at a measured shape."""
-    from qlora_kit.plan.estimate import Architecture, estimate
+    from qlora_kit.plan.peak import Architecture, estimate
 
     family, tokens, hidden, intermediate, layers, heads, kv_heads, vocab, dropout = measurement["shape"]
     folder = model_folder(family, hidden, intermediate, layers, heads, kv_heads, vocab)
@@ -320,11 +320,11 @@ def step_times(metrics: list[dict]) -> list[float]:
 
 
 def samples_seconds(out_dir: Path) -> float | None:
-    """From summary.json (written when training ends) to samples.md (after the end-of-run replies)."""
-    summary, samples = out_dir / "summary.json", out_dir / "samples.md"
-    if not (summary.is_file() and samples.is_file()):
+    """From loss_curve.png (written as training ends) to samples.md (after the end-of-run replies)."""
+    curve, samples = out_dir / "loss_curve.png", out_dir / "samples.md"
+    if not (curve.is_file() and samples.is_file()):
         return None
-    return round(samples.stat().st_mtime - summary.stat().st_mtime, 1)
+    return round(samples.stat().st_mtime - curve.stat().st_mtime, 1)
 
 
 def runs_main(args) -> int:
@@ -349,8 +349,43 @@ def runs_main(args) -> int:
     if args.out:
         write_json(args.out, source)
     if args.fit:
-        print(json.dumps(fit_speed(trials), indent=1))
+        print(json.dumps({"speed": fit_speed(trials), "ram": fit_ram(trials, source.get("baseline"))}, indent=1))
     return 0
+
+
+def fit_ram(trials: list[dict], baseline: dict | None) -> dict:
+    """qlora_kit.plan.cpu's allocator shares from the runs' peak RSS: RSS - libraries - rows - the live tensors at
+    the peak = share x every layer's activations + share x the base in float32 (x 2 when the 16-bit base was
+    evaluated first), least squares of the relative error over the runs whose tensors are more than the rounding."""
+    import numpy as np
+
+    from qlora_kit.model.gguf_base import prepare_gguf_base
+    from qlora_kit.plan.cpu import ACTIVATIONS_OFF, ACTIVATIONS_ON, model_parameters
+    from qlora_kit.plan.estimate import read_architecture
+    from qlora_kit.recipe.loading import load_recipe
+
+    rows, points = [], []
+    for trial in trials:
+        plan = trial["plan"]
+        case = next(c for c in run_cases() if c["name"] == trial["case"])
+        recipe = load_recipe(REPO / case["recipe"], case["overrides"])
+        prepare_gguf_base(recipe.model, weights=False)
+        float32_model = 4 * model_parameters(read_architecture(recipe.model)) / GIB
+        sixteen_bit = any(name.startswith("16-bit base") for name in plan["moments_gib"])
+        activations = plan["terms_gib"].get(ACTIVATIONS_OFF, 0) + plan["terms_gib"].get(ACTIVATIONS_ON, 0)
+        libraries = baseline["median_gib"] if baseline else plan["terms_gib"]["Python + torch + training libraries "
+                                                                              "(measured)"]
+        excess = (trial["max_rss_gib"] - libraries - plan["terms_gib"]["rows read and tokenized"]
+                  - plan["tensors_gib"])
+        points.append({"case": trial["case"], "round": trial["round"], "excess_gib": round(excess, 3),
+                       "activations_gib": activations, "float32_model_gib": round(float32_model, 3),
+                       "planned_peak_gib": plan["peak_gib"], "measured_peak_gib": trial["max_rss_gib"]})
+        if activations > 0.05:
+            rows.append(([activations, float32_model * (2 if sixteen_bit else 1)], excess))
+    shares = np.linalg.lstsq(np.array([[c / y for c in x] for x, y in rows]), np.ones(len(rows)), rcond=None)[0] \
+        if rows else (None, None)
+    return {"activations_share": round(float(shares[0]), 3) if rows else None,
+            "weights_share": round(float(shares[1]), 3) if rows else None, "points": points}
 
 
 def fit_speed(trials: list[dict]) -> dict:

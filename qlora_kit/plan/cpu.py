@@ -16,7 +16,7 @@ RAM: what the process holds at the peak of a training step, term by term, agains
     TRL's chunked loss                                     float32 [tokens, 32768] tiles and torch's copies of them
     what the C allocator keeps of freed tensors           measured: RSS of real runs over their live tensors
 
-The tensor terms are qlora_kit.plan.estimate's CPU estimate (fitted to live-tensor counts of real CPU steps); the
+The tensor terms are qlora_kit.plan.peak's CPU estimate (fitted to live-tensor counts of real CPU steps); the
 two measured terms come from `tools/calibrate_cpu_plan.py` (bench/results/cpu-plan-runs.json).
 
 Time: the tokens to train (steps x batch x grad_accum x the rows' mean length, from the rows when the run knows
@@ -32,7 +32,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from qlora_kit.plan.cpu_time import Rates, TimeEstimate, duration, linear_parameters, measure_rates, time_estimate
-from qlora_kit.plan.estimate import GIB, Architecture, estimate, saved_activations
+from qlora_kit.plan.peak import GIB, Architecture, estimate, saved_activations
 from qlora_kit.recipe.schema import Recipe
 
 LIBRARIES_GIB = 0.525

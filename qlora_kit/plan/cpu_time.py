@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-from qlora_kit.plan.estimate import Architecture, lora_parameters
+from qlora_kit.plan.peak import Architecture, lora_parameters
 from qlora_kit.recipe.schema import Recipe
 
 RATE_TOKENS = 256

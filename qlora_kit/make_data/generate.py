@@ -50,8 +50,10 @@ class Outcome:
     interrupted: bool = False
 
 
-def question_id(chunk_id: str, question: str) -> str:
-    return hashlib.sha1(f"{chunk_id}\n{question}".encode()).hexdigest()[:12]
+def question_id(chunk_id: str, number: int, question: str) -> str:
+    """A question's id (and its row's): its chunk, its place in the teacher's list (a question given twice has two
+    ids, and the second is refused as a duplicate, not silently merged), its text."""
+    return hashlib.sha1(f"{chunk_id}\n{number}\n{question}".encode()).hexdigest()[:12]
 
 
 class Workers:
@@ -103,7 +105,7 @@ class Generation:
         """Check a chunk's questions; those that pass wait for their answer (unless an earlier run decided them)."""
         state = self.job.state
         for number, question in enumerate(questions):
-            qid = question_id(chunk.id, question)
+            qid = question_id(chunk.id, number, question)
             done = qid in state.decided or qid in state.rows
             reason = ("question: more than the number asked" if number >= self.asking.questions_per_chunk
                       else question_problem(question))
@@ -126,7 +128,8 @@ class Generation:
                 while (self.answers or self.asks) and in_flight < self.concurrency:
                     kind, chunk, qid, question = (self.answers or self.asks).pop(0)
                     ask = self.ask_questions if kind == "questions" else self.ask_answer
-                    workers.submit((kind, chunk, qid, question), lambda a=ask, c=chunk, q=question: a(c, q))
+                    workers.submit((kind, chunk, qid, question),
+                                   lambda a=ask, c=chunk, q=question, i=qid: a(c, q, i))
                     in_flight += 1
                 key, result, error = workers.done.get()
                 in_flight -= 1
@@ -164,7 +167,7 @@ class Generation:
         self.progress.question_done(kept=not isinstance(value, str))
 
     # -- requests (on the worker threads) -----------------------------------------------------------------------
-    def ask_questions(self, chunk: Chunk, _: str):
+    def ask_questions(self, chunk: Chunk, *_):
         prompts, n = self.prompts_for(chunk), self.asking.questions_per_chunk
         messages = [{"role": "user", "content": prompts.fill("questions", document=chunk.source,
                                                              where=prompts.where(chunk), text=chunk.text, count=n)}]
@@ -183,7 +186,7 @@ class Generation:
                              {"role": "user", "content": prompts.fill("questions_retry", problem=reason, count=n)}]
         raise AssertionError("unreachable")
 
-    def ask_answer(self, chunk: Chunk, question: str):
+    def ask_answer(self, chunk: Chunk, question: str, qid: str):
         """(replies, the row) when kept, (replies, the reason) when not."""
         prompts = self.prompts_for(chunk)
         prompt = prompts.fill("answer", document=chunk.source, where=prompts.where(chunk), text=chunk.text,
@@ -213,4 +216,4 @@ class Generation:
         return replies, {"Question": question, "Complex_CoT": answer.reasoning, "Response": answer.answer,
                          "source": chunk.source, "page": chunk.pages or None, "section": chunk.heading,
                          "chunk": chunk.id, "score": score, "reasoning_from": answer.reasoning_from,
-                         "teacher": self.teacher.model, "id": question_id(chunk.id, question)}
+                         "teacher": self.teacher.model, "id": qid}

@@ -126,8 +126,9 @@ def summary(job: Job, chunks: list[Chunk], outcome: Outcome) -> dict:
     for row in state.rows.values():
         by_source[row["source"]]["kept"] += 1
     asked = set(state.questions) | set(state.refused_chunks)
-    unanswered = sum(1 for chunk_id, questions in state.questions.items() for q in questions
-                     if question_id(chunk_id, q) not in state.decided and question_id(chunk_id, q) not in state.rows)
+    ids = [question_id(chunk_id, n, q) for chunk_id, questions in state.questions.items()
+           for n, q in enumerate(questions)]
+    unanswered = sum(1 for qid in ids if qid not in state.decided and qid not in state.rows)
     return {"rows_train": splits["train"], "rows_eval": splits["eval"], "refused": dict(refused.most_common()),
             "chunks": len(chunks), "chunks_not_asked": sum(1 for c in chunks if c.id not in asked),
             "questions_not_answered": unanswered, "failed_requests": dict(outcome.failed),

@@ -6,6 +6,7 @@ the same way every time, and misbehaves on purpose when asked to:
 
     good        questions from the passage's sentences, answers with a <think> block, the judge's "Score: 9"
     reasoning   the same, the reasoning in the reply's `reasoning_content` field (as DeepSeek's API and vLLM send it)
+    plain       answers without any reasoning (a small teacher that ignores <think>), explains when asked after
     broken      questions as JSON cut off mid-list ("Unexpected end of JSON input"), every time
     flaky       a 500 for every other request (the client's retries get through)
     down        a 500 for every chat request
@@ -60,6 +61,8 @@ def reply(prompt: str, mode: str) -> tuple[str, str]:
         answer = f"As stated: {question.removeprefix('What follows from: ').rstrip('?')}."
         if mode == "reasoning":
             return answer, thought
+        if mode == "plain":
+            return answer, ""
         return f"<think>\n{thought}\n</think>\n\n{answer}", ""
     return "Score: 9\nEvery claim is in the passage.", ""
 
@@ -108,6 +111,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.mode == "slow":
             time.sleep(1.0)
         content, reasoning = reply(prompt, self.mode)
+        if kind == "answer" and len(body["messages"]) > 1:  # the follow-up asking for the reasoning
+            content, reasoning = "The passage states it in so many words, so that is the answer.", ""
         message = {"role": "assistant", "content": content}
         if reasoning:
             message["reasoning_content"] = reasoning

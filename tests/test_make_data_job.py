@@ -262,12 +262,16 @@ def test_a_job_continued_with_other_settings_is_refused_and_restart_starts_over(
     assert restarted.returncode == 0 and "continuing" not in restarted.stdout
 
 
-def test_a_reasoning_models_own_field_is_the_reasoning(tmp_path, teacher):
-    server, folder, out = teacher("reasoning"), documents(tmp_path / "docs"), tmp_path / "rows.jsonl"
+@pytest.mark.parametrize(("mode", "reasoning_from", "starts"), [
+    ("reasoning", "reasoning field", "The question asks"),  # a reasoning model's own chain of thought
+    ("plain", "asked after the answer", "The passage states"),  # a teacher that gave none: asked for it after
+])
+def test_the_reasoning_comes_from_where_the_teacher_gives_it(tmp_path, teacher, mode, reasoning_from, starts):
+    server, folder, out = teacher(mode), documents(tmp_path / "docs"), tmp_path / "rows.jsonl"
     assert make_data(*job_args(folder, out, server, "--max-chunks", "2")).returncode == 0
     kept = rows(out) + rows(out.with_name("rows.eval.jsonl"))
-    assert kept and {r["reasoning_from"] for r in kept} == {"reasoning field"}
-    assert all(r["Complex_CoT"].startswith("The question asks") for r in kept)
+    assert kept and {r["reasoning_from"] for r in kept} == {reasoning_from}
+    assert all(r["Complex_CoT"].startswith(starts) for r in kept)
 
 
 def test_only_a_loopback_teacher_keeps_the_documents_on_this_machine():

@@ -2,7 +2,8 @@
 `concurrency` requests in flight at once, every decision logged as it is made (job.py).
 
     chunk ─► questions (numbered list; asked again once if not one) ─► each question checked, near-duplicates out
-          ─► answer with reasoning (checked) ─► judge: grounded in the chunk? (asked again once if no score)
+          ─► answer with reasoning (an answer without any: its reasoning asked for in a follow-up) (checked)
+          ─► judge: grounded in the chunk? (asked again once if no score)
           ─► kept (row appended) or refused (reason logged)
 
 Requests run on daemon worker threads and only the main thread touches the job's files and the duplicate index, so
@@ -25,7 +26,7 @@ from qlora_kit.make_data.checks import QuestionIndex, answer_problem, question_p
 from qlora_kit.make_data.chunks import Chunk
 from qlora_kit.make_data.job import Job
 from qlora_kit.make_data.prompts import Prompts
-from qlora_kit.make_data.replies import Refused, read_answer, read_questions, read_score
+from qlora_kit.make_data.replies import Answer, Refused, read_answer, read_questions, read_score
 from qlora_kit.make_data.teacher import RequestFailed, Teacher
 
 
@@ -194,10 +195,20 @@ class Generation:
         reply = self.teacher.chat([{"role": "user", "content": prompt}], self.asking.answer_tokens,
                                   self.asking.temperature)
         answer = read_answer(reply.content, reply.reasoning)
+        replies, score = [reply], None
+        if answer.answer and not answer.reasoning and reply.finish_reason != "length":
+            # No reasoning field, no <think> block: a teacher that ignored the request is asked for it explicitly.
+            follow_up = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.content},
+                         {"role": "user", "content": prompts.fill("reasoning")}]
+            explained = self.teacher.chat(follow_up, self.asking.answer_tokens, self.asking.temperature)
+            replies.append(explained)
+            reasoning = read_answer(explained.content, explained.reasoning)
+            text = reasoning.answer or reasoning.reasoning
+            if explained.finish_reason != "length" and text:
+                answer = Answer(text, answer.answer, "asked after the answer")
         problem = answer_problem(answer.reasoning, answer.answer, reply.finish_reason)
         if problem:
-            return [reply], problem
-        replies, score = [reply], None
+            return replies, problem
         messages = [{"role": "user", "content": prompts.fill("judge", text=chunk.text, question=question,
                                                              answer=answer.answer)}]
         for attempt in range(2):

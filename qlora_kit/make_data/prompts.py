@@ -3,6 +3,7 @@
     questions.txt        a chunk -> a numbered list of questions            {document} {where} {text} {count}
     questions_retry.txt  the follow-up when that reply was not such a list  {problem} {count}
     answer.txt           a chunk + one question -> reasoning and answer     {document} {where} {text} {question}
+    reasoning.txt        the follow-up when the answer came without reasoning (a small teacher ignores <think>)
     judge.txt            chunk + question + answer -> "Score: N" and why    {text} {question} {answer}
     judge_retry.txt      the follow-up when that reply had no score         {problem}
 
@@ -26,6 +27,7 @@ PLACEHOLDERS = {
     "questions": {"document", "where", "text", "count"},
     "questions_retry": {"problem", "count"},
     "answer": {"document", "where", "text", "question"},
+    "reasoning": set(),
     "judge": {"text", "question", "answer"},
     "judge_retry": {"problem"},
 }

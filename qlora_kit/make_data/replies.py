@@ -54,7 +54,8 @@ class Answer:
     reasoning: str
     answer: str
     reasoning_from: str
-    """Where the reasoning came from: "reasoning field", "<think> block" or "" (none)."""
+    """Where the reasoning came from: "reasoning field", "<think> block", "asked after the answer" (generate.py's
+    follow-up to a teacher that gave none) or "" (none)."""
 
 
 def read_answer(content: str, reasoning_field: str = "") -> Answer:

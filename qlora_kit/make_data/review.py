@@ -1,6 +1,6 @@
 """A person's review of a make-data job: each row beside the chunk it came from, accepted, edited or dropped.
 
-    accept   the row marked "reviewed": "accepted"
+    accept   the row marked "reviewed": "accepted" (an edited row stays "edited")
     edit     its Question / Complex_CoT / Response replaced (the same id), marked "reviewed": "edited"; the teacher's
              text goes into the log, so nothing the teacher wrote is lost
     drop     the row removed from its file, and {"question": id, "chunk": ..., "kept": false, "reason": "dropped in
@@ -64,8 +64,9 @@ def find(out: Path, row_id: str) -> Reviewed:
 
 
 def accept(out: Path, row_id: str) -> dict:
+    """The row marked accepted (an edited row stays marked edited: the person's text is what was accepted)."""
     found = find(out, row_id)
-    row = {**found.row, "reviewed": "accepted"}
+    row = {**found.row, "reviewed": "edited" if found.row.get("reviewed") == "edited" else "accepted"}
     log(out, {"question": row_id, "chunk": row.get("chunk", ""), "kept": True, "review": "accepted"})
     rewrite(rows_file(out, found.split), row_id, row)
     return row

@@ -173,5 +173,6 @@ def test_counts_say_what_the_review_did(job):
     ids = [r.row["id"] for r in review.rows(out)]
     review.accept(out, ids[0])
     review.edit(out, ids[1], "What is it?", "Because.", "This.")
+    assert review.accept(out, ids[1])["reviewed"] == "edited", "accepting an edited row keeps it marked edited"
     review.drop(out, ids[2])
     assert review.counts(out) == {"rows": len(ids) - 1, "accepted": 1, "edited": 1, "dropped": 1}

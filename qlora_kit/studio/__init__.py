@@ -12,6 +12,8 @@ directory. One job per module:
     i18n.py       English and Chinese texts of the page
     charts.py     the Train screen's live charts, as small SVG pictures made from metrics.jsonl
     views.py      what the other screens show, made from run files: preview rows, status, results, GGUF advice
+    make_data_screen.py  "Make data from documents": `qlora-kit make-data` as a child, its chunks, progress, review
+    make_data_views.py   that screen's command from its fields, and what it shows from the job's files
     app.py        the Gradio Blocks layout and its events (errors painted under the fields they concern)
     measure.py    `python -m qlora_kit.studio.measure`: the performance figures docs/studio.md reports
 

@@ -1,9 +1,9 @@
 """The page: Gradio Blocks, one tab per step of the beginner's path, every action a `qlora-kit` child process.
 
-Model & data -> Settings & fit -> Train -> Results -> Chat -> Export. The settings form is generated from the
-recipe's keys (form.py); the charts (charts.py), results and files are read from the run directory (runs.py,
-views.py). Element ids
-(`elem_id`) name what a user clicks and reads; the browser tests find the page by them too.
+(Make data from documents ->) Model & data -> Settings & fit -> Train -> Results -> Chat -> Export; the first screen
+is make_data_screen.py's. The settings form is generated from the recipe's keys (form.py); the charts (charts.py),
+results and files are read from the run directory (runs.py, views.py). Element ids (`elem_id`) name what a user
+clicks and reads; the browser tests find the page by them too.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 import gradio as gr
 
 from qlora_kit.errors import UserError
-from qlora_kit.studio import charts, chat, fit, form, runs
+from qlora_kit.studio import charts, chat, fit, form, make_data_screen, runs
 from qlora_kit.studio.i18n import LANGUAGES, t
+from qlora_kit.studio.make_data_screen import MakeDataScreen
 from qlora_kit.studio.views import (
     elsewhere,
     error_box,
@@ -33,8 +34,8 @@ R1_MODELS = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-
              "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "HuggingFaceTB/SmolLM2-135M-Instruct")
 DEMO_PRESET = "demo: tiny model + embedded rows (a minute on a CPU)"
 EXPORT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16")
-TRAIN_TAB = 2
-"""The Train screen's place among the tabs: the page polls the run only while it is shown."""
+MAKE_TAB, TRAIN_TAB = 0, 3
+"""The Make data and Train screens' places among the tabs: the page polls their jobs only while they are shown."""
 CHART_EVERY_S = 1.0
 """While a run goes on, the charts are redrawn at most this often (the page polls every second)."""
 
@@ -61,7 +62,7 @@ CSS = """
 .block > .wrap:has(.validation-error:not(:empty)) button { display: none !important; }
 .studio-error { color: #b71c1c; background: #fff4f4; border: 1px solid #f2b8b8; padding: 8px; white-space: pre-wrap;
                 border-radius: 4px; }
-""" + charts.CSS
+""" + charts.CSS + make_data_screen.CSS
 
 
 def chart_titles(lang: str) -> dict[str, str]:
@@ -103,9 +104,9 @@ def build(ws: Workspace) -> gr.Blocks:
     def confined_recipe(values: list, sft: str):
         """The form as a Recipe whose paths are inside the workspace (the CLI's loader checks the rest)."""
         values = list(values)
-        for name, what in (("model.name", "model"), ("data.source", "data"), ("model.tokenizer", "tokenizer"),
-                           ("model.gguf_file", "GGUF file"), ("eval.file", "questions file"),
-                           ("output.dir", "output.dir")):
+        for name, what in (("model.name", "model"), ("data.source", "data"), ("data.eval_source", "eval data"),
+                           ("model.tokenizer", "tokenizer"), ("model.gguf_file", "GGUF file"),
+                           ("eval.file", "questions file"), ("output.dir", "output.dir")):
             i = form.KEYS.index(form.BY_NAME[name])
             if name == "output.dir":
                 values[i] = values[i] or "runs/studio"
@@ -147,7 +148,13 @@ def build(ws: Workspace) -> gr.Blocks:
             by_key[key.full] = comp
             return comp
 
-        with gr.Tabs(elem_id="tabs") as tabs:
+        # The page opens on Model & data (the demo's first click); making data from documents is the step before.
+        with gr.Tabs(elem_id="tabs", selected="model") as tabs:
+            # ---------------------------------------------------------------- 0. make data from documents
+            with tr(gr.Tab(t("tab_make"), id="make", elem_id="tab-make"), "tab_make"):
+                make_screen = MakeDataScreen(ws, tr, model_choices(), form.BY_NAME["model.name"].default)
+                make_screen.layout()
+
             # ---------------------------------------------------------------- 1. model and data
             with tr(gr.Tab(t("tab_model"), id="model", elem_id="tab-model"), "tab_model"):
                 preset = tr(gr.Dropdown(list(presets), value=None, label=t("preset"), elem_id="preset"), "preset")
@@ -464,9 +471,9 @@ def build(ws: Workspace) -> gr.Blocks:
             return [headline, drawn, tail, problem, f"{signature}|{chart_state}"]
 
         def on_tab(event: gr.SelectData):
-            return gr.Timer(active=event.index == TRAIN_TAB)
+            return gr.Timer(active=event.index == TRAIN_TAB), gr.Timer(active=event.index == MAKE_TAB)
 
-        tabs.select(on_tab, None, timer, show_progress="hidden")
+        tabs.select(on_tab, None, [timer, make_screen.timer], show_progress="hidden")
         timer.tick(on_tick, [run_dir, lang, seen], [status, chart_box, log_box, train_error, seen],
                    show_progress="hidden")
 
@@ -564,6 +571,8 @@ def build(ws: Workspace) -> gr.Blocks:
             yield log + "\ndone.", files
 
         export_btn.click(on_export, [run_dir, gguf_type], [export_log, export_files])
+        make_screen.wire(page, lang, tabs, data_box, by_key["data.eval_source"], by_key["data.max_length"])
+
         def on_open():
             """A reopened page follows the run that is training (the newest one if several), as if never closed."""
             found = runs.list_runs(ws.runs_dir())

@@ -3,7 +3,8 @@
 A training is `python -m qlora_kit run RECIPE` started in its own session (closing the tab, or even the studio, does not
 stop it), its output appended to RUN_DIR/studio.log and its process id kept in RUN_DIR/studio.pid, so a reopened page,
 or a restarted studio, finds it again. Stop sends SIGINT: the CLI's Ctrl-C path, which finishes the step and saves a
-checkpoint. Resume runs the same command again (the CLI resumes from the newest checkpoint by itself).
+checkpoint. Resume runs the same command again (the CLI resumes from the newest checkpoint by itself). A make-data
+job is followed the same way, through its NAME.job/ folder (its Ctrl-C keeps what was kept; the same command goes on).
 
 Shorter jobs (the dry run, eval, merge, export, chat) stream their output back to the page line by line.
 """
@@ -36,24 +37,33 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "qlora_kit", *args]
 
 
-def child_env() -> dict[str, str]:
+def child_env(secrets: dict[str, str] | None = None) -> dict[str, str]:
+    """The studio's environment for a child, plus `secrets` (an API key typed into the page): the environment is
+    the only place they go, never an argument (which `ps` shows), a file or a log."""
     # Unbuffered, so the page sees each line as it is printed; a wide console, so rich does not wrap the log.
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "PYTHONIOENCODING": "utf-8"}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120", "PYTHONIOENCODING": "utf-8", **(secrets or {})}
 
 
 def start_run(run_dir: Path, recipe_path: Path, cwd: Path, overrides: tuple[str, ...] = ()) -> subprocess.Popen:
     """Start (or resume: same command) a training of `recipe_path` whose output.dir is `run_dir`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / EXIT_FILE).unlink(missing_ok=True)
-    argv = command("run", str(recipe_path), *overrides)
-    with (run_dir / LOG_FILE).open("a", encoding="utf-8") as log:
-        log.write(f"\n$ qlora-kit run {' '.join([str(recipe_path), *overrides])}\n")
+    return start_job(run_dir, ("run", str(recipe_path), *overrides), cwd)
+
+
+def start_job(folder: Path, args: tuple[str, ...], cwd: Path, secrets: dict[str, str] | None = None
+              ) -> subprocess.Popen:
+    """`qlora-kit ARGS` in its own session, followed through `folder`: its output appended to LOG_FILE, its process
+    id in PID_FILE while it runs, its exit status in EXIT_FILE (a training's run directory, a make-data job's
+    folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXIT_FILE).unlink(missing_ok=True)
+    with (folder / LOG_FILE).open("a", encoding="utf-8") as log:
+        log.write(f"\n$ qlora-kit {' '.join(args)}\n")
         log.flush()
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(), start_new_session=True)
-    (run_dir / PID_FILE).write_text(str(proc.pid), encoding="utf-8")
-    _children[str(run_dir)] = proc
-    threading.Thread(target=_record_exit, args=(proc, run_dir), daemon=True).start()
+        proc = subprocess.Popen(command(*args), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=child_env(secrets), start_new_session=True)
+    (folder / PID_FILE).write_text(str(proc.pid), encoding="utf-8")
+    _children[str(folder)] = proc
+    threading.Thread(target=_record_exit, args=(proc, folder), daemon=True).start()
     return proc
 
 
@@ -76,6 +86,24 @@ def running_pid(run_dir: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if b"qlora_kit" in cmdline else None
+
+
+def make_data_writing(out: Path) -> list[int]:
+    """Process ids of `make-data` jobs (not dry runs) writing `out`, whoever started them: what the studio checks
+    before a review rewrites their files. Read from /proc (each one's command line and folder); empty elsewhere."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else ():
+        try:
+            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
+            if not any(a in ("make-data", "qlora_kit.make_data") for a in argv) or "--dry-run" in argv:
+                continue
+            named = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"),
+                         next((a.removeprefix("--out=") for a in argv if a.startswith("--out=")), ""))
+            if named and (Path(os.readlink(entry / "cwd")) / named).resolve() == out.resolve():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
 
 
 def stop_run(run_dir: Path) -> bool:

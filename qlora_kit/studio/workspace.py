@@ -83,14 +83,15 @@ class Workspace:
         text = text.strip()
         return str(self.resolve(text, what)) if self.is_path(text) else text
 
-    def save_upload(self, temp_path: str, name: str) -> Path:
-        """Copy an uploaded file (Gradio's temporary copy) to <root>/data/<name>, refusing one over the limit."""
+    def save_upload(self, temp_path: str, name: str, folder: str = "data") -> Path:
+        """Copy an uploaded file (Gradio's temporary copy) to <root>/<folder>/<name> (data files to data/, documents
+        to documents/), refusing one over the limit."""
         size = os.path.getsize(temp_path)
         if size > self.upload_limit_mb * 1024 * 1024:
             raise UserError(f"{name} is {size / 1e6:.0f} MB; the studio takes uploads up to {self.upload_limit_mb} MB.",
                             hint="Put the file in the workspace folder and type its path instead, or start the "
                                  "studio with a larger --max-upload-mb.")
-        target = self.root / "data" / Path(name).name
+        target = self.root / folder / Path(name).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(temp_path, target)
         return target

@@ -148,18 +148,23 @@ def chunk_documents(documents: Iterable[Document], count: Callable[[str], int], 
 
 
 def pack(doc: Document, source: str, blocks: list[Block], side, count, budget: int, overlap: int) -> list[Chunk]:
+    """The blocks of one document as chunks. Sizes are counted on the chunk's own text (joined, its heading line in
+    front), not summed per block: joining paragraphs changes the tokens at the seams."""
     chunks: list[Chunk] = []
     current: list[Block] = []
     headings: dict[int, str] = {}
 
+    def text_of(part: list[Block]) -> tuple[str, str]:
+        heading = headings.get(part[0].section, "")
+        body = [b.text for b in part]
+        if heading and not part[0].heading:  # a chunk that starts mid-section says where it is
+            body.insert(0, heading)
+        return "\n\n".join(body), heading
+
     def close() -> None:
         if not any(not b.heading for b in current):  # headings alone teach nothing
             return
-        heading = headings.get(current[0].section, "")
-        body = [b.text for b in current]
-        if heading and not current[0].heading:  # a chunk that starts mid-section says where it is
-            body.insert(0, heading)
-        text = "\n\n".join(body)
+        text, heading = text_of(current)
         pages = [b.page for b in current if b.page is not None]
         digest = hashlib.sha1(f"{source}\n{text}".encode()).hexdigest()[:12]
         chunks.append(Chunk(digest, source, min(pages, default=None), max(pages, default=None),
@@ -170,12 +175,13 @@ def pack(doc: Document, source: str, blocks: list[Block], side, count, budget: i
             headings[whole.section] = whole.text
         context = count(headings.get(whole.section, "")) if not whole.heading else 0
         for block in split_long(whole, max(budget - context - 8, 16), count):
-            used = sum(b.tokens for b in current) + context
-            starts_new = current and (side(block) != side(current[-1]) or block.section != current[-1].section)
-            if current and starts_new and (side(block) != side(current[-1]) or used >= SMALLEST_CUT * budget):
+            # Never across the held-out split; at a heading once the chunk holds a third of the budget.
+            other_side = current and side(block) != side(current[-1])
+            new_section = current and block.section != current[-1].section
+            if other_side or new_section and count(text_of(current)[0]) >= SMALLEST_CUT * budget:
                 close()
                 current = []
-            elif current and used + block.tokens > budget:
+            elif current and count(text_of([*current, block])[0]) > budget:
                 close()
                 # Overlap: the last paragraphs of the chunk just closed, as many as fit `overlap`, same section only.
                 kept: list[Block] = []
@@ -184,7 +190,7 @@ def pack(doc: Document, source: str, blocks: list[Block], side, count, budget: i
                             sum(b.tokens for b in kept) + previous.tokens > overlap:
                         break
                     kept.insert(0, previous)
-                current = kept if sum(b.tokens for b in kept) + block.tokens + context <= budget else []
+                current = kept if kept and count(text_of([*kept, block])[0]) <= budget else []
             current.append(block)
     if current:
         close()

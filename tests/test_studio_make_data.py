@@ -132,7 +132,8 @@ def test_a_job_the_command_line_started_is_found_before_a_review_rewrites_its_fi
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (out.parent / "rows.job" / "log.jsonl").exists() and time.monotonic() < deadline:
+        log = out.parent / "rows.job" / "log.jsonl"
+        while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:  # its requests under way
             time.sleep(0.2)
         assert runs.make_data_writing(out) == [proc.pid]
         assert views.job_status(out) == "running", "no studio child: found through its command line"
@@ -255,6 +256,8 @@ def test_documents_to_reviewed_rows_in_the_browser(page, studio, teacher, tmp_pa
     pid = int((root / "data" / "rows.job" / runs.PID_FILE).read_text())
     assert f"OPENAI_API_KEY={key}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert key not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    page.locator("#md-review-load").click()  # its files only grow while it runs: no review yet
+    wait_text(page, "#md-review-error", r"The job is running", 30)
     page.locator("#md-stop").click()
     stopped = wait_text(page, "#md-status", r"stopped", 60)
     kept_at_stop = sum(rows_shown(stopped))
@@ -317,6 +320,7 @@ def test_documents_to_reviewed_rows_in_the_browser(page, studio, teacher, tmp_pa
     files = [p for p in root.rglob("*") if p.is_file()] + [studio.log]
     assert len(files) > 10
     assert [str(p) for p in files if key.encode() in p.read_bytes()] == []
+    assert key not in page.evaluate("JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
 
     lap("unreachable")
     # ---- an unreachable teacher: the CLI's message under the URL field, and the way to start one
@@ -330,5 +334,13 @@ def test_documents_to_reviewed_rows_in_the_browser(page, studio, teacher, tmp_pa
     assert [url for url in page.requests if not url.startswith(("http://127.0.0.1", "data:", "blob:"))] == []
     assert json.loads((root / "data" / "rows.job" / views.COMMAND_FILE).read_text())["args"][0] == "make-data"
     assert os.environ.get("OPENAI_API_KEY") != key
+
+    # ---- the screen in Chinese
+    page.get_by_text("中文").click()
+    page.get_by_role("tab", name="0 · 用文档制作数据").wait_for()
+    wait_text(page, "#md-preview", r"^预览文本块（试运行：不发送任何内容）$", 30)
+    assert "教师模型" in page.locator("#md-url").inner_text()
+    page.get_by_text("English").click()
+    page.get_by_role("tab", name="0 · Make data from documents").wait_for()
     lap("end")
     print("the screen's test: each part began this many seconds after the studio was up:", ", ".join(laps))

@@ -71,11 +71,15 @@ def check_options(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def quiet_environment(root: Path) -> None:
-    """Before Gradio is imported: no analytics or version check, no hub telemetry, uploads in the workspace."""
+    """Before Gradio is imported: no analytics or version check, no hub telemetry, uploads in the workspace, no run
+    history in the browser."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["GRADIO_TEMP_DIR"] = str(root / ".studio" / "uploads")
+    # Gradio 6 keeps every event's inputs in the browser's localStorage ("run history"), the Make data screen's API
+    # key among them, unless told not to (launch's run_history=False below; this for any other way it starts).
+    os.environ["GRADIO_RUN_HISTORY"] = "False"
 
 
 QUEUE_IDLE_POLL_S = 0.02
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         page.launch(server_name=args.host, server_port=args.port, auth=auth, share=False,
                     inbrowser=not args.no_browser, max_file_size=f"{args.max_upload_mb}mb",
                     allowed_paths=[str(ws.root)], show_error=True, quiet=True, css=CSS, footer_links=[],
-                    mcp_server=False, ssr_mode=False, pwa=False, enable_monitoring=False)
+                    mcp_server=False, ssr_mode=False, pwa=False, enable_monitoring=False, run_history=False)
     except UserError as error:
         print_user_error(error)
         return error.exit_code

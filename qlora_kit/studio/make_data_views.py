@@ -16,6 +16,7 @@ import dataclasses
 import html
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def job_status(out: Path) -> str:
         return "finished"
     if code == 1:
         return "incomplete"
-    if code == EXIT_INTERRUPTED:
+    if code in (EXIT_INTERRUPTED, -signal.SIGINT):  # a SIGINT before make-data's own handling of it began
         return "stopped"
     if code is not None:
         return "failed"

@@ -110,6 +110,8 @@ class Teacher:
             raise RequestFailed("connection lost", str(error)) from None
         except openai.APIStatusError as error:  # 400 (e.g. the prompt exceeds its context), 404, 422 ...
             raise RequestFailed(f"refused ({error.status_code})", str(error)[:300]) from None
+        except openai.APIError as error:  # a reply the client cannot read (not JSON, not a chat completion)
+            raise RequestFailed("unreadable reply", str(error)[:300]) from None
         if not response.choices:
             raise RequestFailed("empty reply", "the server sent no choices")
         choice = response.choices[0]

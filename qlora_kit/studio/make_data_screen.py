@@ -258,8 +258,11 @@ class MakeDataScreen:
             # SIGINT: make-data's Ctrl-C, which keeps what was kept and writes the summary (exit 130).
             stopped = runs.stop_run(job_folder(out))
             for pid in [] if stopped else runs.make_data_writing(out):  # a job the command line started
-                os.kill(pid, signal.SIGINT)
-                stopped = True
+                try:
+                    os.kill(pid, signal.SIGINT)
+                    stopped = True
+                except OSError:  # ended meanwhile, or another user's process
+                    continue
             return {self.error: "" if stopped else error_box(t("md_not_running", lang_code(lang_choice)))}
 
         self.stop_btn.click(on_stop, [self.out, page_lang], [self.error, *boxes])

@@ -2,8 +2,12 @@
 
     python tools/measure_gguf.py quality [--types q4_k_m,q5_k_m,q6_k,q8_0,f16] [--json bench/results/gguf_quality.json]
         SmolLM2-135M-Instruct (the 16-bit folder qlora_kit makes from its official Q4_1 GGUF: `python -m
-        qlora_kit.model.smollm2` fetches it): each type exported, read back by transformers, compared with the folder on
-        the merge check's sample prompts (top-1 agreement per position, max |Δlogit|, greedy tokens agreeing).
+        qlora_kit.model.smollm2` fetches it): each type exported, its size and tensor mixture, and --verify's figures.
+    python tools/measure_gguf.py verify NAME=FOLDER ... [--types f16,...,q4_0] [--json bench/results/gguf_verify.json]
+        --verify's bounds, measured: each type exported from each FOLDER (`smollm2`: the base above; `tiny`: the CI's
+        tiny random Llama; or a merged folder), checked as written, then damaged copies of it (damages(): a tensor's
+        block scales x2 / x0.5 / x-1, two tensors swapped, a header value changed; the bytes edited in place) checked
+        against the same reference.
     python tools/measure_gguf.py sizes
         The bytes each type would take for R1-Distill-Qwen-1.5B / -7B / R1-Distill-Llama-8B, computed from their
         shapes with the same per-tensor mixture the export writes (no weights needed), plus the f16 KV cache.
@@ -63,7 +67,129 @@ def sizes() -> dict:
 
 def quality(types: list[str]) -> dict:
     from qlora_kit.gguf.export import export_gguf
-    from qlora_kit.gguf.verify import check_gguf
+    from qlora_kit.gguf.verify import check_gguf, reference_outputs
+
+    folder = smollm2_folder()
+    reference = reference_outputs(folder)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in types:
+            started = time.monotonic()
+            result = export_gguf(folder, Path(tmp) / f"smollm2-{t}.gguf", t, log=lambda *_: None)
+            seconds = time.monotonic() - started
+            check = check_gguf(folder, result.gguf_path, t, reference=reference)
+            rows[t] = {"bytes": result.size_bytes, "export_s": round(seconds, 1), "types": result.types} | check.row()
+            print(f"{t}: {result.size_bytes / 1e6:.1f} MB in {seconds:.1f} s, {check.describe()}", flush=True)
+    return {"model": "SmolLM2-135M-Instruct (16-bit folder from its official Q4_1 GGUF)", "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged files: what --verify must refuse. Each edits a copy's tensor bytes in place (gguf's own reader, r+):
+# no re-export, so nothing but the named damage differs from the file the export wrote.
+
+# Byte offsets of the f16 scales inside one block (ggml-common.h): d, and dmin / m where the block has one.
+# Multiplying all of them by a factor multiplies every weight of the tensor by it, exactly (a power of 2).
+SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                 "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def scale_tensor(tensor, factor: float) -> None:
+    """Every weight of a GGUF tensor (a reader's r+ view) times `factor`: a wrong scale, as a bug would write it."""
+    import gguf
+    import numpy as np
+
+    kind = tensor.tensor_type.name
+    if kind in ("F32", "F16"):
+        tensor.data[...] = (tensor.data.astype(np.float32) * factor).astype(tensor.data.dtype)
+        return
+    raw = tensor.data.reshape(-1)
+    if kind == "BF16":
+        bits = raw.view(np.uint16)
+        values = (bits.astype(np.uint32) << 16).view(np.float32) * np.float32(factor)
+        bits[...] = (values.view(np.uint32) >> 16).astype(np.uint16)
+        return
+    blocks = raw.reshape(-1, gguf.GGML_QUANT_SIZES[tensor.tensor_type][1])
+    for offset in SCALE_OFFSETS[kind]:
+        scales = np.ascontiguousarray(blocks[:, offset:offset + 2]).view(np.float16)
+        blocks[:, offset:offset + 2] = (scales.astype(np.float32) * factor).astype(np.float16).view(np.uint8)
+
+
+def damaged_copy(source: Path, out: Path, damage: tuple) -> Path:
+    """A copy of `source` with one damage: ("scale", tensor, factor) or ("swap", tensor, other tensor): two tensors
+    of the same shape and storage type exchanged (a wrong name mapping)."""
+    import shutil
+
+    import gguf
+
+    shutil.copyfile(source, out)
+    reader = gguf.GGUFReader(out, "r+")
+    tensors = {t.name: t for t in reader.tensors}
+    kind, name, arg = damage
+    if kind == "scale":
+        scale_tensor(tensors[name], arg)
+    elif kind == "field":  # a header value times `arg` (rope base, norm epsilon): the weights are untouched
+        value = next(field for key, field in reader.fields.items() if key.endswith(name))  # <arch>.rope...
+        value.parts[value.data[0]][0] *= arg
+    else:
+        a, b = tensors[name], tensors[arg]
+        if a.tensor_type != b.tensor_type or a.data.shape != b.data.shape:
+            raise ValueError(f"{name} and {arg} differ in type or shape: swapping them is not a like-for-like damage")
+        saved = a.data.copy()
+        a.data[...] = b.data
+        b.data[...] = saved
+    reader.data.flush()
+    del reader
+    return out
+
+
+def damages(layers: int) -> dict[str, tuple]:
+    mid = layers // 2
+    other = mid + 1 if mid + 1 < layers else mid - 1
+    return {
+        f"ffn_down.{mid} x2": ("scale", f"blk.{mid}.ffn_down.weight", 2.0),
+        f"attn_v.{mid} x2": ("scale", f"blk.{mid}.attn_v.weight", 2.0),
+        f"attn_output.{mid} x0.5": ("scale", f"blk.{mid}.attn_output.weight", 0.5),
+        f"attn_q.{mid} x2": ("scale", f"blk.{mid}.attn_q.weight", 2.0),
+        f"ffn_up.{mid} x-1": ("scale", f"blk.{mid}.ffn_up.weight", -1.0),
+        "attn_q 0<->1": ("swap", "blk.0.attn_q.weight", "blk.1.attn_q.weight"),
+        f"ffn_gate<->ffn_up.{mid}": ("swap", f"blk.{mid}.ffn_gate.weight", f"blk.{mid}.ffn_up.weight"),
+        f"attn_k {mid}<->{other}": ("swap", f"blk.{mid}.attn_k.weight", f"blk.{other}.attn_k.weight"),
+        "rope base /100": ("field", ".rope.freq_base", 0.01),
+        "rms eps x1e6": ("field", ".attention.layer_norm_rms_epsilon", 1e6),
+    }
+
+
+TINY_SHARPEN = 8.0
+"""The tiny model's final norm, times this: a random model's next-token distributions are all but uniform (every
+logit near 0), so nothing it computes can move far from them; x8 makes them about as peaked as a trained small
+model's, so that a header that lies shows in what the file computes. Rounding flips its argmax no more or less
+often for it (every logit scales alike): its greedy agreement is the unsharpened model's."""
+
+
+def tiny_model(folder: Path) -> Path:
+    """The CI's model (tests/test_gguf_verify.py): a 2-layer Llama, rows 256 wide (the K types are used, not their
+    fallbacks), seeded random weights, the demo's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qlora_kit.demo.build import build_tokenizer, make_rows, row_texts
+
+    tokenizer = build_tokenizer(row_texts(make_rows()))
+    config = LlamaConfig(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(TINY_SHARPEN)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct's 16-bit folder, made from its official Q4_1 GGUF (cached)."""
     from qlora_kit.model.gguf_base import prepare_gguf_base
     from qlora_kit.model.smollm2 import find
     from qlora_kit.recipe.schema import ModelSection
@@ -73,22 +199,42 @@ def quality(types: list[str]) -> dict:
         sys.exit("SmolLM2 GGUF not found: run `python -m qlora_kit.smollm2` first")
     model = ModelSection(name=str(source.parent), gguf_file=str(source))
     prepare_gguf_base(model, weights=True)
-    folder = Path(model.name)
+    return Path(model.name)
+
+
+def verify_measure(folder: Path, types: list[str], label: str) -> dict:
+    """Each type exported from `folder`, checked as --verify checks it, then damaged copies of it checked too."""
+    from qlora_kit.gguf.export import export_gguf
+    from qlora_kit.gguf.verify import check_gguf, reference_outputs
+
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    reference = reference_outputs(folder)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for t in types:
-            started = time.monotonic()
-            result = export_gguf(folder, Path(tmp) / f"smollm2-{t}.gguf", t, log=lambda *_: None)
-            seconds = time.monotonic() - started
-            check = check_gguf(folder, result.gguf_path, t)
-            rows[t] = {"bytes": result.size_bytes, "export_s": round(seconds, 1), "types": result.types,
-                       "top1_agreement": round(check.top1_agreement, 4), "positions": check.positions,
-                       "max_abs_logit_diff": round(check.max_abs_diff, 3),
-                       "max_abs_logit": round(check.max_abs_logit, 2),
-                       "greedy_agreeing": check.greedy_agreeing, "greedy_total": check.greedy_total}
-            print(f"{t}: {result.size_bytes / 1e6:.1f} MB in {seconds:.1f} s, {check.describe()}", flush=True)
-    return {"model": "SmolLM2-135M-Instruct (16-bit folder from its official Q4_1 GGUF)", "source": source.name,
-            "rows": rows}
+            clean = export_gguf(folder, Path(tmp) / f"{t}.gguf", t, modelfile=False, log=lambda *_: None).gguf_path
+            rows[t] = {"as written": check_gguf(folder, clean, t, reference=reference).row()
+                       | {"bytes": clean.stat().st_size}}
+            print(f"{label} {t} as written: {rows[t]['as written']}", flush=True)
+            for what, damage in damages(layers).items():
+                broken = damaged_copy(clean, Path(tmp) / f"{t}-damaged.gguf", damage)
+                rows[t][what] = check_gguf(folder, broken, t, reference=reference).row()
+                print(f"{label} {t} {what}: {rows[t][what]}", flush=True)
+            clean.unlink()
+    return rows
+
+
+def verify(models: list[str], types: list[str]) -> dict:
+    """`verify NAME=FOLDER ...`: FOLDER `smollm2` (the base), `tiny` (the CI's model, built here) or a merged
+    folder (a fine-tuned SmolLM2, the demo's merge)."""
+    result = {"types": types, "models": {}, "damages": "tools/measure_gguf.py damages(): layer = layers // 2"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in models:
+            name, _, where = spec.partition("=")
+            folder = (smollm2_folder() if where == "smollm2" else tiny_model(Path(tmp) / "tiny") if where == "tiny"
+                      else Path(where))
+            result["models"][name] = verify_measure(folder, types, name)
+    return result
 
 
 def make_big(folder: Path, layers: int) -> None:
@@ -171,14 +317,16 @@ def big(layers: int, type_name: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("quality", "sizes", "big"))
+    parser.add_argument("what", choices=("quality", "sizes", "big", "verify"))
+    parser.add_argument("models", nargs="*", help="verify: NAME=FOLDER (FOLDER smollm2, tiny or a merged folder)")
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--type", default="q4_k_m")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     result = {"quality": lambda: quality(args.types.split(",")), "sizes": sizes,
-              "big": lambda: big(args.layers, args.type)}[args.what]()
+              "big": lambda: big(args.layers, args.type),
+              "verify": lambda: verify(args.models, args.types.split(","))}[args.what]()
     result["command"] = "python tools/measure_gguf.py " + " ".join(sys.argv[1:])
     result["peak_rss_gib_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
     if args.json:

@@ -388,47 +388,58 @@ def fit_ram(trials: list[dict], baseline: dict | None) -> dict:
             "weights_share": round(float(shares[1]), 3) if rows else None, "points": points}
 
 
+def nonnegative_fit(rows: list[tuple[list[float], float]]) -> tuple[list[float], list[float]]:
+    """Least squares of the relative error (a short run weighs as much as a long one), every coefficient >= 0: a
+    negative one is noise around zero, dropped and the rest refitted. Returns (coefficients, measured / fitted)."""
+    import numpy as np
+
+    active = list(range(len(rows[0][0])))
+    while True:
+        x = np.array([[columns[k] / y for k in active] for columns, y in rows], float)
+        solution = np.linalg.lstsq(x, np.ones(len(rows)), rcond=None)[0]
+        if (solution >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(solution)))
+    coefficients = [0.0] * len(rows[0][0])
+    for k, value in zip(active, solution, strict=True):
+        coefficients[k] = max(float(value), 0.0)
+    return coefficients, [y / float(np.dot(columns, coefficients)) for columns, y in rows]
+
+
 def fit_speed(trials: list[dict]) -> dict:
     """qlora_kit.plan.cpu_time.SPEED from measured runs, each at the mean of the rates measured before and after it.
 
-    Each part is linear in its constants, fitted by least squares of the relative error over the runs:
-    training seconds = tokens x FLOPs per token / matmul rate / efficiency + steps x overhead + micro-batches x
-    layers x overhead; evaluation seconds = FLOPs / matmul rate / efficiency + rows evaluated x layers x overhead;
-    sample seconds = new tokens x (bytes per token / memory rate / efficiency + layers x overhead); start-up = the
-    wall time left over (the mean). `spread`: the largest factor between measured and predicted seconds."""
-    import numpy as np
+    In matmul work (seconds x the measured rate, so that a busier CPU scales everything alike): training = tokens x
+    FLOPs per token / efficiency + micro-batches x (layers + 1) x overhead; evaluation = FLOPs / efficiency + rows
+    evaluated x (layers + 1) x overhead; samples = new tokens x (bytes per token / memory rate, in seconds, taken
+    out first) + new tokens x (layers + 1) x overhead. Start-up: the wall time left over, the mean. `spread`: the
+    largest factor between measured and fitted seconds."""
+    import statistics as stats
 
     def rate(trial, key):
         return (trial["plan"]["time"]["rates"][key] + trial["rates_after"][key]) / 2 * 1e9
 
-    def least_squares(rows):  # rows: (columns, measured seconds); relative error, so short runs weigh as much
-        x = np.array([[c / y for c in columns] for columns, y in rows], float)
-        solution = np.linalg.lstsq(x, np.ones(len(rows)), rcond=None)[0]
-        ratios = [y / float(np.dot(columns, solution)) for columns, y in rows]
-        return [float(v) for v in solution], ratios
-
     train, evals, samples, startup = [], [], [], []
     for trial in trials:
         s, t = trial["summary"], trial["plan"]["time"]
+        flops, passes = rate(trial, "matmul_gflops"), t["layers"] + 1
         seconds = s["wall_time_s"] - s["eval_time_s"]
         tokens = s["tokens_per_s"] * seconds
-        train.append(([tokens * t["train_flops_per_token"] / rate(trial, "matmul_gflops"), s["steps"],
-                       t["micro_batches"] * t["layers"]], seconds))
+        train.append(([tokens * t["train_flops_per_token"], t["micro_batches"] * passes * 1e9], seconds * flops))
         if t["eval_flops"]:
-            evals.append(([t["eval_flops"] / rate(trial, "matmul_gflops"),
-                           t["evaluations"] * t["eval_rows"] * t["layers"]], trial["eval_s"]))
+            evals.append(([t["eval_flops"], t["evaluations"] * t["eval_rows"] * passes * 1e9], trial["eval_s"] * flops))
         if trial.get("sample_tokens"):
-            samples.append(([trial["sample_tokens"] * t["bytes_per_new_token"] / rate(trial, "memory_gbs"),
-                             trial["sample_tokens"] * t["layers"]], trial["samples_s"]))
+            reading = trial["sample_tokens"] * t["bytes_per_new_token"] / rate(trial, "memory_gbs")
+            samples.append(([trial["sample_tokens"] * passes * 1e9], max(trial["samples_s"] - reading, 0.01) * flops))
         startup.append(trial["wall_s"] - seconds - trial["eval_s"] - (trial["samples_s"] or 0))
-    (inverse_train, step, layer), train_ratios = least_squares(train)
-    (inverse_eval, eval_layer), eval_ratios = least_squares(evals)
-    (inverse_generate, generate_layer), sample_ratios = least_squares(samples)
+    (inverse_train, train_layer), train_ratios = nonnegative_fit(train)
+    (inverse_eval, eval_layer), eval_ratios = nonnegative_fit(evals)
+    (generate_layer,), sample_ratios = nonnegative_fit(samples)
     ratios = train_ratios + eval_ratios + sample_ratios
-    return {"train_efficiency": round(1 / inverse_train, 3), "step_overhead_s": round(step, 4),
-            "layer_overhead_s": round(layer, 5), "eval_efficiency": round(1 / inverse_eval, 3),
-            "eval_layer_overhead_s": round(eval_layer, 5), "generate_efficiency": round(1 / inverse_generate, 3),
-            "generate_layer_overhead_s": round(generate_layer, 5), "startup_s": round(statistics.mean(startup), 1),
+    return {"train_efficiency": round(1 / inverse_train, 3) if inverse_train else None,
+            "train_layer_overhead_gflop": round(train_layer, 4), "eval_efficiency":
+            round(1 / inverse_eval, 3) if inverse_eval else None, "eval_layer_overhead_gflop": round(eval_layer, 4),
+            "generate_layer_overhead_gflop": round(generate_layer, 4), "startup_s": round(stats.mean(startup), 1),
             "spread": round(max(max(r, 1 / r) for r in ratios), 2),
             "measured_over_fitted": {"train": [round(r, 2) for r in train_ratios],
                                      "eval": [round(r, 2) for r in eval_ratios],

@@ -7,7 +7,7 @@
     samples 2 x samples.count replies x max_new_tokens (an upper bound: replies may stop earlier) x the bytes of the
             dequantized weights each new token reads / (memory rate x generation efficiency)
 
-The efficiencies and the per-step overhead are fitted to real runs of `python -m qlora_kit.run` on a CPU
+The efficiencies and the overheads are fitted to real runs of `python -m qlora_kit.run` on a CPU
 (`python tools/calibrate_cpu_plan.py runs --fit`, bench/results/cpu-plan-runs.json): what the FLOPs model leaves out
 (bitsandbytes dequantizing every 4-bit weight per pass, elementwise work, TRL's loss, the optimizer, Python) is in
 them. Another program starting on the CPU after the plan was made moves every figure; the run's live view counts
@@ -72,33 +72,36 @@ def measure_rates(hidden: int = 1024, intermediate: int = 2816, budget_s: float 
 
 @dataclass(frozen=True)
 class Speed:
-    """The time model's constants, fitted to real CPU runs by `python tools/calibrate_cpu_plan.py runs --fit`."""
+    """The time model's constants, fitted to real CPU runs by `python tools/calibrate_cpu_plan.py runs --fit`.
+
+    The overheads are counted in matmul work (GFLOP at the measured rate) rather than seconds: another program on the
+    CPU slows the Python between the products as much as the products themselves."""
 
     train_efficiency: float
     """Achieved share of the measured matmul rate over a training step's FLOPs."""
-    step_overhead_s: float
-    """Seconds per optimizer step beyond the FLOPs (the trainer, logging, the optimizer)."""
-    layer_overhead_s: float
-    """Seconds per decoder layer per micro-batch beyond the FLOPs (the ops' Python and dispatch, forward and
-    backward, bitsandbytes dequantizing the layer's weights): what dominates a tiny model."""
+    train_layer_overhead_gflop: float
+    """Per micro-batch and decoder layer (the LM head counted as one more): the ops' Python and dispatch, forward
+    and backward, bitsandbytes dequantizing the weights, the trainer's share: what dominates a tiny model."""
     eval_efficiency: float
     """Achieved share of the matmul rate over the evaluations' forward FLOPs ..."""
-    eval_layer_overhead_s: float
-    """... and seconds per decoder layer per held-out row."""
-    generate_efficiency: float
-    """Achieved share of the memory rate while generating, over the bytes of weights each new token reads ..."""
-    generate_layer_overhead_s: float
-    """... and seconds per decoder layer per new token (a CPU runs a small model's decoding op by op)."""
+    eval_layer_overhead_gflop: float
+    """... and per held-out row and layer."""
+    generate_layer_overhead_gflop: float
+    """Per new token and layer, on top of reading the dequantized weights once at the measured memory rate: a CPU
+    runs a small model's decoding op by op."""
     startup_s: float
-    """Importing the libraries, loading and quantizing the model: the seconds before the first evaluation."""
+    """Importing the libraries, reading the rows, loading and quantizing the model: the seconds that are not
+    training, evaluation or samples (the mean over the fitted runs)."""
     spread: float
-    """Measured over predicted seconds stayed within this factor either way over the fitted runs, the machine's load
-    changing during a run included."""
+    """Measured over predicted seconds stayed within this factor either way over the fitted runs (training,
+    evaluation and samples each), the machine's load changing during a run included."""
 
 
-SPEED = Speed(train_efficiency=0.25, step_overhead_s=0.05, layer_overhead_s=0.01, eval_efficiency=0.3,
-              eval_layer_overhead_s=0.005, generate_efficiency=0.5, generate_layer_overhead_s=0.002, startup_s=20.0,
-              spread=1.5)
+# Fitted by `python tools/calibrate_cpu_plan.py runs --from bench/results/cpu-plan-runs.json --fit` to four runs
+# (the demo twice, SmolLM2-135M 6 steps at max_length 768 and 512) on the 2-core development machine while other
+# jobs ran on it (load average 6-11): measured seconds stayed within 2.7x of these either way.
+SPEED = Speed(train_efficiency=0.67, train_layer_overhead_gflop=0.586, eval_efficiency=0.955,
+              eval_layer_overhead_gflop=0.131, generate_layer_overhead_gflop=0.082, startup_s=33.8, spread=2.7)
 
 
 def linear_parameters(arch: Architecture) -> int:
@@ -193,20 +196,21 @@ def time_estimate(arch: Architecture, recipe: Recipe, rates: Rates, checkpointin
     micro_batches = steps * recipe.train.grad_accum
     flops_per_token = train_flops_per_token(arch, recipe, mean, checkpointing)
     matmul = rates.matmul_gflops * 1e9
-    train_s = (tokens * flops_per_token / (speed.train_efficiency * matmul) + steps * speed.step_overhead_s
-               + micro_batches * arch.layers * speed.layer_overhead_s)
+    passes = arch.layers + 1  # the decoder layers and the LM head: what runs op by op
+    train_s = (tokens * flops_per_token / speed.train_efficiency
+               + micro_batches * passes * speed.train_layer_overhead_gflop * 1e9) / matmul
 
     eval_rows = len(eval_lengths) if eval_lengths else recipe.data.eval_rows
     eval_mean = sum(eval_lengths) / len(eval_lengths) if eval_lengths else mean
     evaluations = evaluation_count(recipe, steps, eval_rows, sixteen_bit_eval)
     eval_flops = evaluations * eval_rows * eval_mean * forward_flops_per_token(arch, eval_mean)
-    eval_s = (eval_flops / (speed.eval_efficiency * matmul)
-              + evaluations * eval_rows * arch.layers * speed.eval_layer_overhead_s)
+    eval_s = (eval_flops / speed.eval_efficiency
+              + evaluations * eval_rows * passes * speed.eval_layer_overhead_gflop * 1e9) / matmul
 
     replies = 2 * recipe.samples.count if recipe.train.method == "sft" else 0  # base and fine-tuned
     sample_tokens = replies * recipe.samples.max_new_tokens
-    per_new_token = (generated_token_bytes(arch) / (speed.generate_efficiency * rates.memory_gbs * 1e9)
-                     + arch.layers * speed.generate_layer_overhead_s)
+    per_new_token = (generated_token_bytes(arch) / (rates.memory_gbs * 1e9)
+                     + passes * speed.generate_layer_overhead_gflop * 1e9 / matmul)
     samples_s = sample_tokens * per_new_token
     total = speed.startup_s + train_s + eval_s + samples_s
     return TimeEstimate(steps, tokens, tokens_from, round(flops_per_token), micro_batches, round(train_s, 1),

@@ -233,19 +233,23 @@ def run_job(args, console, chunks, prompts_for, templates, tokenizer, tokenizer_
     job = Job(args.out, settings, restart=args.restart, overwrite=args.overwrite)
     generation = Generation(chunks, prompts_for, teacher, job, asking,
                             args.concurrency or (2 if local else 4), progress=None)
-    job.start(chunks)
-    generation.pending()
-    for line in plan_lines(chunks, asking, templates):
-        console.print(line)
-    if job.resumed:
-        console.print(f"[bold]continuing[/] the job in {job.folder}: {len(job.state.rows)} rows kept so far; "
-                      f"{len(generation.asks)} chunks to ask, {len(generation.answers)} questions to answer")
-    generation.progress = Progress(console, len(generation.asks), len(generation.answers),
-                                   args.questions_per_chunk)
-    try:
+    try:  # from the first file written on, Ctrl-C ends in the summary and exit 130, never a traceback
+        job.start(chunks)
+        generation.pending()
+        for line in plan_lines(chunks, asking, templates):
+            console.print(line)
+        if job.resumed:
+            console.print(f"[bold]continuing[/] the job in {job.folder}: {len(job.state.rows)} rows kept so far; "
+                          f"{len(generation.asks)} chunks to ask, {len(generation.answers)} questions to answer")
+        generation.progress = Progress(console, len(generation.asks), len(generation.answers),
+                                       args.questions_per_chunk)
         outcome = generation.run()
+    except KeyboardInterrupt:
+        outcome = generation.outcome
+        outcome.interrupted = True
     finally:
-        generation.progress.close()
+        if generation.progress is not None:
+            generation.progress.close()
         job.close()
     content = summary(job, chunks, outcome)
     content["lengths"] = length_lines(list(job.state.rows.values()), tokenizer, max_length)

@@ -166,3 +166,47 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("real_model"):
             item.add_marker(pytest.mark.slow)
+
+
+TREE_BEFORE = pytest.StashKey[dict | None]()
+"""What `git status` showed when the run started (the controlling process's)."""
+
+
+def tree_state() -> dict[str, str] | None:
+    """Every file `git status` lists (changed, added, untracked), with a hash of its content: a test that writes into
+    the checkout shows up here, even in a file that was already changed before the run. None outside a git checkout."""
+    import hashlib
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "-z"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    state = {}
+    for entry in filter(None, listed.split("\0")):
+        path = REPO / entry[3:]
+        state[entry[3:]] = hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else entry[:2]
+    return state
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controlling process only (pytest-xdist's workers skip it)
+        session.config.stash[TREE_BEFORE] = tree_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves the checkout as it found it: a test that writes into it (docs pictures, a run directory, a
+    cache) fails the run, naming the files."""
+    if hasattr(session.config, "workerinput"):
+        return
+    before = session.config.stash.get(TREE_BEFORE, None)
+    after = tree_state()
+    if before is None or after is None or before == after:
+        return
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    session.config.get_terminal_writer().line(
+        "FAILED: the tests changed the checkout (git status differs after the run): " + ", ".join(changed[:20]),
+        red=True, bold=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+

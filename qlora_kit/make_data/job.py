@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_kit.errors import UserError
+from qlora_kit.jsonl import AppendOnly
+from qlora_kit.jsonl import read_jsonl as read_lines
 
 PREVIEW_FILE = "preview.jsonl"
 """A dry run's chunks (with --out): the studio shows them before anything is sent."""
@@ -31,21 +33,6 @@ def eval_path(out: Path) -> Path:
 
 def job_folder(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".job")
-
-
-def read_lines(path: Path) -> list[dict]:
-    """The JSON objects of a JSONL file; a line cut short by a kill (no newline, not JSON) is left out."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def chunk_record(chunk) -> dict:
@@ -62,26 +49,6 @@ def write_preview(out: Path, chunks: list) -> Path:
     path.write_text("".join(json.dumps(chunk_record(c), ensure_ascii=False) + "\n" for c in chunks),
                     encoding="utf-8")
     return path
-
-
-class AppendOnly:
-    """A JSONL file that is only ever appended to, one flushed line per record."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A line cut short by a kill would glue itself to the next record: end it first.
-        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            with path.open("ab") as f:
-                f.write(b"\n")
-        self.file = path.open("a", encoding="utf-8")
-
-    def append(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 @dataclass

@@ -74,17 +74,9 @@ def refuse_finished_run(directory: Path, overwrite: bool) -> list[str]:
 
 def read_records(path: Path) -> list[dict]:
     """metrics.jsonl's records; a line cut short (the process killed mid-write, a full disk) is left out."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
+    from qlora_kit.jsonl import read_jsonl
+
+    return [record for record in read_jsonl(path) if "step" in record]
 
 
 class LogFinalStep(TrainerCallback):

@@ -102,7 +102,8 @@ class Handler(BaseHTTPRequestHandler):
             number = Handler.count
             if self.log_path:
                 with open(self.log_path, "a", encoding="utf-8") as f:
-                    question = prompt.split("Question:", 1)[-1].split("\n", 1)[0].strip() if kind != "questions" else ""
+                    marker = "Question:" if "Question:" in prompt else "问题："
+                    question = prompt.split(marker, 1)[-1].split("\n", 1)[0].strip() if kind != "questions" else ""
                     f.write(json.dumps({"kind": kind, "question": question, "retry": len(body["messages"]) > 1}) + "\n")
         if self.mode == "down" or (self.mode == "flaky" and number % 2):
             return self.send(500, {"error": {"message": "the teacher fell over", "type": "server_error"}})

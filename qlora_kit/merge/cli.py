@@ -151,12 +151,9 @@ def quiet_libraries() -> None:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        import psutil
+    """Peak resident memory of this process so far (its own, not a parent's: qlora_kit.train.memory_use)."""
+    import psutil
 
-        return getattr(psutil.Process().memory_info(), "peak_wset", psutil.Process().memory_info().rss) / 1024**3
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2
+    from qlora_kit.train.memory_use import peak_rss_bytes
+
+    return (peak_rss_bytes() or psutil.Process().memory_info().rss) / 1024**3

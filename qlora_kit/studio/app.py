@@ -319,10 +319,23 @@ def build(ws: Workspace) -> gr.Blocks:
         field_names = [key.full for key in form.KEYS] + [form.SFT_FIELD]
         settings_fields = {name for name in field_names if name not in form.SCREEN_KEYS}
 
-        def marks(errors: dict[str, str]) -> dict[str, Any]:
-            # Stamped, so that the state changes after every action: Gradio clears a field's message when an event
-            # that reads the field starts, and an unchanged state would not paint it again.
-            return {"fields": errors, "at": time.monotonic_ns()}
+        def marks(errors: dict[str, str], values: list | None = None, form_errors: dict | None = None,
+                  before: dict | None = None) -> dict[str, Any]:
+            """An action's errors (`values`: the fields as it read them), or the form's own (`form_errors`, the
+            action's kept from `before` for the fields that still hold what the action read: the form's update that
+            typing started may finish after a dry run that fails in a second, and must not wipe its message).
+            Stamped, so that the state changes after every action: Gradio clears a field's message when an event
+            that reads the field starts, and an unchanged state would not paint it again."""
+            if form_errors is None:
+                action, read = errors, dict(zip(field_names, values or [], strict=False))
+                form_errors = {}
+            else:
+                before = before or {}
+                read = before.get("read", {})
+                now = dict(zip(field_names, values or [], strict=False))
+                action = {name: text for name, text in before.get("action", {}).items()
+                          if name in read and read[name] == now.get(name)}
+            return {"fields": {**action, **form_errors}, "action": action, "read": read, "at": time.monotonic_ns()}
 
         def paint(*values):
             errors = (values[-1] or {}).get("fields", {})
@@ -339,7 +352,7 @@ def build(ws: Workspace) -> gr.Blocks:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "data.source")
-                yield pointer(elsewhere(errors, form.SCREEN_KEYS), code), "", "", marks(errors)
+                yield pointer(elsewhere(errors, form.SCREEN_KEYS), code), "", "", marks(errors, [*values, sft])
                 return
             scratch = ws.studio_dir() / "preview"
             recipe = form.changed(recipe, output={"dir": str(scratch), "overwrite": True})
@@ -349,7 +362,7 @@ def build(ws: Workspace) -> gr.Blocks:
 
             recipe_file.write_text(form.raw_to_toml(recipe_to_dict(recipe)), encoding="utf-8")
             (scratch / "preview.jsonl").unlink(missing_ok=True)
-            yield "", "", "…", marks({})
+            yield "", "", "…", marks({}, [*values, sft])
             for text, status in runs.stream(runs.command("run", str(recipe_file), "--dry-run"), ws.root):
                 if status is None:
                     yield gr.skip(), gr.skip(), text, gr.skip()
@@ -357,29 +370,30 @@ def build(ws: Workspace) -> gr.Blocks:
                     errors = form.failure_fields(runs.cli_error(text), recipe)
                     box = pointer(elsewhere(errors, form.SCREEN_KEYS), code) if errors \
                         else error_box(runs.failure_text(text, status, "The dry run"))
-                    yield box, "", text, marks(errors)
+                    yield box, "", text, marks(errors, [*values, sft])
                 else:
-                    yield "", preview_html(scratch), text, marks({})
+                    yield "", preview_html(scratch), text, marks({}, [*values, sft])
 
         preview_btn.click(on_preview, [*form_fields, lang], [model_error, preview, preview_log, field_errors])
 
         def on_form(*values):
-            *values, sft, card_choice, lang_choice = values
+            *values, sft, card_choice, lang_choice, before = values
             try:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "output.dir")
                 box = pointer(elsewhere(errors, settings_fields), LANGUAGES.get(lang_choice, "en"))
-                return box, gr.skip(), gr.skip(), gr.skip(), marks(errors)
+                return box, gr.skip(), gr.skip(), gr.skip(), marks({}, [*values, sft], errors, before)
             text = form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft))
             target = ws.studio_dir() / "recipe.toml"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
-            return "", text, fit.plan_html(recipe, card_choice), str(target), marks({})
+            return "", text, fit.plan_html(recipe, card_choice), str(target), marks({}, [*values, sft], {}, before)
 
-        gr.on([c.change for c in [*form_fields, card]], on_form, [*form_fields, card, lang],
+        gr.on([c.change for c in [*form_fields, card]], on_form, [*form_fields, card, lang, field_errors],
               [form_error, toml_box, fit_box, download, field_errors], trigger_mode="always_last", queue=True)
-        page.load(on_form, [*form_fields, card, lang], [form_error, toml_box, fit_box, download, field_errors])
+        page.load(on_form, [*form_fields, card, lang, field_errors],
+                  [form_error, toml_box, fit_box, download, field_errors])
 
         def on_start(*values):
             *values, sft, lang_choice = values
@@ -387,16 +401,19 @@ def build(ws: Workspace) -> gr.Blocks:
                 recipe = confined_recipe(values, sft)
             except UserError as error:
                 errors = form.problems_by_field(error, "output.dir")
-                return gr.skip(), pointer(errors, LANGUAGES.get(lang_choice, "en")), gr.skip(), marks(errors)
+                return gr.skip(), pointer(errors, LANGUAGES.get(lang_choice, "en")), gr.skip(), \
+                    marks(errors, [*values, sft])
             out = Path(recipe.output.dir)
             if runs.running_pid(out) is not None:
-                return gr.skip(), error_box(f"{out} is already training: stop it first."), gr.skip(), marks({})
+                return gr.skip(), error_box(f"{out} is already training: stop it first."), gr.skip(), \
+                    marks({}, [*values, sft])
             recipe_file = recipe_path_for(recipe)
             recipe_file.parent.mkdir(parents=True, exist_ok=True)
             recipe_file.write_text(form.raw_to_toml(form.form_to_raw(form.recipe_values(recipe), sft)),
                                    encoding="utf-8")
             runs.start_run(out, recipe_file, ws.root)
-            return gr.update(choices=runs.list_runs(ws.runs_dir()) or [str(out)], value=str(out)), "", "", marks({})
+            return gr.update(choices=runs.list_runs(ws.runs_dir()) or [str(out)], value=str(out)), "", "", \
+                marks({}, [*values, sft])
 
         start_btn.click(on_start, [*form_fields, lang], [run_dir, train_error, seen, field_errors])
 

@@ -50,8 +50,8 @@ TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q
 WEIGHT_TOLERANCE = {"f16": 0.005, "bf16": 0.01, "q8_0": 0.03, "q6_k": 0.06, "q5_k_m": 0.12, "q5_k_s": 0.12,
                     "q5_0": 0.12, "q4_k_m": 0.25, "q4_k_s": 0.25, "q4_0": 0.25}
 """Largest relative RMS error of any tensor (1-D ones, norms and biases, are stored f32: exact in every type)."""
-KL_TOLERANCE = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.05, "q6_k": 0.1, "q5_k_m": 0.5, "q5_k_s": 0.5, "q5_0": 0.5,
-                "q4_k_m": 0.5, "q4_k_s": 0.5, "q4_0": 1.5}
+KL_TOLERANCE = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.05, "q6_k": 0.1, "q5_k_m": 0.3, "q5_k_s": 0.3, "q5_0": 0.3,
+                "q4_k_m": 0.3, "q4_k_s": 0.3, "q4_0": 1.5}
 """Mean KL divergence (nats) of the file's next-token distribution from the folder's."""
 GREEDY_FLOOR = {"f16": 0.95, "bf16": 0.9, "q8_0": 0.85, "q6_k": 0.8, "q5_k_m": 0.7, "q5_k_s": 0.7, "q5_0": 0.7,
                 "q4_k_m": 0.6, "q4_k_s": 0.55, "q4_0": 0.5}

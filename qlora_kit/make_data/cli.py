@@ -262,8 +262,9 @@ def run_job(args, console, chunks, prompts_for, templates, tokenizer, tokenizer_
                       "same command to continue.")
         return EXIT_INTERRUPTED
     eval_file = job.eval_out if content["rows_eval"] else None
-    console.print("train on them: data.source = " + f'"{job.out}"' +
-                  (f', data.eval_source = "{eval_file}"' if eval_file else ""))
+    if job.state.rows:
+        console.print("train on them: data.source = " + f'"{job.out}"' +
+                      (f', data.eval_source = "{eval_file}"' if eval_file else ""))
     if outcome.failed or content["chunks_not_asked"] or content["questions_not_answered"]:
         kinds = ", ".join(f"{n} {kind}" for kind, n in outcome.failed.items())
         console.print(f"[bold red]incomplete:[/] {kinds or 'requests'} failed after retries; "

@@ -154,12 +154,13 @@ class Generation:
             self.outcome.prompt_tokens += reply.prompt_tokens
             self.outcome.completion_tokens += reply.completion_tokens
         if kind == "questions":
+            waiting = len(self.answers)
             if isinstance(value, Refused):
                 self.job.record_refused_chunk(chunk.id, value.reason)
             else:
                 self.job.record_questions(chunk.id, value)
                 self.screen(chunk, value)
-            self.progress.chunk_done(len(self.job.state.questions.get(chunk.id, [])))
+            self.progress.chunk_done(len(self.answers) - waiting)  # the questions that passed, to be answered
             return
         if isinstance(value, str):  # the reason the answer or its grounding was refused
             self.job.decide(qid, chunk.id, kept=False, reason=value)

@@ -2,10 +2,12 @@
 
 recipe -> tokenizer -> rows -> prompt/completion examples -> plan -> 4-bit model + LoRA -> SFTTrainer -> adapter
 -> samples -> report.md (-> the recipe's [eval]). With train.method = "grpo" the rows are questions with checkable
-answers, GRPOTrainer replaces SFTTrainer and the samples are judged by the rewards (docs/grpo.md); the rest is the
-same. Each arrow is one package (ARCHITECTURE.md); `run` below calls them in that order and nothing else calls
-this module. Heavy imports happen inside the functions, so `--help` and a recipe typo are answered before torch
-loads.
+answers, GRPOTrainer replaces SFTTrainer and the samples are judged by the rewards (docs/grpo.md). With
+train.method = "dpo", "kto" or "orpo" the rows are pairs of a better and a worse answer (KTO: answers rated good or
+bad), TRL's preference trainer replaces SFTTrainer, and the held-out pairs are judged by the model's own
+log-probabilities (docs/preference.md). The rest is the same. Each arrow is one package (ARCHITECTURE.md); `run`
+below calls them in that order and nothing else calls this module. Heavy imports happen inside the functions, so
+`--help` and a recipe typo are answered before torch loads.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from qlora_kit.errors import EXIT_INTERRUPTED, UserError, print_user_error
+from qlora_kit.recipe.schema import PREFERENCE_METHODS
 
 PROGRAM = "python -m qlora_kit.run"
 
@@ -68,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from qlora_kit.recipe.loading import load_recipe, recipe_changes, recipe_to_toml
 
     recipe = load_recipe(args.recipe, args.overrides)
-    grpo = recipe.train.method == "grpo"  # reinforcement learning on checkable answers instead of SFT (docs/grpo.md)
-    rows = read_local_rows(recipe, grpo)  # a bad row is answered now, as a recipe typo is: before torch loads
+    method = recipe.train.method  # sft; grpo (docs/grpo.md); dpo, kto, orpo (docs/preference.md)
+    rows = read_local_rows(recipe, method)  # a bad row is answered now, as a recipe typo is: before torch loads
     recipe.output.overwrite |= args.overwrite
     out = Path(recipe.output.dir)
     if not args.dry_run:  # before the long preamble: a finished run is refused at once
@@ -98,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
     check_model_files(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     check_model_matches(recipe, tokenizer)
-    examples = build_examples_for(recipe, tokenizer, console, grpo, rows)
+    examples = build_examples_for(recipe, tokenizer, console, method, rows)
     plan = check_memory_plan(recipe, console, force=args.force, examples=examples)
 
     if args.dry_run:
         if processes.is_main:
             write_dry_run(examples.train, recipe, tokenizer)
-        shown = "prompts and the answers their rewards check" if grpo else "input_ids and labels"
+        shown = {"sft": "input_ids and labels", "grpo": "prompts and the answers their rewards check"}.get(
+            method, "prompts and both sides as ids")
         console.print(f"[bold]dry run:[/] no weights loaded; {out / PREVIEW_FILE} shows the {shown} of the "
                       f"first {recipe.output.preview_rows} examples.")
         return 0
@@ -120,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
     if resume_from:
         console.print(f"[bold]resuming[/] from step {resume_step} ({resume_from})")
 
-    if grpo:
+    if method == "grpo":
         from qlora_kit.train.grpo import fit_grpo as fit
+    elif method in PREFERENCE_METHODS:
+        from qlora_kit.train.preference import fit_preference as fit
     else:
         from qlora_kit.train.fit import fit
     outcome = fit(recipe, tokenizer, examples, out, console, resume_from, resume_step, processes)
@@ -132,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                       f"Resume with:\n  {resume}")
         return EXIT_INTERRUPTED
     if processes.is_main:
-        samples, judged = ask_the_trained_model(outcome, tokenizer, recipe, examples, out, console, grpo)
+        samples, judged = ask_the_trained_model(outcome, tokenizer, recipe, examples, out, console, method)
         outcome.model = None  # freed before the evaluation loads the run afresh
         write_run_report(recipe, args.command, examples.data_report, outcome.summary, samples, plan, judged)
     show_summary(console, outcome.summary, out)
@@ -142,30 +148,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_local_rows(recipe, grpo: bool):
+def read_local_rows(recipe, method: str):
     """A local data file's rows, read and checked (every row, by line number) in a second, before the libraries load;
     None for a hub data set, which is read later with the libraries it needs."""
     from qlora_kit.data.rows import is_local_source
 
     if not is_local_source(recipe.data):
         return None
-    if grpo:
+    if method == "grpo":
         from qlora_kit.data.checkable import load_checkable
 
         return load_checkable(recipe.data, recipe.train.seed)
+    if method in PREFERENCE_METHODS:
+        from qlora_kit.data.pairs import load_preference_rows
+
+        return load_preference_rows(recipe.data, method, recipe.train.seed)
     from qlora_kit.data.rows import load_rows
 
     return load_rows(recipe.data)
 
 
-def build_examples_for(recipe, tokenizer, console, grpo: bool, rows=None):
+def build_examples_for(recipe, tokenizer, console, method: str, rows=None):
     """SFT: prompt/completion token ids with the completion mask, the first one shown with its trained tokens.
     GRPO: prompts with the answers the rewards check (the completions are the model's own, written in training).
-    `rows`: read_local_rows's, or None (read here)."""
-    if grpo:
+    Preference tuning: the prompt and each side's ids, the first pair shown. `rows`: read_local_rows's, or None."""
+    if method == "grpo":
         from qlora_kit.data.checkable import build_grpo_examples
 
         return build_grpo_examples(recipe, tokenizer, console, rows)
+    if method in PREFERENCE_METHODS:
+        from qlora_kit.data.pairs import build_preference_examples
+
+        return build_preference_examples(recipe, tokenizer, console, rows)
     from qlora_kit.data.examples import build_examples
     from qlora_kit.data.report import show_example
 
@@ -174,10 +188,15 @@ def build_examples_for(recipe, tokenizer, console, grpo: bool, rows=None):
     return examples
 
 
-def ask_the_trained_model(outcome, tokenizer, recipe, examples, out: Path, console, grpo: bool):
+def ask_the_trained_model(outcome, tokenizer, recipe, examples, out: Path, console, method: str):
     """The held-out rows answered with the adapter off, then on, by the model still in memory: (samples, judged
-    lines). SFT: samples.md and the format counts. GRPO: every reply scored by the run's own rewards."""
-    if grpo:
+    lines). SFT: samples.md and the format counts. GRPO: every reply scored by the run's own rewards. Preference
+    tuning: the held-out pairs ranked before and after, and samples.md."""
+    if method in PREFERENCE_METHODS:
+        from qlora_kit.results.preference_judge import judge_finished_run
+
+        return judge_finished_run(outcome, tokenizer, recipe, examples, out, console)
+    if method == "grpo":
         from qlora_kit.results.grpo_samples import judge_finished_run
 
         return [], judge_finished_run(outcome, tokenizer, recipe, examples, out, console).lines()
@@ -210,6 +229,11 @@ def write_dry_run(train_examples, recipe, tokenizer) -> None:
     out = Path(recipe.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+    if recipe.train.method in PREFERENCE_METHODS:
+        from qlora_kit.data.pairs import write_pair_preview
+
+        write_pair_preview(train_examples[: recipe.output.preview_rows], out / PREVIEW_FILE, tokenizer)
+        return
     if recipe.train.method == "grpo":  # prompts only: the completions are the model's own, written in training
         from qlora_kit.train.artifacts import write_prompt_preview
 

@@ -217,6 +217,22 @@ def make_checkable_rows(n: int = 96, seed: int = 1) -> list[dict]:
     return rows
 
 
+def make_pairs(n: int = 120, seed: int = 2) -> list[dict]:
+    """`n` preference pairs for the DPO / KTO / ORPO demo (qlora_kit/demo/pairs.jsonl): the toy families' questions,
+    the chosen side reasons and then answers rightly (as the SFT rows do), the rejected side answers at once and
+    wrongly (another row's answer of the same family). What a tiny random network can learn from them is the shape
+    of a good answer, which is what the demo shows. Deterministic: the same seed gives the same pairs."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        family = FAMILIES[i % len(FAMILIES)]
+        question, cot, response = family(rng)
+        wrong = sorted({r for _, _, r in (family(rng) for _ in range(12))} - {response})
+        pairs.append({"prompt": question, "chosen": f"<think>\n{cot}\n</think>\n\n{response}",
+                      "rejected": rng.choice(wrong)})
+    return pairs
+
+
 def row_texts(rows: list[Row]) -> list[str]:
     """The texts the demo tokenizer is trained on (the same join as the test fixture)."""
     return [r["Question"] + "\n" + r["Complex_CoT"] + "\n" + r["Response"] for r in rows]
@@ -294,7 +310,8 @@ def tiny_qwen2_config(vocab_size: int, *, bos_token_id: int, eos_token_id: int,
 
 
 def write_demo(directory: Path) -> None:
-    """Write `data.jsonl` and `tiny-qwen2/` (config, generation config, tokenizer; no weights)."""
+    """Write `data.jsonl`, `grpo.jsonl`, `pairs.jsonl` and `tiny-qwen2/` (config, generation config, tokenizer; no
+    weights)."""
     from transformers import GenerationConfig
 
     directory = Path(directory)
@@ -307,6 +324,10 @@ def write_demo(directory: Path) -> None:
     with open(directory / "grpo.jsonl", "w", encoding="utf-8", newline="\n") as f:
         for row in make_checkable_rows():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    with open(directory / "pairs.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        for pair in make_pairs():
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
 
     model_dir = directory / "tiny-qwen2"
     tokenizer = build_tokenizer(row_texts(rows))

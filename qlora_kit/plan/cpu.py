@@ -176,9 +176,13 @@ def make_cpu_plan(arch: Architecture, recipe: Recipe, lengths: list[int] | None 
     if recipe.train.method == "sft":
         rates = rates or measure_rates(arch.hidden, arch.intermediate)
         timing = time_estimate(arch, recipe, rates, choice.on, lengths, eval_lengths, sixteen_bit_eval)
-    else:
+    elif recipe.train.method == "grpo":
         notes.append("GRPO: no time estimate (writing the completions dominates, and their length is the model's); "
                      "the live view's ETA counts from the first steps.")
+    else:
+        notes.append(f"{recipe.train.method.upper()}: no time estimate yet (its rate is not measured; a step runs "
+                     "both sides of each pair, and DPO and KTO a reference pass too); the live view's ETA counts "
+                     "from the first steps.")
     return CpuPlan(arch.name, seq, recipe.train.batch_size, choice.on, choice.reason,
                    {k: round(v / GIB, 3) for k, v in terms.items()}, round(tensors / GIB, 3),
                    round(totals[peak_moment] / GIB, 3), round(total_ram / GIB, 1), round(available / GIB, 1),

@@ -121,7 +121,8 @@ def _switch_sets(recipe: Recipe) -> list[tuple[tuple[str, ...], Recipe]]:
     from itertools import combinations
 
     off = [name for name in MEMORY_SWITCHES if not getattr(recipe.memory, name)
-           and not (name == "tiled_mlp" and recipe.distributed.fsdp)]
+           and not (name == "tiled_mlp" and recipe.distributed.fsdp)
+           and not (name == "offload_activations" and recipe.train.method == "orpo")]  # refused there
     return [(names, replace(recipe, memory=replace(recipe.memory, **dict.fromkeys(names, True))))
             for size in range(1, len(off) + 1) for names in combinations(off, size)]
 

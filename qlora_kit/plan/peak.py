@@ -232,8 +232,13 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
     """Peak memory of one training step at `seq_len` x `batch` (default: the recipe's max_length x batch_size),
     on `device` (`cuda` or `cpu`) computing in `compute_dtype` (default: the recipe's quant.compute_dtype on cuda,
     `auto` meaning bfloat16 or float16, both 2 bytes; float32 on cpu, the only dtype qlora_kit trains in there)."""
+    from qlora_kit.plan.preference import is_preference, orpo_logits_bytes, sequences_per_row
+
     seq_len = seq_len or recipe.data.max_length
     batch = batch or recipe.train.batch_size
+    preference = is_preference(recipe)
+    if preference:  # DPO / ORPO: both sides of each pair in one batch (qlora_kit.plan.preference)
+        batch *= sequences_per_row(recipe)
     tokens = seq_len * batch
     if compute_dtype is None:
         chosen = recipe.quant.compute_dtype
@@ -280,9 +285,17 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
     loss = rows * LOSS_VOCAB_TILE * c + tokens * h * c * profile.loss_hidden
     if device != "cuda":
         loss += LOSS_TILE_FP32_COPIES_WITHOUT_TRITON * rows * min(arch.vocab, LOSS_VOCAB_TILE) * 4
+    loss_phase = "loss tiles (chunked, no full logits)"
+    if recipe.train.method == "orpo":  # TRL's ORPOTrainer computes the full logits of both sides
+        loss_phase = "ORPO's full logits (both sides)"
+        loss = orpo_logits_bytes(arch, tokens, c) + tokens * h * c * profile.loss_hidden
     phases = {"recomputed layer + grads": kept_at_layer + layer,
-              "loss tiles (chunked, no full logits)": kept_at_loss + loss + grads_kept,
+              loss_phase: kept_at_loss + loss + grads_kept,
               "LoRA gradients at the optimizer step": lora * 4}
+    if preference and recipe.train.method != "orpo" and not recipe.pref.precompute_ref_log_probs:
+        # The reference's no-grad forward while the policy's saved activations are held: one tile of the
+        # log-probability kernel and one layer's forward at a time (no gradient copies).
+        phases["reference pass (no grad)"] = kept_at_loss + rows * LOSS_VOCAB_TILE * c + tokens * (2 * h + 3 * i) * c
     grpo = recipe.train.method == "grpo"
     if grpo:  # writing the completions: their KV cache (qlora_kit.plan.grpo); the other phases are the loss pass
         from qlora_kit.plan.grpo import generation_bytes, generation_sequences
@@ -290,8 +303,8 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         phases[f"generation: KV cache of {generation_sequences(recipe)} completions"] = generation_bytes(
             arch, recipe, c, seq_len)
     peak = max(phases, key=phases.get)
-    kept = {"recomputed layer + grads": kept_at_layer, "loss tiles (chunked, no full logits)": kept_at_loss}.get(
-        peak, 0)
+    kept = {"recomputed layer + grads": kept_at_layer, loss_phase: kept_at_loss,
+            "reference pass (no grad)": kept_at_loss}.get(peak, 0)
 
     terms = {
         "4-bit linear weights" if recipe.quant.load_in_4bit else f"{8 * c}-bit linear weights": weight_bytes,
@@ -300,6 +313,8 @@ def estimate(arch: Architecture, recipe: Recipe, seq_len: int | None = None, bat
         "LoRA weights (fp32)": lora * 4,
         "optimizer state": lora * optimizer_state_bytes(recipe, device),
         **({"reference adapter (grpo.beta > 0)": lora * 4} if grpo and recipe.grpo.beta > 0 else {}),
+        **({"reference adapter (the SFT adapter's copy)": lora * 4}
+           if preference and recipe.model.adapter and recipe.train.method != "orpo" else {}),
         ("checkpointed activations" if recipe.train.gradient_checkpointing
          else "activations of every layer (no checkpointing)"): kept,
         peak: phases[peak] - kept,

@@ -21,7 +21,15 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from qlora_kit.errors import UserError, did_you_mean
-from qlora_kit.recipe.schema import REWARD_NAMES, TRACKERS, ModelSection, Recipe, is_local_reference
+from qlora_kit.recipe.schema import (
+    LOSS_TYPES,
+    PREFERENCE_METHODS,
+    REWARD_NAMES,
+    TRACKERS,
+    ModelSection,
+    Recipe,
+    is_local_reference,
+)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "random"),
@@ -32,7 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("auto", "columns", "alpaca", "sharegpt"),
     "data.hub": ("huggingface", "modelscope"),
     "model.hub": ("huggingface", "modelscope"),
-    "train.method": ("sft", "grpo"),
+    "train.method": ("sft", "grpo", *PREFERENCE_METHODS),
     "grpo.loss_type": ("dapo", "grpo", "dr_grpo", "bnpo"),
     "train.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
                            "polynomial", "inverse_sqrt"),
@@ -68,6 +76,9 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "grpo.top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
     "grpo.beta": (lambda v: v >= 0, "0 (no reference model) or more"),
     "grpo.length_cache": (lambda v: v >= 0, "0 (a quarter of max_completion_length) or more"),
+    "pref.beta": (lambda v: v > 0, "greater than 0, e.g. 0.1"),
+    "pref.desirable_weight": (lambda v: v > 0, "greater than 0"),
+    "pref.undesirable_weight": (lambda v: v > 0, "greater than 0"),
 }
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "source_path"}
@@ -236,6 +247,7 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append("`memory.tiled_mlp` does not work with `distributed.fsdp` (its per-slice backward would run "
                         "FSDP's gradient hooks once per slice): turn one of them off")
     problems += grpo_problems(recipe)
+    problems += preference_problems(recipe)
     if recipe.sft:
         from qlora_kit.recipe.trainer_arguments import sft_table_problems
 
@@ -260,9 +272,9 @@ def grpo_problems(recipe: Recipe) -> list[str]:
         problems.append(f"`grpo.length_cache` ({g.length_cache}) must be below grpo.max_completion_length "
                         f"({g.max_completion_length})")
     if t.method != "grpo":
-        if recipe.model.adapter:
-            problems.append("`model.adapter` (start from a trained adapter) is for train.method = \"grpo\"; an SFT run "
-                            "starts from a fresh adapter")
+        if recipe.model.adapter and t.method == "sft":
+            problems.append("`model.adapter` (start from a trained adapter) is for GRPO and preference tuning; an SFT "
+                            "run starts from a fresh adapter")
         return problems
     if not g.rewards:
         problems.append('`grpo.rewards` is empty: name at least one reward, e.g. {format = 0.5, choice = 1.0}')
@@ -287,6 +299,35 @@ def grpo_problems(recipe: Recipe) -> list[str]:
     if t.eval_steps:
         problems.append("`train.eval_steps` has no GRPO meaning: the held-out rows (data.eval_rows) are judged at the "
                         "end, before and after; set it to 0")
+    return problems
+
+
+def preference_problems(recipe: Recipe) -> list[str]:
+    """The [pref] section against the method (its keys matter only with a preference method)."""
+    method, p = recipe.train.method, recipe.pref
+    if method not in PREFERENCE_METHODS:
+        return []
+    problems = []
+    if p.loss_type != "auto" and p.loss_type not in LOSS_TYPES[method]:
+        choices = LOSS_TYPES[method]
+        problems.append(f"`pref.loss_type` must be auto or one of {', '.join(choices)} for train.method = "
+                        f"\"{method}\", got {p.loss_type!r}{did_you_mean(p.loss_type, choices)}")
+    if method == "orpo" and p.precompute_ref_log_probs:
+        problems.append("`pref.precompute_ref_log_probs` has no ORPO meaning: ORPO uses no reference model")
+    if method == "orpo" and recipe.model.adapter:
+        problems.append("`model.adapter` with train.method = \"orpo\": ORPO trains the SFT part itself, from the "
+                        "base; start DPO or KTO from an SFT run instead")
+    if recipe.distributed.fsdp:
+        problems.append(f"`distributed.fsdp` is not supported with train.method = \"{method}\": use one GPU")
+    if recipe.memory.offload_activations and method == "orpo":
+        problems.append("`memory.offload_activations`: TRL's ORPOTrainer has no activation offloading; turn it off")
+    if recipe.data.eval_source:
+        problems.append("`data.eval_source` is for SFT: preference runs hold out pairs of data.source "
+                        "(data.eval_rows); leave it empty")
+    if p.extra:
+        from qlora_kit.recipe.trainer_arguments import preference_table_problems
+
+        problems += preference_table_problems(method, p.extra)
     return problems
 
 

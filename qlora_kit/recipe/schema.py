@@ -39,9 +39,10 @@ class ModelSection:
     attn_implementation: str = "sdpa"
     """Attention kernel: `sdpa` (PyTorch, works everywhere), `eager`, or `flash_attention_2` if installed."""
     adapter: str = ""
-    """Start from a trained LoRA adapter instead of a fresh one (train.method = "grpo" only): a finished run's
+    """Start from a trained LoRA adapter instead of a fresh one (GRPO and preference tuning): a finished run's
     directory (e.g. "runs/medical", its adapter/ is read) or an adapter folder. The adapter keeps its own rank and
-    target modules (the [lora] keys are not used then). Relative paths: from the recipe's folder if it is there,
+    target modules (the [lora] keys are not used then); for DPO and KTO that SFT model is also the reference the
+    tuned model is held to. Relative paths: from the recipe's folder if it is there,
     else from where you run the command. Empty: a fresh adapter on the base."""
 
     @property
@@ -136,7 +137,9 @@ class TrainSection:
     verifiable rewards (TRL's GRPOTrainer): the model writes several completions per question, rewards score them
     ([grpo] section), and the adapter learns from how each one compares with the others. GRPO rows are
     multiple-choice (question, options, answer) or short-answer (question, answer); docs/grpo.md says when it
-    helps."""
+    helps. `dpo`, `kto`, `orpo`: preference tuning (TRL's DPOTrainer, KTOTrainer, ORPOTrainer) on pairs of a better
+    and a worse answer (`prompt`, `chosen`, `rejected`; KTO also single answers marked good or bad: `prompt`,
+    `completion`, `label`), [pref] section; docs/preference.md says which method for which data."""
     epochs: float = 1.0
     """Passes over the training rows (ignored when max_steps > 0)."""
     max_steps: int = 0
@@ -292,6 +295,39 @@ class GrpoSection:
     mean, the original paper), `dr_grpo` (no length bias), `bnpo`."""
 
 
+PREFERENCE_METHODS = ("dpo", "kto", "orpo")
+"""train.method's preference-tuning choices (qlora_kit.train.preference)."""
+
+LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero",
+                      "apo_down", "exo_pair", "discopop"),
+              "kto": ("kto", "apo_zero_unpaired"), "orpo": ("orpo",)}
+"""pref.loss_type's choices per method: TRL's own (DPOConfig.loss_type, KTOConfig.loss_type); ORPO has one."""
+
+
+@dataclass
+class PreferenceSection:
+    """Preference tuning (train.method = "dpo", "kto" or "orpo"); docs/preference.md explains the keys."""
+
+    beta: float = 0.1
+    """How strongly the tuned model is held to the reference (DPO, KTO: the temperature of the implicit reward;
+    ORPO: the weight of its odds-ratio term, TRL's lambda). Lower: it may move further from where it started."""
+    loss_type: str = "auto"
+    """TRL's loss: DPO `sigmoid` (the paper's), `ipo`, `hinge`, `robust` (noisy labels), `apo_zero`, ...; KTO `kto`
+    or `apo_zero_unpaired`; ORPO has one. `auto`: the method's default (sigmoid, kto, orpo)."""
+    precompute_ref_log_probs: bool = False
+    """DPO and KTO: score every row with the reference model once before training, instead of a second forward
+    pass per step. Saves the reference pass's memory and a third of the step time; costs one pass over the data
+    at the start (and the reference stays fixed, as it does anyway)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the rows labelled good (raise it when they are fewer than the bad ones: TRL suggests keeping
+    desirable_weight x good rows / (undesirable_weight x bad rows) between 1 and 4/3)."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the rows labelled bad."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Pass-through table for rare arguments of the method's TRL config (DPOConfig, KTOConfig, ORPOConfig), e.g.
+    `[pref.extra] label_smoothing = 0.1`; keys qlora_kit sets itself are refused."""
+
+
 @dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
@@ -305,6 +341,7 @@ class Recipe:
     samples: SamplesSection = field(default_factory=SamplesSection)
     eval: EvalSection = field(default_factory=EvalSection)
     grpo: GrpoSection = field(default_factory=GrpoSection)
+    pref: PreferenceSection = field(default_factory=PreferenceSection)
     sft: dict[str, Any] = field(default_factory=dict)
     """Pass-through table for rare `trl.SFTConfig` arguments, e.g. `[sft] neftune_noise_alpha = 5`."""
     source_path: str = ""

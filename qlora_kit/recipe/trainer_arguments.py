@@ -1,5 +1,6 @@
 """The arguments of our TRL config calls, from the recipe: trl.SFTConfig (completion-only loss, dynamic padding, the
-precision) and trl.GRPOConfig (the [grpo] section); the training loop's own keys are shared by both.
+precision), trl.GRPOConfig (the [grpo] section) and the preference methods' DPOConfig / KTOConfig / ORPOConfig (the
+[pref] section); the training loop's own keys are shared by all.
 
 Kept apart from train/ (which loads torch) so that recipe validation can read the argument names in a fraction
 of a second: the [sft] pass-through table may not give any of them again.
@@ -122,6 +123,89 @@ def grpo_arguments(recipe: Recipe, precision, output_dir: Path, reward_weights: 
     )
 
 
+DEFAULT_LOSS = {"dpo": "sigmoid", "kto": "kto", "orpo": "orpo"}
+"""pref.loss_type = "auto": TRL's default loss of each method."""
+
+
+def preference_arguments(recipe: Recipe, precision, output_dir: Path) -> dict:
+    """The DPOConfig / KTOConfig / ORPOConfig call: the SFT run's training keys, plus the [pref] section. The rows
+    come tokenized (qlora_kit.data.pairs: each side rendered as SFT renders a completion) and already fit
+    data.max_length, so TRL's own truncation never cuts a side."""
+    method, p = recipe.train.method, recipe.pref
+    loss = DEFAULT_LOSS[method] if p.loss_type == "auto" else p.loss_type
+    arguments = dict(
+        **loop_arguments(recipe, precision, output_dir),
+        beta=p.beta,
+        max_length=recipe.data.max_length,
+        per_device_eval_batch_size=recipe.train.batch_size,
+        # Dropout would make the policy's and the reference's log-probabilities of the same text differ by noise;
+        # TRL turns it off by default, and so do we (LoRA's own dropout included).
+        disable_dropout=True,
+        eval_strategy="no",  # judged at the end (qlora_kit.results.preference_judge), before and after
+        remove_unused_columns=False,
+    )
+    if method == "orpo":
+        return {**arguments, "train_sampling_strategy": "random" if recipe.data.shuffle else "sequential"}
+    arguments.update(loss_type=[loss] if method == "dpo" else loss, precompute_ref_log_probs=p.precompute_ref_log_probs,
+                     activation_offloading=recipe.memory.offload_activations and precision.device == "cuda")
+    # Length grouping needs an `input_ids` column, which a pair does not have (it has two sides): random batches.
+    shuffled = "random" if recipe.data.shuffle else "sequential"
+    if method == "kto":
+        # KTO estimates its KL term from each batch's completions paired with the neighbouring prompts, built in the
+        # data's order: TRL needs sequential sampling for it (the rows are shuffled with train.seed beforehand).
+        arguments.update(desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight,
+                         train_sampling_strategy="sequential" if loss == "kto" else shuffled)
+    else:
+        arguments.update(train_sampling_strategy=shuffled)
+    return arguments
+
+
+def preference_config_class(method: str):
+    """TRL's config class of a preference method (ORPO lives in trl.experimental in TRL 1.x)."""
+    if method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig
+    if method == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig
+    return trl_orpo().ORPOConfig
+
+
+def trl_orpo():
+    """trl.experimental.orpo (ORPOConfig, ORPOTrainer: ORPO is experimental in TRL 1.x), imported without the notice
+    TRL prints on every import of trl.experimental: it tells a user nothing they can act on."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental import orpo
+
+    return orpo
+
+
+def preference_table_problems(method: str, extra: dict) -> list[str]:
+    """What is wrong with [pref.extra]: keys we set ourselves, keys the method's TRL config lacks."""
+    from types import SimpleNamespace
+
+    owned = set(preference_arguments(Recipe(train=_method_section(method)), SimpleNamespace(device="cpu", amp=""),
+                                      Path(".")))
+    problems = [f"`pref.extra.{key}` is set by qlora_kit itself{_typed_key_for(key)}" for key in extra if key in owned]
+    others = [key for key in extra if key not in owned]
+    if others:
+        config = preference_config_class(method)  # heavy import (seconds): only for keys that must be looked up
+        known = {f.name for f in dataclasses.fields(config)}
+        problems += [f"unknown {config.__name__} argument `pref.extra.{key}`{did_you_mean(key, known, 'pref.extra.')}"
+                     for key in others if key not in known]
+    return problems
+
+
+def _method_section(method: str):
+    from qlora_kit.recipe.schema import TrainSection
+
+    return TrainSection(method=method)
+
+
 def fsdp_arguments(recipe: Recipe) -> dict:
     """FSDP2 for QLoRA: full sharding and one HF-compatible state dict for checkpoints. Each rank loads the whole
     4-bit model onto its GPU before it is sharded (transformers' rank-0 loading skips quantized models), so one
@@ -160,6 +244,10 @@ SFT_KEY_HOMES = {
     "save_total_limit": "train.save_total_limit", "gradient_checkpointing": "train.gradient_checkpointing",
     "output_dir": "output.dir", "activation_offloading": "memory.offload_activations", "fsdp": "distributed.fsdp",
     "bf16": "quant.compute_dtype", "fp16": "quant.compute_dtype", "full_determinism": "train.deterministic",
+    "beta": "pref.beta", "loss_type": "pref.loss_type", "precompute_ref_log_probs": "pref.precompute_ref_log_probs",
+    "desirable_weight": "pref.desirable_weight", "undesirable_weight": "pref.undesirable_weight",
+    "disable_dropout": "(dropout would make the policy's and the reference's log-probabilities differ by noise)",
+    "train_sampling_strategy": "data.shuffle",
 }
 """Where a user sets what an [sft] key would: the typed recipe key (or why there is none)."""
 

@@ -192,6 +192,46 @@ def write_reward_curve(records: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def write_preference_curve(records: list[dict], path: Path, title: str) -> bool:
+    """DPO / KTO / ORPO: TRL's implicit rewards of the chosen and rejected sides and their margin (left axis), and
+    the share of pairs whose chosen side gets the higher reward (right axis), over the steps. False when no step
+    logged them."""
+    logged = [r for r in records if r.get("rewards/chosen") is not None and r.get("step", 0) > 0]
+    if not logged:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in logged]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, color, name in (("rewards/chosen", "tab:green", "chosen"), ("rewards/rejected", "tab:red", "rejected"),
+                             ("rewards/margins", "tab:blue", "margin (chosen - rejected)")):
+        values = [r.get(key) for r in logged]
+        if None in values:
+            continue
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=1)
+        ax.plot(steps, centered_mean(values), color=color, linewidth=2, label=f"{name} (smoothed)")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("implicit reward (beta x log-ratio to the reference)")
+    if all(r.get("rewards/accuracies") is not None for r in logged):
+        share = ax.twinx()
+        share.plot(steps, centered_mean([r["rewards/accuracies"] for r in logged]), color="black", linestyle="--",
+                   linewidth=1.5, label="chosen rewarded higher (share, smoothed)")
+        share.set_ylim(-0.02, 1.02)
+        share.set_ylabel("share of pairs")
+        share.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def centered_mean(values: list[float]) -> list[float]:
     """A moving average centred on each point (about a tenth of the points wide): unlike a running average it
     does not lag behind a falling loss, so the smoothed curve stays on the raw one."""

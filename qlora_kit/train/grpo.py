@@ -40,7 +40,7 @@ def trainer_class():
 
         def log(self, logs, start_time=None):
             if "loss" in logs:
-                logs.update(grpo_scalars(self))
+                logs.update(step_scalars(self))
             super().log(logs, start_time)
 
     return QloraKitGRPOTrainer
@@ -59,7 +59,7 @@ def tokenize_prompts(tokenizer, bos_id: int | None, prompts: list[str]) -> list[
     return ids if bos_id is None else [i if i[:1] == [bos_id] else [bos_id, *i] for i in ids]
 
 
-def grpo_scalars(trainer) -> dict:
+def step_scalars(trainer) -> dict:
     """Memory now and at peak, and prompt + completion tokens per second since the last log."""
     from qlora_kit.train.memory_use import snapshot
 

@@ -75,7 +75,7 @@ class StatusCallback(TrainerCallback):
             self.values["loss"] = loss
             # Exponential moving average: the raw per-step loss of small batches is too noisy to read.
             self.smoothed_loss = loss if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * loss
-        for key in ("learning_rate", "grad_norm", "eval_loss", "eval_answer_loss", *GRPO_KEYS):
+        for key in ("learning_rate", "grad_norm", "eval_loss", "eval_answer_loss", *GRPO_KEYS, *PREFERENCE_KEYS):
             if logs.get(key) is not None:
                 self.values[key] = float(logs[key])
         # GRPO: each reward function's mean, under its own name ("rewards/format/mean").
@@ -138,6 +138,8 @@ class StatusCallback(TrainerCallback):
         if "reward" in v:
             parts.append(f"reward {reward_text(v, self.reward_parts)}")
             parts.append(completion_text(v))
+        if "rewards/margins" in v:
+            parts.append(preference_text(v))
         if "tokens_per_s" in v:
             parts.append(f"{v['tokens_per_s']:.0f} tok/s")
         parts.append(f"{mem.kind} {mem.used_gib:.2f} GiB (peak {mem.peak_gib:.2f} of {mem.total_gib:.1f})")
@@ -167,6 +169,8 @@ class StatusCallback(TrainerCallback):
         if "reward" in v:  # GRPO: what the run optimises, and the completions it is learning from
             grid.add_row("reward", "", reward_text(v, self.reward_parts))
             grid.add_row("completions", "", completion_text(v))
+        if "rewards/margins" in v:  # DPO / KTO / ORPO: how far the chosen side is pulled above the rejected one
+            grid.add_row("preference", "", preference_text(v))
         grid.add_row("lr", "", f"{v['learning_rate']:.2e}" if "learning_rate" in v else "--")
         grid.add_row("grad norm", "", f"{v['grad_norm']:.3f}" if "grad_norm" in v else "--")
         grid.add_row("tokens/s", "", f"{v['tokens_per_s']:.0f}" if "tokens_per_s" in v else "--")
@@ -175,6 +179,20 @@ class StatusCallback(TrainerCallback):
 
 GRPO_KEYS = ("reward", "reward_std", "completions/mean_length", "completions/clipped_ratio", "kl")
 """What GRPOTrainer logs besides the loss that the view shows (SFT logs none of them)."""
+
+
+PREFERENCE_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+"""What TRL's DPO / KTO / ORPO trainers log besides the loss that the view shows (their names)."""
+
+
+def preference_text(values: dict) -> str:
+    """"margin +2.41 (chosen +1.90, rejected -0.51), chosen ahead 88%": the implicit rewards of the last step."""
+    text = f"margin {values['rewards/margins']:+.3f}"
+    if "rewards/chosen" in values and "rewards/rejected" in values:
+        text += f" (chosen {values['rewards/chosen']:+.3f}, rejected {values['rewards/rejected']:+.3f})"
+    if "rewards/accuracies" in values:
+        text += f", chosen ahead {values['rewards/accuracies']:.0%}"
+    return text
 
 
 def reward_text(values: dict, parts: dict[str, float]) -> str:

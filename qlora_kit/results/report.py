@@ -115,6 +115,8 @@ def write_report(run_dir: Path, *, title: str, command: str, recipe_toml: str, d
 
 def reward_lines(records: list[dict], judged_lines: list[str], has_plot: bool) -> list[str]:
     """GRPO: the reward over the steps (plot and first/last), and the held-out rows judged before -> after."""
+    if any(r.get("rewards/margins") is not None for r in records):
+        return preference_lines(records, judged_lines, has_plot)
     logged = [r for r in records if r.get("reward") is not None]
     if not logged and not judged_lines:
         return []
@@ -131,6 +133,24 @@ def reward_lines(records: list[dict], judged_lines: list[str], has_plot: bool) -
     lines += [f"- judged: {line}" for line in judged_lines]
     if judged_lines:
         lines.append(f"- every judged completion with its rewards: [{SAMPLES_FILE}]({SAMPLES_FILE})")
+    return lines
+
+
+def preference_lines(records: list[dict], judged_lines: list[str], has_plot: bool) -> list[str]:
+    """DPO / KTO / ORPO: TRL's implicit rewards over the steps (plot, first and last logged step), and the held-out
+    rows ranked before -> after by the model's own log-probabilities."""
+    logged = [r for r in records if r.get("rewards/margins") is not None and r.get("step", 0) > 0]
+    lines = ["", "## Preference (chosen against rejected)", ""]
+    if has_plot:
+        lines += [f"![rewards over the steps]({REWARD_CURVE_FILE})", ""]
+    if logged:
+        first, last = logged[0], logged[-1]
+        lines.append(f"- training margin (beta x log-ratio, chosen - rejected): {first['rewards/margins']:+.3f} at "
+                     f"step {first['step']} → {last['rewards/margins']:+.3f} at step {last['step']}")
+        if last.get("rewards/accuracies") is not None:
+            lines.append(f"- chosen rewarded higher in the step's batch: {first['rewards/accuracies']:.0%} → "
+                         f"{last['rewards/accuracies']:.0%}")
+    lines += [f"- judged: {line}" for line in judged_lines]
     return lines
 
 

@@ -115,10 +115,18 @@ def fit_preference(recipe: Recipe, tokenizer, examples, out: Path, console, resu
     title = (f"qlora_kit · {TITLES[method]} · {recipe.model.display_name} · {label} · "
              f"{recipe.train.batch_size * recipe.train.grad_accum} {kind} a step")
     watch = Watchers.start(out, resume_step, title, console, processes)
+    # TRL casts a quantized model's adapter to bfloat16 as it builds the trainer, and copies it as the reference
+    # ("ref"): an SFT run's adapter would be rounded, and the reference would differ from it. Both get the exact
+    # float32 weights back below.
+    exact = {name: param.detach().float().clone() for name, param in model.named_parameters() if "lora_" in name}
     config = preference_config_class(method)(**preference_arguments(recipe, precision, out), **recipe.pref.extra)
     trainer = trainer_class(method)(model=model, args=config, train_dataset=to_preference_dataset(examples.train),
                                     processing_class=tokenizer, callbacks=watch.callbacks)
     keep_adapter_fp32(trainer.model)  # after TRL's bf16 cast of quantized-model adapters, before the optimizer
+    for name, param in trainer.model.named_parameters():
+        weights = exact.get(name.replace(".ref.", ".default."))
+        if weights is not None:
+            param.data = weights.clone()
     if recipe.memory.tiled_mlp:  # the MLPs over 1,024-token slices, as in SFT: the same model, patched in place
         from qlora_kit.model.tiled_mlp import tile_mlps
 

@@ -9,7 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-USER_PAGES = ("data", "fit", "training", "results", "merge", "gguf", "windows-and-hubs", "troubleshooting")
+USER_PAGES = ("data", "fit", "training", "results", "merge", "gguf", "windows-and-hubs", "troubleshooting",
+              "preference")
 """The pages of the user path, each with a Chinese translation under docs/zh-CN/ (not the benchmark log, the tests
 page or the generated recipe reference)."""
 

@@ -20,6 +20,7 @@ reasoning is empty, as an SFT row without reasoning is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -245,8 +246,20 @@ def build_preference_examples(recipe, tokenizer, console, rows: PreferenceSet | 
         (prompt, chosen, _), (_, rejected, _) = parts
         return [PairExample(row.number, prompt, chosen, rejected)]
 
-    train = [e for r in rows.train for e in encoded(r)]
-    held_out = [e for r in rows.held_out for e in encoded(r)]
+    # The held-out rows are drawn from those that fit max_length, as SFT draws its eval rows: data.eval_rows then
+    # counts rows actually judged, never rows asked for and dropped later.
+    done = {r.number: encoded(r) for r in rows.train + rows.held_out}
+
+    def fits(row: PreferenceRow) -> bool:
+        return all(longest(e) <= data.max_length for e in done[row.number])
+
+    held_rows = [r for r in rows.held_out if fits(r)]
+    spare = [r for r in rows.train if fits(r)][:len(rows.held_out) - len(held_rows)]
+    held_rows += spare
+    train_rows = [r for r in rows.train if r not in spare]
+    rows = dataclasses.replace(rows, train=train_rows + [r for r in rows.held_out if not fits(r)], held_out=held_rows)
+    train = [e for r in rows.train for e in done[r.number]]
+    held_out = [e for r in rows.held_out for e in done[r.number]]
     kind = "rated answers" if unpaired else "pairs"
     lines = [f"source: {rows.source}  ({rows.paired} pairs" + (f", {rows.rated} rated answers" if rows.rated else "")
              + ")", f"format: {layout}; each side rendered as an SFT completion (one think block, EOS)",

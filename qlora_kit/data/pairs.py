@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qlora_kit.data.rows import ROLES, Row, read_source_records, row_list, split_rows, split_thinking
+from qlora_kit.data.rows import Row, read_source_records, read_turns, row_list, split_rows, split_thinking
 from qlora_kit.errors import UserError
 from qlora_kit.recipe.schema import DataSection
 
@@ -178,7 +178,7 @@ def read_prompt(prompt: Any) -> tuple[str, str] | str:
         return ("", prompt.strip()) if prompt.strip() else "`prompt` is empty"
     if not isinstance(prompt, list) or not prompt:
         return "`prompt` is missing, or neither text nor a list of chat messages"
-    turns = messages(prompt)
+    turns = read_turns(prompt)
     if isinstance(turns, str):
         return f"`prompt`: {turns}"
     system = turns.pop(0)[1] if turns[0][0] == "system" else ""
@@ -190,7 +190,7 @@ def read_prompt(prompt: Any) -> tuple[str, str] | str:
 def read_side(value: Any, name: str) -> Side | str:
     """An answer as text or as one assistant message, split into reasoning and answer at </think>."""
     if isinstance(value, list):
-        turns = messages(value)
+        turns = read_turns(value)
         if isinstance(turns, str):
             return f"`{name}`: {turns}"
         if [role for role, _ in turns] != ["assistant"]:
@@ -202,21 +202,6 @@ def read_side(value: Any, name: str) -> Side | str:
     if not response:
         return f"`{name}` has an empty answer" + (" (after </think>)" if cot else "")
     return Side(cot, response)
-
-
-def messages(turns: list) -> list[tuple[str, str]] | str:
-    out = []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            return "a message is not an object"
-        role = ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
-        text = turn.get("content", turn.get("value"))
-        if role is None:
-            return f"a message's role `{turn.get('role', turn.get('from'))}` is not user, assistant or system"
-        if not isinstance(text, str):
-            return "a message's content is not text"
-        out.append((role, text.strip()))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- encoding

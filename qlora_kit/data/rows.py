@@ -253,6 +253,23 @@ def sharegpt_row(record: dict, data: DataSection, number: int) -> Row | str:
     turns = record.get("conversations", record.get("messages"))
     if not isinstance(turns, list) or not turns:
         return "no `conversations` / `messages` list"
+    parsed = read_turns(turns)
+    if isinstance(parsed, str):
+        return parsed
+    system = parsed.pop(0)[1] if parsed[0][0] == "system" else ""
+    roles = [role for role, _ in parsed]
+    if roles.count("user") > 1 or roles.count("assistant") > 1:
+        return "multi-turn conversation (more than one user or assistant turn: split it into single turns)"
+    if roles != ["user", "assistant"]:
+        return "not one user turn followed by one assistant turn"
+    if not parsed[0][1]:
+        return "empty user turn"
+    return _answer_row(parsed[0][1], parsed[1][1], system, number)
+
+
+def read_turns(turns: list) -> list[tuple[str, str]] | str:
+    """Chat turns (ShareGPT's from/value or OpenAI's role/content) as (role, text) in one vocabulary, or what is
+    wrong with them. Shared by the ShareGPT rows here and the preference rows' chat format."""
     parsed = []
     for turn in turns:
         if not isinstance(turn, dict):
@@ -264,15 +281,7 @@ def sharegpt_row(record: dict, data: DataSection, number: int) -> Row | str:
         if not isinstance(text, str):
             return "a turn's text is not a string"
         parsed.append((role, text.strip()))
-    system = parsed.pop(0)[1] if parsed[0][0] == "system" else ""
-    roles = [role for role, _ in parsed]
-    if roles.count("user") > 1 or roles.count("assistant") > 1:
-        return "multi-turn conversation (more than one user or assistant turn: split it into single turns)"
-    if roles != ["user", "assistant"]:
-        return "not one user turn followed by one assistant turn"
-    if not parsed[0][1]:
-        return "empty user turn"
-    return _answer_row(parsed[0][1], parsed[1][1], system, number)
+    return parsed
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

@@ -199,6 +199,25 @@ def train_guarded(steps, trainer, watch: Watchers, recipe: Recipe, out: Path) ->
             watch.status.close()
 
 
+def train_and_save_adapter(trainer, watch: Watchers, recipe: Recipe, out: Path, tokenizer, resume_from: Path | None,
+                           processes: Processes) -> Outcome | None:
+    """GRPO's and preference tuning's run: train (resuming if asked) under the Ctrl-C / OOM guard, then, on rank 0,
+    save the trained adapter alone ("default": TRL may keep a frozen "ref" copy beside it, the reference, not the
+    run's result) and the tokenizer. Returns the Outcome of an interrupted run or of a rank other than 0, None when
+    rank 0 goes on to write its artifacts."""
+    from qlora_kit.recipe.run_files import ADAPTER_DIR
+
+    interrupted = train_guarded(lambda: trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None),
+                                trainer, watch, recipe, out)
+    if interrupted:
+        return Outcome(trainer.state.global_step, interrupted=interrupted)
+    if not processes.is_main:
+        return Outcome(trainer.state.global_step)
+    trainer.model.save_pretrained(out / ADAPTER_DIR, selected_adapters=["default"])
+    tokenizer.save_pretrained(out / ADAPTER_DIR)
+    return None
+
+
 def checkpointing_on_cpu(recipe: Recipe, console) -> Recipe:
     """Gradient checkpointing saves GPU memory by recomputing every layer in the backward pass. A CPU has RAM to
     spare for the models one trains on it, and recomputing cost 35-55% more time a step (SmolLM2-135M, 768-token

@@ -111,7 +111,7 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
     from qlora_kit.model.loading import choose_precision, count_parameters, keep_adapter_fp32
     from qlora_kit.recipe import run_files
     from qlora_kit.train import artifacts
-    from qlora_kit.train.fit import Outcome, Watchers, checkpointing_on_cpu, train_guarded
+    from qlora_kit.train.fit import Outcome, Watchers, checkpointing_on_cpu, train_and_save_adapter
     from qlora_kit.train.rewards import build_rewards
     from qlora_kit.train.trackers import TENSORBOARD_DIR, log_tensorboard_into
 
@@ -147,16 +147,10 @@ def fit_grpo(recipe: Recipe, tokenizer, examples, out: Path, console, resume_fro
     keep_adapter_fp32(trainer.model)  # after TRL's bf16 cast of quantized-model adapters, before the optimizer
     trainer.remove_callback(PrinterCallback)
     log_tensorboard_into(trainer, out / TENSORBOARD_DIR)
-    interrupted = train_guarded(lambda: trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None),
-                                trainer, watch, recipe, out)
-    if interrupted:
-        return Outcome(trainer.state.global_step, interrupted=interrupted)
+    stopped = train_and_save_adapter(trainer, watch, recipe, out, tokenizer, resume_from, processes)
+    if stopped:
+        return stopped
     metrics = watch.metrics
-    if not processes.is_main:
-        return Outcome(trainer.state.global_step)
-    # Only the trained adapter: with beta > 0 TRL keeps a frozen "ref" copy beside it, which is not the run's result.
-    trainer.model.save_pretrained(out / run_files.ADAPTER_DIR, selected_adapters=["default"])
-    tokenizer.save_pretrained(out / run_files.ADAPTER_DIR)
     title = f"{recipe.model.display_name} · {label} · GRPO"
     artifacts.write_reward_curve(metrics.records, out / run_files.REWARD_CURVE_FILE, title)
     artifacts.write_loss_curve(metrics.records, out / run_files.CURVE_FILE, title)

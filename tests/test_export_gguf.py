@@ -950,7 +950,8 @@ def test_type_names_accept_ollama_spellings():
     assert file_type("Q6_K").ftype == gguf.LlamaFileType.MOSTLY_Q6_K
     assert file_type("q8_0").ftype == gguf.LlamaFileType.MOSTLY_Q8_0
     assert file_type("BF16").ftype == gguf.LlamaFileType.MOSTLY_BF16
-    assert file_type("q3_k_m") is None
+    assert file_type("Q3_K_M").ftype == gguf.LlamaFileType.MOSTLY_Q3_K_M
+    assert file_type("q2_k") is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -130,7 +130,10 @@ def embedding_sources(files: dict[str, Path], tied: bool) -> tuple[dict[str, Pat
                     hint="The folder is incomplete, or its config.json does not belong to its weights.")
 
 
-def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, ft: FileType) -> list[TensorPlan]:
+def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters, ft: FileType, *,
+                 imatrix: bool = False) -> list[TensorPlan]:
+    """Every tensor to write, in order. `imatrix`: quantized with an importance matrix (llama.cpp's
+    `qs.has_imatrix`, which changes q4_0 / q5_0's first ffn_down layers)."""
     import gguf
 
     from qlora_kit.plan.gguf_mixture import tensor_type
@@ -152,7 +155,7 @@ def plan_tensors(files: dict[str, Path], arch: Architecture, hp: HyperParameters
         elif arch.permute_qk and gguf_name.startswith("blk.") and ".attn_k." in gguf_name:
             heads = hp.head_count_kv
         shape = shapes[source]
-        qtype = tensor_type(gguf_name, shape, ft, hp.block_count, tied=hp.tied_embeddings)
+        qtype = tensor_type(gguf_name, shape, ft, hp.block_count, tied=hp.tied_embeddings, imatrix=imatrix)
         plans.append(TensorPlan(gguf_name, source, files[source], shape, qtype, heads))
     if unknown:
         raise UserError(f"{len(unknown)} tensor(s) have no GGUF name for this architecture", unknown[:5],

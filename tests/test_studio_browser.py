@@ -86,7 +86,7 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     wait_text(page, "#toml", r"max_steps = 700")
     choose(page, "card", "6 GB")
     wait_text(page, "#fit", r"6 GiB card")
-    toml = page.locator("#toml").inner_text()
+    toml = page.locator("#toml textarea").input_value()
     assert "r = 8" in toml and 'init = "random"' in toml
     shoot(page, "settings")
 
@@ -182,6 +182,64 @@ def test_the_demo_from_an_empty_workspace_to_a_downloaded_gguf(page, studio, tmp
     shoot(page, "export")
 
     assert only_local(page.requests) == [], "the page reached beyond 127.0.0.1"
+
+
+def test_the_dpo_demo_pairs_fit_rewards_and_judgement(page, studio):
+    # ---- model and data: the pairs as the trainer sees them, prompt dim, chosen green, rejected red
+    choose(page, "preset", "demo DPO")
+    page.wait_for_function("document.querySelector('#key-data-source textarea, #key-data-source input')"
+                           ".value.endsWith('pairs.jsonl')")
+    page.locator("#preview-btn").click()
+    page.wait_for_selector("#preview .pair-row", timeout=120_000)
+    assert page.locator("#preview .pair-row").count() == 3
+    chosen = page.locator("#preview .tok-chosen").first.inner_text()
+    rejected = page.locator("#preview .tok-rejected").first.inner_text()
+    prompt = page.locator("#preview .tok-prompt").first.inner_text()
+    # rendered as SFT renders a completion: the template's one <think> ends the prompt, the sides close it
+    assert prompt.rstrip().endswith("<think>") and "<think>" not in chosen + rejected
+    assert "</think>" in chosen and len(chosen) > len(rejected)
+    assert page.locator("#preview .tok-prompt").count() == 6  # each pair's prompt before both of its sides
+    assert re.search(r"row \d+: prompt \d+ tokens", page.locator("#preview .pair-row").first.inner_text())
+    shoot(page, "dpo-data")
+
+    # ---- settings: the method up front, [pref] among the advanced keys, the planner's gauge for a DPO run
+    tab(page, "Settings")
+    assert page.locator("#key-train-method input").input_value() == "dpo"
+    wait_text(page, "#fit", r"fits")
+    toml = wait_text(page, "#toml", r'method = "dpo"')
+    assert "[pref]" in toml or "beta" not in toml  # beta 0.1 is the default: the TOML holds only what differs
+    page.locator("#advanced .label-wrap").first.click()  # the [pref] section, generated from the dataclasses
+    page.wait_for_selector("#key-pref-beta input", timeout=10_000)
+    assert float(page.locator("#key-pref-beta input").input_value()) == 0.1
+
+    # ---- train: the live rewards and accuracy charts follow TRL's rewards/* as the run logs them
+    tab(page, "Train")
+    page.locator("#start").click()
+    wait_text(page, "#status", r"demo_dpo.*finished · step 30", 300)
+    page.wait_for_function("Number(document.querySelector('#rewards-chart').dataset.points) >= 6", timeout=30_000)
+    for series in ("chosen", "rejected", "margin"):
+        assert page.locator(f"#rewards-chart polyline[data-series='{series}']").count() == 1
+    assert int(page.locator("#accuracy-chart").get_attribute("data-points")) >= 2
+    shoot(page, "dpo-train")
+
+    # ---- results: the before -> after judgement on held-out pairs and the reward curve
+    tab(page, "Results")
+    summary = wait_text(page, "#results-summary", r"prefers chosen")
+    before, after = map(int, re.search(r"prefers chosen \(log-probability per token\): (\d+)% before -> (\d+)% "
+                                       r"after", summary).groups())
+    assert after > before and "DPO judged on 16 held-out rows" in summary
+    page.wait_for_selector("#reward-curve img", timeout=30_000)
+    wait_text(page, "#samples", r"\S")
+    shoot(page, "dpo-results")
+
+    # ---- a page opened later starts on the newest run, on every screen that needs one
+    page.reload()
+    page.wait_for_selector("#preset")
+    tab(page, "Export")
+    advice = wait_text(page, "#gguf-advice", r"q4_k_m|GGUF", 60)
+    assert "No run chosen" not in advice
+    tab(page, "Results")
+    wait_text(page, "#results-summary", r"prefers chosen", 60)
 
 
 def field_error(page, elem_id: str, pattern: str, timeout: float = 120) -> str:

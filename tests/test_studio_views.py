@@ -122,3 +122,39 @@ def test_the_status_line_reads_a_runs_planned_steps_again_only_when_its_recipe_c
     os.utime(recipe, ns=(2_000_000_000, 2_000_000_000))
     assert planned_steps(recipe) == 7
     assert planned_steps(tmp_path / "missing.toml") == 0
+
+
+def test_a_preference_run_gets_its_rewards_and_accuracy_charts_and_sft_does_not():
+    records = [{"step": s, "loss": 0.69 - s / 100, "rewards/chosen": s / 100, "rewards/rejected": -s / 50,
+                "rewards/margins": 3 * s / 100, "rewards/accuracies": min(1.0, 0.5 + s / 40)} for s in range(2, 22, 2)]
+    page = charts.run_charts(records, {**TITLES, "rewards": "Rewards", "accuracy": "Accuracy"})
+    assert "id='rewards-chart' data-points='30'" in page and "id='accuracy-chart' data-points='10'" in page
+    chosen, rejected = polyline_points(page, "chosen"), polyline_points(page, "rejected")
+    # chosen rises and rejected falls: drawn going up (smaller y) and down
+    assert chosen[-1][1] < chosen[0][1] and rejected[-1][1] > rejected[0][1]
+    assert "margin 0.6" in page and "chosen ahead 1" in page
+    assert "rewards-chart" not in charts.run_charts([{"step": 2, "loss": 1.0}], TITLES)
+
+
+def test_the_pair_preview_colours_prompt_chosen_and_rejected():
+    from qlora_kit.studio.views import pair_preview_html
+
+    rows = [{"row": 3, "prompt": "<q>2+2?</q>", "prompt_ids": [1, 2, 3], "chosen": "<think>2+2</think>4",
+             "chosen_ids": [4, 5], "rejected": "5", "rejected_ids": [6]},
+            {"row": 4, "prompt": "p", "prompt_ids": [1], "completion": "bad", "completion_ids": [7], "label": False}]
+    html_text = pair_preview_html(rows)
+    assert re.search(r"<span class='tok-chosen'>&lt;think&gt;2\+2&lt;/think&gt;4</span>", html_text)
+    assert "<span class='tok-rejected'>5</span>" in html_text and html_text.count("tok-prompt") == 3
+    assert "row 3: prompt 3 tokens" in html_text and "chosen: 2 tokens" in html_text
+    assert "undesirable: 1 tokens" in html_text and "<span class='tok-rejected'>bad</span>" in html_text
+
+
+def test_the_results_of_a_preference_run_say_before_and_after():
+    from qlora_kit.studio.views import results_markdown
+
+    text = results_markdown({"steps": 30, "wall_time_s": 40.0, "method": "dpo", "pref_judged_rows": 16,
+                             "pref_judged_from": "held-out rows (not trained on)", "pref_accuracy_before": 0.375,
+                             "pref_accuracy_after": 1.0, "pref_logp_margin_before": -0.1,
+                             "pref_logp_margin_after": 0.9, "tokens_per_s": 100})
+    assert "DPO judged on 16 held-out rows" in text
+    assert "prefers chosen (log-probability per token): 38% before -> 100% after" in text

@@ -83,7 +83,7 @@ def judge(model, examples: list, beta: float, rows_from: str, method: str) -> Pr
     with reference_of(model):
         before = [scores(e) for e in examples]
     after = [scores(e) for e in examples]
-    figures: dict = {"pref_judged_rows": len(examples)}
+    figures: dict = {"pref_judged_rows": len(examples), "pref_judged_from": rows_from}
     pairs = [(b, a) for e, b, a in zip(examples, before, after, strict=True) if isinstance(e, PairExample)]
     if pairs:
         n = len(pairs)

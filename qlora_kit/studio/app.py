@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from qlora_kit.errors import UserError
+from qlora_kit.recipe.run_files import REWARD_CURVE_FILE
 from qlora_kit.studio import charts, chat, fit, form, make_data_screen, runs
 from qlora_kit.studio.i18n import LANGUAGES, t
 from qlora_kit.studio.make_data_screen import MakeDataScreen
@@ -33,7 +34,8 @@ from qlora_kit.studio.workspace import Workspace, demo_dir, toolkit_cache
 R1_MODELS = ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
              "deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "HuggingFaceTB/SmolLM2-135M-Instruct")
 DEMO_PRESET = "demo: tiny model + embedded rows (a minute on a CPU)"
-EXPORT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16")
+DEMO_DPO_PRESET = "demo DPO: tiny model + embedded preference pairs (a minute on a CPU)"
+EXPORT_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "f16")
 MAKE_TAB, TRAIN_TAB = 0, 3
 """The Make data and Train screens' places among the tabs: the page polls their jobs only while they are shown."""
 CHART_EVERY_S = 1.0
@@ -42,6 +44,10 @@ CHART_EVERY_S = 1.0
 CSS = """
 .tok-prompt { color: #888; }
 .tok-trained { background: #d7f5dc; color: #14532d; }
+.tok-chosen { background: #d7f5dc; color: #14532d; }
+.tok-rejected { background: #fde0e0; color: #7f1d1d; }
+.pair-side { margin-top: 4px; }
+.toml-text textarea { font-family: monospace; font-size: 0.85em; }
 .preview-row { font-family: monospace; white-space: pre-wrap; border: 1px solid #ddd; padding: 6px;
                margin-bottom: 6px; border-radius: 4px; font-size: 0.85em; }
 #log textarea, #preview-log textarea, #export-log textarea, #eval-log textarea, #gguf-advice textarea {
@@ -66,7 +72,8 @@ CSS = """
 
 
 def chart_titles(lang: str) -> dict[str, str]:
-    return {name: t(f"{name}_chart", lang) for name in ("loss", "memory", "speed", "lr", "empty", "step")}
+    return {name: t(f"{name}_chart", lang) for name in ("loss", "memory", "speed", "lr", "rewards", "accuracy",
+                                                               "empty", "step")}
 
 
 def demo_raw() -> dict[str, dict[str, Any]]:
@@ -81,6 +88,23 @@ def demo_raw() -> dict[str, dict[str, Any]]:
             "samples": {"count": 3, "max_new_tokens": 160}}
 
 
+def demo_dpo_raw() -> dict[str, dict[str, Any]]:
+    """recipes/demo_dpo.toml, pointing at the demo assets inside the installed package."""
+    assets = demo_dir()
+    return {"model": {"name": str(assets / "tiny-qwen2"), "init": "random"},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "data": {"source": str(assets / "pairs.jsonl"), "max_length": 256, "eval_rows": 16},
+            "train": {"method": "dpo", "max_steps": 30, "batch_size": 4, "grad_accum": 1, "learning_rate": 5e-3,
+                      "warmup": 0.1, "logging_steps": 2},
+            "pref": {"beta": 0.1},
+            "output": {"dir": "runs/demo_dpo"},
+            "samples": {"count": 2, "max_new_tokens": 96}}
+
+
+DEMOS = {DEMO_PRESET: demo_raw, DEMO_DPO_PRESET: demo_dpo_raw}
+"""The embedded demos among the presets: recipes built here, since a fresh workspace has no recipes/ folder."""
+
+
 def model_choices() -> list[str]:
     choices = [str(demo_dir() / "tiny-qwen2"), *R1_MODELS]
     choices += [str(p) for p in sorted((toolkit_cache() / "smollm2").glob("*.gguf"))]
@@ -91,7 +115,7 @@ def build(ws: Workspace) -> gr.Blocks:
     # Run files (a GGUF of gigabytes, the pictures) are served from where they are, not copied into Gradio's cache.
     gr.set_static_paths([str(ws.runs_dir())])
     found = sorted((ws.root / "recipes").glob("*.toml"))
-    presets = {DEMO_PRESET: None, **{str(p.relative_to(ws.root)): p for p in found}}
+    presets = {**dict.fromkeys(DEMOS), **{str(p.relative_to(ws.root)): p for p in found}}
     texts: list[tuple[Any, str, str]] = []  # (component, attribute, text key): what the language switch re-sends
 
     def tr(component, key: str, attr: str = "label"):
@@ -189,15 +213,18 @@ def build(ws: Workspace) -> gr.Blocks:
                                 gr.Markdown(f"**[{section}]**")
                                 for key in keys:
                                     widget(key)
-                            sft_box = gr.Code("", language=None, label="[sft] (trl.SFTConfig arguments, TOML)",
-                                              elem_id="sft", interactive=True)
+                            # Text boxes, not gr.Code: its editor is 130 KB of script and a font the browser
+                            # loads before the first screen is drawn, although these sit on the second one.
+                            sft_box = gr.Textbox("", label="[sft] (trl.SFTConfig arguments, TOML)", lines=3,
+                                                 elem_id="sft", elem_classes="toml-text")
                     with gr.Column(scale=2):
                         tr(gr.Markdown(f"### {t('fit_title')}"), "fit_title", "value")
                         card = tr(gr.Dropdown(fit.card_choices(), value=fit.card_choices()[0 if fit.detected_gpu()
                                                                                           else 1],
                                               label=t("card"), elem_id="card"), "card")
                         fit_box = gr.HTML(elem_id="fit")
-                        toml_box = tr(gr.Code("", language=None, label=t("toml"), elem_id="toml"), "toml")
+                        toml_box = tr(gr.Textbox("", label=t("toml"), lines=14, max_lines=40, interactive=False,
+                                                 elem_id="toml", elem_classes="toml-text"), "toml")
                         download = tr(gr.DownloadButton(t("download_recipe"), elem_id="download-recipe"),
                                       "download_recipe", "label")
                 components = [by_key[k.full] for k in form.KEYS]
@@ -233,6 +260,9 @@ def build(ws: Workspace) -> gr.Blocks:
                                          interactive=False)
                     memory_img = gr.Image(label="memory_speed.png", type="filepath", elem_id="memory-speed",
                                           interactive=False)
+                    # GRPO and preference runs: the reward (and preference accuracy) over the steps
+                    reward_img = gr.Image(label=REWARD_CURVE_FILE, type="filepath", elem_id="reward-curve",
+                                          interactive=False, visible=False)
                 samples_md = gr.Markdown(elem_id="samples")
                 with gr.Row():
                     eval_file = tr(gr.Textbox(label=t("eval_file"), elem_id="eval-file", scale=3), "eval_file")
@@ -283,7 +313,7 @@ def build(ws: Workspace) -> gr.Blocks:
             from qlora_kit.recipe.loading import load_recipe, recipe_from_dict
 
             try:
-                recipe = recipe_from_dict(demo_raw(), where="the demo") if presets[name] is None \
+                recipe = recipe_from_dict(DEMOS[name](), where="the demo") if presets[name] is None \
                     else load_recipe(presets[name])
             except UserError as error:
                 return [gr.skip()] * len(components) + [error_box(error)]
@@ -372,7 +402,7 @@ def build(ws: Workspace) -> gr.Blocks:
                         else error_box(runs.failure_text(text, status, "The dry run"))
                     yield box, "", text, marks(errors, [*values, sft])
                 else:
-                    yield "", preview_html(scratch), text, marks({}, [*values, sft])
+                    yield "", preview_html(scratch, code), text, marks({}, [*values, sft])
 
         preview_btn.click(on_preview, [*form_fields, lang], [model_error, preview, preview_log, field_errors])
 
@@ -498,18 +528,20 @@ def build(ws: Workspace) -> gr.Blocks:
             try:
                 path = checked_run_dir(text)
             except UserError as error:
-                return error_box(error), None, None, ""
+                return error_box(error), None, None, gr.update(value=None, visible=False), ""
             summary = runs.read_json(path / "summary.json")
             if not summary:
                 return t("no_run") if not text else f"{path}: no summary.json yet (the run has not finished).", \
-                    None, None, ""
+                    None, None, gr.update(value=None, visible=False), ""
             samples = (path / "samples.md").read_text(encoding="utf-8") if (path / "samples.md").is_file() else ""
-            curve, memory = (str(path / name) if (path / name).is_file() else None
-                             for name in ("loss_curve.png", "memory_speed.png"))
-            return results_markdown(summary), curve, memory, samples
+            curve, memory, reward = (str(path / name) if (path / name).is_file() else None
+                                     for name in ("loss_curve.png", "memory_speed.png", REWARD_CURVE_FILE))
+            return results_markdown(summary), curve, memory, gr.update(value=reward, visible=reward is not None), \
+                samples
 
-        results_btn.click(on_results, run_dir, [results_md, curve_img, memory_img, samples_md])
-        results_tab.select(on_results, run_dir, [results_md, curve_img, memory_img, samples_md])
+        results_outputs = [results_md, curve_img, memory_img, reward_img, samples_md]
+        results_btn.click(on_results, run_dir, results_outputs)
+        results_tab.select(on_results, run_dir, results_outputs)
 
         def on_eval(text, questions):
             try:
@@ -591,10 +623,12 @@ def build(ws: Workspace) -> gr.Blocks:
         make_screen.wire(page, lang, tabs, data_box, by_key["data.eval_source"], by_key["data.max_length"])
 
         def on_open():
-            """A reopened page follows the run that is training (the newest one if several), as if never closed."""
+            """A reopened page follows the run that is training (the newest one if several), as if never closed;
+            with none training, the newest run (one made on the command line too), so that Results, Chat and Export
+            show something at once. Nothing is chosen only in a workspace without runs."""
             found = runs.list_runs(ws.runs_dir())
             training = [run for run in found if runs.running_pid(Path(run)) is not None]
-            return gr.update(choices=found, value=training[0] if training else None)
+            return gr.update(choices=found, value=(training or found or [None])[0])
 
         page.load(on_open, None, run_dir)
     return page

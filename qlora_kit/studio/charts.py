@@ -1,4 +1,5 @@
-"""The Train screen's four live charts, drawn here as one small SVG picture each and sent as HTML.
+"""The Train screen's live charts (four; loss, rewards, accuracy, memory and learning rate for a preference run),
+drawn here as one small SVG picture each and sent as HTML.
 
 Why not Gradio's LinePlot: each of its updates re-runs Vega's parser and a canvas render, in software in a headless
 browser, on the cores a CPU run trains on. Measured with `python -m qlora_kit.studio.measure` (3 rounds of the demo,
@@ -129,25 +130,38 @@ def _figure(parts: list[str], elem_id: str, points: int, last_step: float | None
 
 
 LOSS_COLOURS = {"train": "#1f77b4", "eval": "#ff7f0e"}
+REWARD_COLOURS = {"chosen": "#2ca02c", "rejected": "#d62728", "margin": "#1f77b4"}
 MEMORY_COLOURS = {"vram used": "#2ca02c", "vram peak": "#d62728", "ram used": "#2ca02c", "ram peak": "#d62728"}
 
 
 def run_charts(records: list[dict], titles: dict[str, str]) -> str:
     """metrics.jsonl's records as the four charts: loss (train, eval), memory (used, peak), tokens/s, learning
-    rate. `titles` names them in the page's language (keys loss, memory, speed, lr; and empty, step for the words
-    inside a chart)."""
+    rate, and for a preference run two more: rewards (chosen, rejected, margin) and preference accuracy. `titles`
+    names them in the page's language (keys loss, memory, speed, lr, rewards, accuracy; and empty, step for the
+    words inside a chart)."""
 
     def points(key: str) -> list[tuple[float, float]]:
         return [(r["step"], float(r[key])) for r in records if key in r and r[key] is not None and "step" in r]
 
     memory_keys = sorted({k for r in records for k in r if k.endswith(("_used_gib", "_peak_gib"))})
     words = {key: titles[key] for key in ("empty", "step") if key in titles}
-    charts = [
-        line_chart(titles["loss"], {"train": points("loss"), "eval": points("eval_loss")}, LOSS_COLOURS, "loss-chart",
-                   words),
-        line_chart(titles["memory"], {k.removesuffix("_gib").replace("_", " "): points(k) for k in memory_keys},
-                   MEMORY_COLOURS, "memory-chart", words),
-        line_chart(titles["speed"], {"tokens/s": points("tokens_per_s")}, elem_id="speed-chart", words=words),
-        line_chart(titles["lr"], {"learning rate": points("learning_rate")}, elem_id="lr-chart", words=words),
-    ]
+    loss = line_chart(titles["loss"], {"train": points("loss"), "eval": points("eval_loss")}, LOSS_COLOURS,
+                      "loss-chart", words)
+    memory = line_chart(titles["memory"], {k.removesuffix("_gib").replace("_", " "): points(k) for k in memory_keys},
+                        MEMORY_COLOURS, "memory-chart", words)
+    speed = line_chart(titles["speed"], {"tokens/s": points("tokens_per_s")}, elem_id="speed-chart", words=words)
+    lr = line_chart(titles["lr"], {"learning rate": points("learning_rate")}, elem_id="lr-chart", words=words)
+    charts = [loss, memory, speed, lr]
+    if any("rewards/chosen" in r for r in records):
+        # DPO / KTO / ORPO: TRL's implicit rewards against the reference and the share of pairs rewarded the right
+        # way, the two figures that say a preference run is learning (its loss alone falls for the wrong reasons
+        # too: both sides' log-probabilities can drop together). Beside the loss, in the first row of the screen;
+        # TRL's preference trainers log no token counts, so their speed chart would only ever say "no points".
+        rewards = line_chart(titles.get("rewards", "rewards"), {"chosen": points("rewards/chosen"),
+                                                                "rejected": points("rewards/rejected"),
+                                                                "margin": points("rewards/margins")},
+                             REWARD_COLOURS, "rewards-chart", words)
+        accuracy = line_chart(titles.get("accuracy", "accuracy"), {"chosen ahead": points("rewards/accuracies")},
+                              {"chosen ahead": "#2ca02c"}, "accuracy-chart", words)
+        charts = [loss, rewards, accuracy, memory, lr] + ([speed] if points("tokens_per_s") else [])
     return f"<div class='charts'>{''.join(charts)}</div>"

@@ -27,15 +27,15 @@ BY_NAME = {k.full: k for k in KEYS}
 
 SCREEN_KEYS = ("model.name", "data.source")
 """Shown on the Model & data screen rather than in the settings form."""
-COMMON = ("output.dir", "data.max_length", "train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum",
-          "train.learning_rate", "lora.r", "lora.alpha", "data.eval_rows", "data.limit", "quant.load_in_4bit",
-          "train.gradient_checkpointing", "memory.offload_activations", "memory.embeddings_on_cpu",
-          "memory.tiled_mlp")
+COMMON = ("output.dir", "train.method", "data.max_length", "train.max_steps", "train.epochs", "train.batch_size",
+          "train.grad_accum", "train.learning_rate", "lora.r", "lora.alpha", "data.eval_rows", "data.limit",
+          "quant.load_in_4bit", "train.gradient_checkpointing", "memory.offload_activations",
+          "memory.embeddings_on_cpu", "memory.tiled_mlp")
 """Up front in the form; every other key sits under "advanced", by section. Names absent from the schema are
 skipped, so renaming a key never breaks the page."""
 FIT_KEYS = ("data.max_length", "lora.r", "train.batch_size", "train.grad_accum", "quant.load_in_4bit",
             "train.gradient_checkpointing", "memory.offload_activations", "memory.embeddings_on_cpu",
-            "memory.tiled_mlp", "model.name")
+            "memory.tiled_mlp", "model.name", "train.method", "pref.precompute_ref_log_probs")
 """Keys whose change re-runs the planner."""
 
 

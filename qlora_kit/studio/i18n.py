@@ -48,6 +48,13 @@ TEXTS: dict[str, dict[str, str]] = {
     "empty_chart": {"en": "no points yet", "zh": "还没有数据点"},
     "step_chart": {"en": "step", "zh": "步"},
     "lr_chart": {"en": "Learning rate", "zh": "学习率"},
+    "rewards_chart": {"en": "Rewards against the reference (chosen, rejected, margin)",
+                      "zh": "相对参考模型的奖励（选中、拒绝、差值）"},
+    "accuracy_chart": {"en": "Preference accuracy (chosen rewarded higher)", "zh": "偏好准确率（选中的奖励更高）"},
+    "pair_help": {"en": "Three pairs as the trainer sees them: dim = prompt (no loss), green = chosen, red = rejected "
+                        "(a KTO row: green = desirable, red = undesirable).",
+                  "zh": "训练器看到的三对：灰色 = 提示（不计损失），绿色 = 选中回答，红色 = 拒绝回答"
+                        "（KTO 行：绿色 = 可取，红色 = 不可取）。"},
     "results_refresh": {"en": "Show the results", "zh": "显示结果"},
     "eval_btn": {"en": "Run qlora-kit eval", "zh": "运行 qlora-kit eval"},
     "eval_file": {"en": "Multiple-choice questions (.jsonl: question, options, answer); empty: the run's [eval]",

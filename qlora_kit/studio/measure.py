@@ -68,11 +68,11 @@ def demo_steps(page, steps: int, out: str = "runs/demo") -> None:
     box = page.locator("#key-train-max_steps input")
     box.fill(str(steps))
     box.press("Tab")
-    page.wait_for_function(f"document.querySelector('#toml').innerText.includes('max_steps = {steps}')")
+    page.wait_for_function(f"document.querySelector('#toml textarea').value.includes('max_steps = {steps}')")
     box = page.locator("#key-output-dir textarea, #key-output-dir input").first
     box.fill(out)
     box.press("Tab")
-    page.wait_for_function(f"document.querySelector('#toml').innerText.includes('{out}')")
+    page.wait_for_function(f"document.querySelector('#toml textarea').value.includes('{out}')")
     page.get_by_role("tab", name=re.compile("Train")).click()
 
 

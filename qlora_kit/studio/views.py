@@ -34,12 +34,15 @@ def pointer(errors: dict[str, str], lang: str = "en") -> str:
     return error_box(t("fix_fields", lang) + " " + ", ".join(where))
 
 
-def preview_html(scratch: Path) -> str:
-    """The dry run's preview.jsonl: each row's tokens, the untrained prompt dim and the trained ones green."""
+def preview_html(scratch: Path, lang: str = "en") -> str:
+    """The dry run's preview.jsonl: each row's tokens, the untrained prompt dim and the trained ones green; a
+    preference run's pairs with the chosen side green and the rejected red (pair_preview_html)."""
     path = scratch / "preview.jsonl"
     if not path.is_file():
         return error_box("The dry run wrote no preview.jsonl.")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if rows and "input_ids" not in rows[0]:
+        return pair_preview_html(rows, lang)
     decode = token_decoder(scratch / "recipe.toml")
     blocks = []
     for row in rows[:3]:
@@ -53,6 +56,27 @@ def preview_html(scratch: Path) -> str:
         trained = sum(label != -100 for label in labels)
         blocks.append(f"<div class='preview-row'><b>row {row.get('row', '?')}: {len(ids)} tokens, {trained} "
                       f"trained</b>\n{''.join(spans)}</div>")
+    return "".join(blocks)
+
+
+def pair_preview_html(rows: list[dict], lang: str = "en") -> str:
+    """A preference dry run's rows (data/pairs.write_pair_preview: the texts as decoded from the very ids trained
+    on): the prompt dim, then the chosen side green and the rejected side red, each with its token count; a KTO row
+    has one completion, green when desirable and red when not."""
+    blocks = [f"<p class='pair-legend'>{html.escape(t('pair_help', lang))}</p>"]
+    for row in rows[:3]:
+        prompt = f"<span class='tok-prompt'>{html.escape(row['prompt'])}</span>"
+        if "chosen" in row:
+            sides = [("tok-chosen", "chosen", row["chosen"], row["chosen_ids"]),
+                     ("tok-rejected", "rejected", row["rejected"], row["rejected_ids"])]
+        else:
+            good = bool(row.get("label"))
+            sides = [("tok-chosen" if good else "tok-rejected", "desirable" if good else "undesirable",
+                      row["completion"], row["completion_ids"])]
+        parts = "".join(f"<div class='pair-side'><b>{name}: {len(ids)} tokens</b>\n{prompt}"
+                        f"<span class='{cls}'>{html.escape(text)}</span></div>" for cls, name, text, ids in sides)
+        blocks.append(f"<div class='preview-row pair-row'><b>row {row.get('row', '?')}: prompt "
+                      f"{len(row['prompt_ids'])} tokens</b>\n{parts}</div>")
     return "".join(blocks)
 
 
@@ -125,6 +149,13 @@ def results_markdown(summary: dict) -> str:
     if "format_base" in summary:
         lines.append(f"format compliance (reasoning closed, an answer, EOS): base {summary['format_base']}, "
                      f"fine-tuned {summary.get('format_fine_tuned', '?')}")
+    if "pref_judged_rows" in summary:  # a preference run: the same before -> after lines as the terminal's
+        from qlora_kit.results.preference_judge import PreferenceJudgement
+
+        first, *rest = PreferenceJudgement(summary["pref_judged_rows"], summary.get("pref_judged_from", "rows"),
+                                           summary).lines()
+        lines.append(f"**{summary.get('method', 'preference').upper()} {first}**" +
+                     "".join(f"  \n{line}" for line in rest))
     lines.append(f"tokens/s {summary.get('tokens_per_s', 0):.0f} · weights: {summary.get('model_weights', '')}")
     return "\n\n".join(lines)
 

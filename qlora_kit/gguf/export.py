@@ -1,5 +1,6 @@
 """`python tools/export_gguf.py MERGED_DIR [--type q8_0|q6_k|q5_k_m|q4_k_m|q5_0|q4_0|f16|bf16] [--out FILE]
-[--overwrite] [--no-modelfile] [--verify]`   ·   `python tools/export_gguf.py RUN_DIR --adapter --base BASE.gguf`
+[--imatrix auto|FILE] [--imatrix-tokens N] [--overwrite] [--no-modelfile] [--verify]`
+·   `python tools/export_gguf.py RUN_DIR --adapter --base BASE.gguf`
 
 Turns a merged model folder (what `tools/merge.py` writes: config.json, safetensors shards, the base's
 tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an Ollama `Modelfile` beside it.
@@ -9,7 +10,9 @@ tokenizer files) into one GGUF file for llama.cpp / Ollama / LM Studio, plus an 
                ─► safetensors, one tensor at a time ─► llama.cpp names and layouts              (tensors)
                   ─► the storage type llama-quantize would choose for it                        (mixture)
                   ─► K-quant blocks (Q4_K, Q5_K, Q6_K) in numpy                                  (kquants)
+                     weighted by the importance matrix with --imatrix (the run's own rows)       (imatrix)
                ─► FILE.gguf (written as FILE.gguf.partial, renamed when complete)
+               ─► --imatrix computed: FILE.imatrix beside it, llama.cpp's format (`llama-quantize --imatrix`)
                ─► the chat template's format ─► FILE.Modelfile for Ollama                   (modelfile)
                ─► --verify: the file read back by transformers, compared with MERGED_DIR    (verify)
 
@@ -32,6 +35,7 @@ exactly as it reads one converted there:
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -43,6 +47,15 @@ from typing import TYPE_CHECKING
 
 from qlora_kit.errors import EXIT_USER_ERROR, UserError, print_user_error
 from qlora_kit.gguf.dependency import require_gguf
+from qlora_kit.gguf.imatrix import (
+    DEFAULT_TOKENS,
+    Imatrix,
+    check_fits,
+    imatrix_for_export,
+    quantize_metadata,
+    save_imatrix,
+)
+from qlora_kit.gguf.imatrix import describe as describe_imatrix
 from qlora_kit.gguf.model_config import (
     HyperParameters,
     hyper_parameters,
@@ -67,6 +80,9 @@ class ExportResult:
     seconds: float
     pre_tokenizer_source: str = ""  # "hash" (llama.cpp's table) or "split regex" (a retrained vocabulary)
     types: dict[str, int] = field(default_factory=dict)  # storage type -> tensor count
+    imatrix_path: Path | None = None  # the importance matrix computed for this file and saved beside it
+    imatrix: Imatrix | None = None    # the one the quantizers were given (computed or read)
+    weighted_tensors: int = 0         # tensors quantized with it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,29 +129,57 @@ def resolve_type(quant: str | FileType) -> FileType:
     return ft
 
 
+def imatrix_path_for(out: Path) -> Path:
+    """Where a computed importance matrix is saved: beside the .gguf, named after it."""
+    return out.with_suffix(".imatrix")
+
+
 def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = False,
-                modelfile: bool = True, log: Callable[[str], object] = print, progress: bool = False) -> ExportResult:
+                modelfile: bool = True, log: Callable[[str], object] = print, progress: bool = False,
+                imatrix: Imatrix | str | Path | None = None, imatrix_tokens: int = DEFAULT_TOKENS) -> ExportResult:
     """Write `out` (and a Modelfile beside it) from the merged model in `folder`. `progress`: a progress bar with
-    an ETA on stderr (weights done / all weights)."""
+    an ETA on stderr (weights done / all weights, and the imatrix's tokens). `imatrix`: "auto" (the run's training
+    rows), a file (an imatrix, or rows / text to compute one from, at most `imatrix_tokens` tokens), or an
+    `Imatrix`; a computed one is saved as FILE.imatrix beside `out`."""
     require_gguf()
     import gguf
 
     started = time.monotonic()
     folder, out = Path(folder), Path(out)
     ft = resolve_type(quant)
-    for existing in (out, modelfile_path(out)) if modelfile else (out,):
+    computes = imatrix is not None and not isinstance(imatrix, Imatrix) and not imatrix_file_given(imatrix)
+    outputs = [out, *([modelfile_path(out)] if modelfile else []), *([imatrix_path_for(out)] if computes else [])]
+    for existing in outputs:
         if existing.exists() and not overwrite:
             raise UserError(f"{existing} already exists",
                             hint="Pass --overwrite to replace it, or choose another --out.")
     config, arch = read_config(folder)
     hp = hyper_parameters(config)
-    plans = plan_tensors(weight_files(folder), arch, hp, ft)
+    plans = plan_tensors(weight_files(folder), arch, hp, ft, imatrix=imatrix is not None)
+    saved_imatrix = None
+    if imatrix is not None and not isinstance(imatrix, Imatrix):
+        imatrix = imatrix_for_export(folder, imatrix, imatrix_tokens, progress, log)
+        if computes:
+            saved_imatrix = save_imatrix(imatrix, imatrix_path_for(out))
+            imatrix.path = str(saved_imatrix)
+    if imatrix is not None:
+        check_fits(imatrix, {p.gguf_name: p.shape[-1] for p in plans if len(p.shape) == 2})
+    weighted = {p.gguf_name for p in plans
+                if imatrix is not None and p.qtype in QUANTIZED and p.gguf_name in imatrix.sums}
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_name]])
     writer.add_name(folder.resolve().name)
     writer.add_file_type(ft.ftype)  # general.file_type: llama.h's LLAMA_FTYPE_MOSTLY_*, as llama-quantize sets it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_hyper_parameters(writer, hp)
+    if weighted and "importance" not in inspect.signature(encode_tensor).parameters:
+        raise UserError("this version's quantizers take no importance matrix yet",
+                        hint="Export without --imatrix, or update qlora_kit.")
+    if weighted:  # what llama-quantize records of the imatrix it quantized with
+        # the file's name only: llama-quantize writes the path it was given, which would tell others this
+        # machine's folders
+        for key, value in quantize_metadata(imatrix, Path(imatrix.path).name if imatrix.path else "").items():
+            (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
     hf_tokenizer = load_tokenizer(folder)
     tokenizer = write_tokenizer(writer, folder, hp.vocab_size, hf_tokenizer)
     for plan in plans:
@@ -151,7 +195,9 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for number, plan in enumerate(plans, 1):
-            writer.write_tensor_data(encode_tensor(plan, load_tensor(plan, hp), bar.update))
+            # by keyword, only where there is one: the tensors llama-quantize finds no entry for get none either
+            weights = {"importance": imatrix.importance(plan.gguf_name)} if plan.gguf_name in weighted else {}
+            writer.write_tensor_data(encode_tensor(plan, load_tensor(plan, hp), bar.update, **weights))
             if not progress and (number % 50 == 0 or number == len(plans)):
                 log(f"  {number}/{len(plans)} tensors written")
         writer.close()
@@ -167,7 +213,21 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
     if modelfile and written_modelfile is None:  # an earlier export's Modelfile would not fit this file (--overwrite)
         modelfile_path(out).unlink(missing_ok=True)
     return ExportResult(out, written_modelfile, tokenizer.pre_tokenizer, len(plans), out.stat().st_size,
-                        time.monotonic() - started, tokenizer.identified_by, type_counts(plans))
+                        time.monotonic() - started, tokenizer.identified_by, type_counts(plans), saved_imatrix,
+                        imatrix, len(weighted))
+
+
+QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+"""Storage types whose rounding an importance matrix steers (the float types store the weights as they are)."""
+
+
+def imatrix_file_given(spec) -> bool:
+    """--imatrix FILE names an imatrix file (used as it is), not rows or text to compute one from."""
+    from qlora_kit.gguf.imatrix import is_imatrix_file
+
+    return str(spec) != "auto" and Path(spec).is_file() and is_imatrix_file(Path(spec))
+
+
 
 
 def type_counts(plans) -> dict[str, int]:
@@ -214,6 +274,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "GGUF format (f16 A/B matrices), plus a Modelfile with FROM <--base gguf> and ADAPTER")
     parser.add_argument("--base", help="with --adapter: the base model's GGUF file the Modelfile names in FROM")
     parser.add_argument("--out", help="output .gguf file (default: beside MERGED_DIR, named <its name>-<type>.gguf)")
+    parser.add_argument("--imatrix", metavar="auto|FILE",
+                        help="quantize with an importance matrix, as llama-quantize --imatrix does: the rounding "
+                             "error of each weight is weighted by how much its input column is used. auto: "
+                             "computed through this model from the run's own training rows (the merge keeps the "
+                             "run's recipe beside the weights; held-out rows are not used) and saved beside the "
+                             ".gguf as <name>.imatrix, which llama-quantize --imatrix reads too. FILE: an imatrix "
+                             "file (llama-imatrix's .gguf / .imatrix / .dat, used as it is), or rows "
+                             "(.jsonl/.json/.csv/.parquet, rendered as in training) or UTF-8 text to compute it from")
+    parser.add_argument("--imatrix-tokens", type=positive_int, default=DEFAULT_TOKENS, metavar="N",
+                        help=f"tokens of calibration text run through the model for --imatrix (default "
+                             f"{DEFAULT_TOKENS}: {DEFAULT_TOKENS // 512} chunks of 512, as llama-imatrix cuts them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
     parser.add_argument("--verify", action="store_true",
@@ -222,6 +293,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "sample prompts, each within a bound per type (docs/gguf.md); exit 1 past any "
                              "(float32: needs 4 bytes of RAM per parameter)")
     return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def default_output(folder: Path, quant: str) -> Path:
@@ -245,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = Path(args.merged_dir)
     try:
+        if args.adapter and args.imatrix:
+            raise UserError("--imatrix quantizes a merged model's weights; --adapter writes the LoRA matrices in f16",
+                            hint="Drop --imatrix, or export the merged folder (tools/merge.py) with it.")
         if args.adapter:
             from qlora_kit.gguf.adapter import adapter_main
 
@@ -252,13 +333,19 @@ def main(argv: list[str] | None = None) -> int:
         ft = resolve_type(args.type) if args.type else advised_type(folder)
         out = Path(args.out) if args.out else default_output(folder, ft.name)
         result = export_gguf(folder, out, ft, args.overwrite, modelfile=not args.no_modelfile,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), imatrix=args.imatrix, imatrix_tokens=args.imatrix_tokens)
     except UserError as error:
         print_user_error(error)
         return getattr(error, "exit_code", EXIT_USER_ERROR)
     mixture = ", ".join(f"{qtype} x{count}" for qtype, count in result.types.items())
     print(f"wrote {result.gguf_path} ({result.size_bytes / 1e6:.1f} MB, {result.tensor_count} tensors: {mixture}; "
           f"pre-tokenizer {result.pre_tokenizer} by {result.pre_tokenizer_source}) in {result.seconds:.1f} s")
+    if result.imatrix_path:
+        print(f"wrote {result.imatrix_path} ({describe_imatrix(result.imatrix)}): llama-quantize --imatrix reads "
+              f"it; pass --imatrix {result.imatrix_path} to reuse it for another --type")
+    if result.imatrix is not None:
+        print(f"importance matrix used for {result.weighted_tensors} of {result.tensor_count} tensors"
+              + ("" if result.weighted_tensors else f" ({ft.name} stores weights unrounded)"))
     if result.modelfile_path:
         print(f"wrote {result.modelfile_path}: ollama create NAME -f {result.modelfile_path}")
     if args.type:

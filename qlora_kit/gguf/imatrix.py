@@ -198,7 +198,8 @@ def compute_imatrix(folder: Path, tokens: list[int], *, dataset: str = "", max_t
         lambda _module, inputs, name=name: collect(name, inputs[0])) for module, name in names.items()
         if name != "output.weight"]
     n_tokens = sum(len(piece) for piece in pieces)
-    log(f"imatrix: {n_tokens} tokens ({len(pieces)} chunk(s) of up to {CHUNK_TOKENS}) from {dataset or 'the text'} "
+    shape = f"{len(pieces)} chunks of {CHUNK_TOKENS}" if n_tokens >= CHUNK_TOKENS else "one short chunk"
+    log(f"imatrix: {n_tokens} tokens ({shape}) from {dataset or 'the text'} "
         f"through {folder.name} on {device.type}, {str(next(model.parameters()).dtype).removeprefix('torch.')}")
     bar = tqdm(total=n_tokens, unit=" tokens", unit_scale=True, desc="imatrix", disable=not progress,
                dynamic_ncols=True, leave=False)

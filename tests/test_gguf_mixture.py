@@ -261,3 +261,53 @@ def test_with_an_importance_matrix_too(exported_f16, tmp_path):
         theirs = llama_cpp_types(f16, tmp_path / f"{ft_name}.gguf", LLAMA_TYPES[ft_name], imatrix=matrix)
         assert our_types(f16, ft_name, imatrix=True) == theirs, ft_name
     assert theirs != {} and our_types(f16, "q4_0", imatrix=True) != our_types(f16, "q4_0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The card advice below q4_k_m (plan/gguf_sizes.recommended_type)
+
+QWEN_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "vocab_size": 152064, "architectures": ["Qwen2ForCausalLM"]}
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "architectures": ["LlamaForCausalLM"]}
+
+
+def test_a_6_gb_card_gets_the_best_type_below_q4_k_m_that_fits():
+    from qlora_kit.plan.gguf_sizes import file_bytes, kv_cache_bytes, recommended_type
+
+    # 7B: q4_k_m needs 5.45 GB of the card's 5.37 at 8192 tokens, q4_k_s 5.22 (llama.cpp: +0.27 ppl on Llama-3-8B
+    # against q3_k_m's +0.66), so q4_k_s, not q3_k_m
+    advice = recommended_type(QWEN_7B, 6)
+    assert (advice.type, advice.fits, advice.context) == ("q4_k_s", True, None)
+    # 8B: even q3_k_m misses by 16 MB at 8192 tokens (its KV cache is 1.07 GB); whole on the card at 7168
+    advice = recommended_type(LLAMA_8B, 6)
+    assert (advice.type, advice.fits, advice.context) == ("q3_k_m", False, 7168) and "7168 tokens" in advice.reason
+    budget = 6 * 1024**3 - 1024**3 - 0.3e9
+    assert file_bytes(LLAMA_8B, "q3_k_m") + kv_cache_bytes(LLAMA_8B, 7168) <= budget
+    assert file_bytes(LLAMA_8B, "q3_k_m") + kv_cache_bytes(LLAMA_8B, 8192) > budget
+    assert recommended_type(LLAMA_8B, 6, context=4096).type == "q3_k_l"
+    # the 8 GB card keeps its answers: the default export (no --type) never needs Q3_K blocks for these models
+    assert (recommended_type(QWEN_7B).type, recommended_type(LLAMA_8B).type) == ("q6_k", "q5_k_m")
+
+
+def test_sizes_read_the_70b_class_and_the_imatrix():
+    from qlora_kit.plan.gguf_mixture import use_more_bits
+    from qlora_kit.plan.gguf_sizes import file_bytes, gguf_shapes
+
+    llama70 = LLAMA_8B | {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                          "num_attention_heads": 64}
+    shapes = gguf_shapes(llama70)
+    unlifted = sum(tensor_bytes(shapes[n], t) for n, t in mixture("q4_k_m", shapes, 80, tied=False).items())
+    plain = sum(not use_more_bits(i, 80) for i in range(80))  # the layers whose attn_v is Q4_K, lifted to Q5_K
+    attn_v = shapes["blk.0.attn_v.weight"]
+    assert plain == 40
+    lift = tensor_bytes(attn_v, "Q5_K") - tensor_bytes(attn_v, "Q4_K")
+    assert file_bytes(llama70, "q4_k_m") - unlifted == plain * lift
+    mha = llama70 | {"num_key_value_heads": 64}  # LLM_TYPE_65B: not lifted
+    shapes = gguf_shapes(mha)
+    assert file_bytes(mha, "q4_k_m") == sum(tensor_bytes(shapes[n], t)
+                                            for n, t in mixture("q4_k_m", shapes, 80, tied=False).items())
+    q4 = file_bytes(LLAMA_8B, "q4_0")
+    blocks = 4 * 4096 * 14336 // 32  # ffn_down of layers 0-3 (32 // 8): a Q4_1 block is 2 bytes more than Q4_0's
+    assert file_bytes(LLAMA_8B, "q4_0", imatrix=True) - q4 == blocks * 2
+    assert file_bytes(LLAMA_8B, "q4_k_m", imatrix=True) == file_bytes(LLAMA_8B, "q4_k_m")

@@ -18,12 +18,20 @@ CONTEXT = 8192                 # tokens of KV cache the advice counts
 COMPUTE_OVERHEAD = 0.3e9       # bytes: llama.cpp's compute buffers (allowance)
 CARD_RESERVED = 1024**3        # bytes of each card not available to the model: CUDA context, display
 CARDS_GIB = (4, 6, 8, 12, 16, 24, 48, 80)
-ADVICE_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
+ADVICE_TYPES = ("q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16")
 ADVICE_CARD_GIB = 8            # the card the advice is for unless told: GUIDE.md's 8 GB laptop
-PREFERENCE = ("q8_0", "q6_k", "q5_k_m", "q4_k_m")
+PREFERENCE = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m")
 """Best first. f16 is not in it: q8_0 reads back within 0.002 nats of f16's next-token distribution on
 SmolLM2-135M (bench/results/gguf_verify.json), greedy tokens 90 of 93 the same, at 53 % of the size, so f16
-buys nothing in use (it is the type to keep for re-quantizing elsewhere, and the export writes it on request)."""
+buys nothing in use (it is the type to keep for re-quantizing elsewhere, and the export writes it on request).
+Below q4_k_m the order is llama.cpp's own table (llama-quantize --help, perplexity added on Llama-3-8B without an
+importance matrix): q4_k_s +0.27, q3_k_l +0.56, q3_k_m +0.66; each is smaller than the one before. q3_k_s
+(+1.63, more than twice q3_k_m's loss for 9 % less file) is not advised: it is exported on request."""
+LAST_RESORT = PREFERENCE[-1]
+"""The type advised where none fits the card at the stated context: the smallest file, so that the most of it
+stays on the GPU (llama.cpp and Ollama put the layers that do not fit on the CPU); the reason says the context at
+which it would fit whole."""
+CONTEXT_STEP = 1024            # the shorter context offered instead is a multiple of this
 K_BLOCK = 256                  # QK_K: the row length a K-quant block needs
 SIZED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 """The config.json architectures gguf_shapes knows: those the GGUF export writes
@@ -59,11 +67,16 @@ def gguf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def file_bytes(config: dict, type_name: str) -> int:
-    from qlora_kit.plan.gguf_mixture import FILE_TYPES, tensor_bytes, tensor_type
+def file_bytes(config: dict, type_name: str, *, imatrix: bool = False) -> int:
+    """The tensors' bytes as the export writes them for `type_name`, each in the type the mixture gives it (a
+    q3_k_m file is 38 % Q4_K / Q5_K / Q6_K by weight for a 7B, so bits x parameters undercounts it by 16 %).
+    `imatrix`: quantized with an importance matrix (changes q4_0 / q5_0 only: gguf_mixture.tensor_type)."""
+    from qlora_kit.plan.gguf_mixture import FILE_TYPES, is_70b, tensor_bytes, tensor_type
 
     ft, layers, tied = FILE_TYPES[type_name], config["num_hidden_layers"], config.get("tie_word_embeddings", False)
-    return sum(tensor_bytes(shape, tensor_type(name, shape, ft, layers, tied))
+    heads = config["num_attention_heads"]
+    seventy_b = is_70b(architecture(config) or "", layers, heads, config.get("num_key_value_heads") or heads)
+    return sum(tensor_bytes(shape, tensor_type(name, shape, ft, layers, tied, imatrix=imatrix, seventy_b=seventy_b))
                for name, shape in gguf_shapes(config).items())
 
 
@@ -111,14 +124,25 @@ def advice_lines(config: dict, folder_hint: str, context: int = CONTEXT, *, comm
 class TypeAdvice:
     type: str
     card_gib: int
-    fits: bool                 # False: not even the last choice fits the card; `type` is then q4_k_m
+    fits: bool                 # False: not even the last choice fits the card; `type` is then LAST_RESORT
     reason: str
+    context: int | None = None  # not fits: the longest context (a multiple of CONTEXT_STEP) at which `type` fits
+                                # whole, None where it does not fit at CONTEXT_STEP tokens either
 
 
 def k_fallback_width(config: dict) -> int | None:
     """The row width 256 does not divide (hidden size first, then the MLP's), or None: such rows make llama.cpp's
-    K types fall back to older blocks (gguf_mixture.FALLBACK: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0)."""
+    K types fall back to older blocks (gguf_mixture.FALLBACK: Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0)."""
     return next((width for width in (config["hidden_size"], config["intermediate_size"]) if width % K_BLOCK), None)
+
+
+def longest_context(config: dict, type_name: str, card_gib: int) -> int | None:
+    """The longest context, a multiple of CONTEXT_STEP, at which `type_name`'s file + KV cache + compute buffers fit
+    the card; None below CONTEXT_STEP tokens."""
+    room = card_gib * 1024**3 - CARD_RESERVED - COMPUTE_OVERHEAD - file_bytes(config, type_name)
+    tokens = int(room // kv_cache_bytes(config, 1)) // CONTEXT_STEP * CONTEXT_STEP if room > 0 else 0
+    return tokens or None
 
 
 def recommended_type(config: dict, card_gib: int = ADVICE_CARD_GIB, context: int = CONTEXT) -> TypeAdvice:
@@ -126,20 +150,27 @@ def recommended_type(config: dict, card_gib: int = ADVICE_CARD_GIB, context: int
 
     The best, not the smallest: a model that fits at q8_0 gets q8_0 (every small model on any card listed: the
     4-5 bit types cost a 135M..1.5B model the most, docs/gguf.md), a 7B on 8 GB gets the largest K type that
-    still fits. A model whose rows 256 does not divide is told why its K types are a poor trade (they fall back
-    to Q5_0 / Q5_1 / Q8_0 for most tensors: SmolLM2's q4_k_m is 73 % of q8_0's size and 40 times its KL)."""
+    still fits (q3_k_m is where a 7B / 8B needs it: 4-6 GB cards). Where none fits, LAST_RESORT with the context at
+    which it would fit whole (R1-Distill-Llama-8B on 6 GB: 7168 tokens) or the word that part of it stays on the
+    CPU. A model whose rows 256 does not divide is told why its K types are a poor trade (they fall back to Q4_0 /
+    Q5_0 / Q5_1 / Q8_0 for most tensors: SmolLM2's q4_k_m is 73 % of q8_0's size and 40 times its KL)."""
     budget = card_gib * 1024**3 - CARD_RESERVED
     in_use = {name: file_bytes(config, name) + kv_cache_bytes(config, context) + COMPUTE_OVERHEAD
               for name in PREFERENCE}
     pick = next((name for name in PREFERENCE if in_use[name] <= budget), None)
     width = k_fallback_width(config)
-    fallback = (f"; rows of {width} are not a multiple of {K_BLOCK}, so the K types fall back to Q5_0 / Q5_1 / Q8_0 "
-                "for most tensors and lose more than their names suggest") if width else ""
+    fallback = (f"; rows of {width} are not a multiple of {K_BLOCK}, so the K types fall back to Q4_0 / Q5_0 / Q5_1 / "
+                "Q8_0 for most tensors and lose more than their names suggest") if width else ""
     if pick is None:
-        return TypeAdvice("q4_k_m", card_gib, False,
-                          f"even q4_k_m needs {readable(in_use['q4_k_m']).strip()} at {context} tokens, more than a "
-                          f"{card_gib} GB card holds: llama.cpp then keeps layers on the CPU (slower), or use a "
-                          f"shorter context{fallback}")
+        shorter = longest_context(config, LAST_RESORT, card_gib)
+        where = (f"it fits whole at a context of {shorter} tokens (llama.cpp --ctx-size, Ollama num_ctx), or at "
+                 f"{context} llama.cpp keeps some layers on the CPU (slower)" if shorter and shorter < context else
+                 "llama.cpp then keeps some layers on the CPU (slower); the smallest advised file keeps the most on "
+                 "the GPU")
+        return TypeAdvice(LAST_RESORT, card_gib, False,
+                          f"even {LAST_RESORT} needs {readable(in_use[LAST_RESORT]).strip()} at {context} tokens, more "
+                          f"than the {budget / 1e9:.2f} GB a {card_gib} GB card has for it: {where}{fallback}",
+                          shorter if shorter and shorter < context else None)
     if pick == "q8_0":
         reason = (f"q8_0 fits ({readable(in_use['q8_0']).strip()} in use at {context} tokens): as good as f16 in "
                   "use at half the size, and better than any 4-6 bit type")

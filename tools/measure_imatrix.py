@@ -1,0 +1,289 @@
+"""Measure what `--imatrix` buys: llama.cpp's perplexity on a run's HELD-OUT rows for f16 and each quantized type,
+ours and llama-quantize's, each without and with the same importance matrix (computed by our export from the run's
+TRAINING rows, `--imatrix auto`), and how long the matrix took.
+
+    python tools/measure_imatrix.py --llama-cpp DIR [--models smollm2,big] [--types q4_k_m,q3_k_m]
+        [--rows FILE.jsonl] [--steps 12] [--eval-rows 48] [--imatrix-tokens N] [--ppl-chunks N]
+        [--json bench/results/gguf_imatrix.json]
+
+DIR holds llama.cpp's llama-quantize and llama-perplexity (its build's bin/; default: the folder of
+$LLAMA_QUANTIZE, as tests/test_gguf_mixture.py reads it); without them the tool stops, saying so.
+
+The models:
+  * smollm2: SmolLM2-135M-Instruct (`python -m qlora_kit.smollm2` fetches it) fine-tuned by the commands a user
+    types (`python -m qlora_kit.run recipes/smol_medical.toml` on --rows, --steps steps, --eval-rows held out),
+    then merged (`python -m qlora_kit.merge`): a merged folder with its run behind it, so `--imatrix auto` reads
+    the run's training rows and the held-out rows are the run's own.
+  * big: random weights at R1-Distill-Qwen-1.5B's row shapes (hidden 1536, intermediate 8960, vocabulary 151936,
+    4 layers: 654 M parameters, the shape tools/measure_gguf.py's speed comparison uses), the R1-Distill tokenizer,
+    and a recipe beside the weights naming --rows, so that `auto` and the held-out split work as for a run. Its
+    perplexity is near the vocabulary size (random weights): only the differences between variants mean anything.
+Per model: our f16 export (also llama-quantize's input); per type, our export without and with the imatrix and
+llama-quantize's without and with the same .imatrix file; each file's llama-perplexity (-c 512, its default: the
+score is over the second half of each chunk) on the held-out rows rendered as training renders them and written
+as text (llama-perplexity reads special-token spellings as text, the same for every variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FIXTURES = REPO.parent / "shared" / "fixtures"
+DEFAULT_ROWS = FIXTURES / "medical_o1_en.jsonl"
+BIG = dict(hidden=1536, intermediate=8960, layers=4, heads=12, kv=2, vocab=151936)  # R1-Distill-Qwen-1.5B's rows
+
+
+def run(command: list[str], timeout: int = 7200, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The merged folders, each with its run's recipe beside the weights
+
+
+def smollm2_merged(root: Path, rows: Path, steps: int, eval_rows: int) -> Path:
+    from qlora_kit.model.smollm2 import find
+
+    if find() is None:
+        sys.exit("SmolLM2 GGUF not found: run `python -m qlora_kit.smollm2` first")
+    started = time.monotonic()
+    run([sys.executable, "-m", "qlora_kit.run", str(REPO / "recipes" / "smol_medical.toml"), f"data.source={rows}",
+         f"data.eval_rows={eval_rows}", f"train.max_steps={steps}", "train.eval_steps=0", "train.save_steps=0",
+         "samples.count=0", f"output.dir={root / 'run'}"])
+    run([sys.executable, "-m", "qlora_kit.merge", str(root / "run"), "--out", str(root / "merged")])
+    print(f"smollm2: fine-tuned {steps} steps and merged in {time.monotonic() - started:.0f} s", flush=True)
+    return root / "merged"
+
+
+def big_merged(root: Path, rows: Path, eval_rows: int) -> Path:
+    """Random bf16 weights at the 1.5B's row shapes, the R1 tokenizer, and a recipe as the merge leaves one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora_kit.recipe.loading import recipe_to_toml
+    from qlora_kit.recipe.schema import TRAINING_RECIPE_FILE, Recipe
+
+    folder = root / "merged"
+    folder.mkdir(parents=True)
+    m = BIG
+    h, i, kv = m["hidden"], m["intermediate"], m["kv"] * (m["hidden"] // m["heads"])
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
+              "num_hidden_layers": m["layers"], "num_attention_heads": m["heads"], "num_key_value_heads": m["kv"],
+              "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "vocab_size": m["vocab"], "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "bos_token_id": 151646, "eos_token_id": 151643}
+    (folder / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": rnd(m["vocab"], h), "lm_head.weight": rnd(m["vocab"], h),
+               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for b in range(m["layers"]):
+        p = f"model.layers.{b}."
+        tensors |= {p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                    p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.q_proj.bias": rnd(h),
+                    p + "self_attn.k_proj.weight": rnd(kv, h), p + "self_attn.k_proj.bias": rnd(kv),
+                    p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.v_proj.bias": rnd(kv),
+                    p + "self_attn.o_proj.weight": rnd(h, h), p + "mlp.gate_proj.weight": rnd(i, h),
+                    p + "mlp.up_proj.weight": rnd(i, h), p + "mlp.down_proj.weight": rnd(h, i)}
+    save_file(tensors, folder / "model.safetensors")
+    tokenizer = FIXTURES / "r1-distill-qwen-tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        sys.exit(f"the R1-Distill-Qwen tokenizer fixture is needed for the big model ({tokenizer})")
+    for file in tokenizer.iterdir():
+        if file.is_file():
+            shutil.copyfile(file, folder / file.name)
+    recipe = Recipe()
+    recipe.model.name = str(folder)
+    recipe.data.source, recipe.data.eval_rows, recipe.data.max_length = str(rows), eval_rows, 2048
+    (folder / TRAINING_RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+    return folder
+
+
+def held_out_text(folder: Path, out: Path) -> dict:
+    """The run's held-out rows (the split its training made), rendered and encoded as training did, as text."""
+    import io
+
+    from rich.console import Console
+
+    from qlora_kit.data.examples import build_examples
+    from qlora_kit.gguf.imatrix import load_tokenizer, run_recipe
+
+    recipe = run_recipe(folder)
+    tokenizer = load_tokenizer(folder)
+    examples = build_examples(recipe, tokenizer, Console(file=io.StringIO()))
+    texts = [tokenizer.decode(e.input_ids, skip_special_tokens=False) for e in examples.eval]
+    out.write_text("".join(texts), encoding="utf-8")
+    return {"rows": len(examples.eval), "tokens_as_trained": sum(len(e.input_ids) for e in examples.eval),
+            "train_rows": len(examples.train)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The files and their perplexity
+
+
+def perplexity(tool: Path, gguf_path: Path, text: Path, chunks: int, threads: int) -> dict:
+    started = time.monotonic()
+    done = run([str(tool), "-m", str(gguf_path), "-f", str(text), "-c", "512", "--chunks", str(chunks),
+                "-t", str(threads)])
+    output = done.stdout + done.stderr
+    found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", output)
+    if not found:
+        sys.exit(f"no perplexity in llama-perplexity's output for {gguf_path}:\n{output[-2000:]}")
+    return {"ppl": float(found.group(1)), "ppl_error": float(found.group(2)),
+            "seconds": round(time.monotonic() - started, 1), "bytes": gguf_path.stat().st_size}
+
+
+def measure_model(name: str, folder: Path, work: Path, tools: dict, types: list[str], tokens: int, chunks: int,
+                  threads: int) -> dict:
+    import inspect
+
+    from qlora_kit.gguf.export import export_gguf
+    from qlora_kit.gguf.imatrix import imatrix_for_export, save_imatrix
+    from qlora_kit.gguf.tensors import encode_tensor
+    from qlora_kit.plan.gguf_mixture import FILE_TYPES
+
+    quiet = {"modelfile": False, "log": lambda *_: None}
+    text = work / "held-out.txt"
+    result = {"held_out": held_out_text(folder, text), "ppl_chunks": chunks, "threads": threads, "types": {}}
+    f16 = export_gguf(folder, work / "f16.gguf", "f16", **quiet).gguf_path
+    result["f16"] = perplexity(tools["llama-perplexity"], f16, text, chunks, threads)
+    print(f"{name} f16: {result['f16']}", flush=True)
+
+    imatrix = imatrix_for_export(folder, "auto", tokens, log=print)
+    imatrix_file = save_imatrix(imatrix, work / f"{name}.imatrix")
+    imatrix.path = str(imatrix_file)
+    result["imatrix"] = {"tokens": imatrix.tokens, "chunks": imatrix.chunk_count, "seconds": round(imatrix.seconds, 1),
+                         "tokens_per_s": round(imatrix.tokens / imatrix.seconds, 1), "entries": len(imatrix),
+                         "dataset": imatrix.dataset, "device": "cpu", "threads": threads}
+    print(f"{name} imatrix: {result['imatrix']}", flush=True)
+    weighted_here = "importance" in inspect.signature(encode_tensor).parameters
+    for quant in types:
+        row = {}
+        if quant not in FILE_TYPES:
+            result["types"][quant] = {"skipped": "not an export type in this checkout (plan/gguf_mixture.py)"}
+            continue
+        variants = {"ours": None, "ours+imatrix": imatrix} if weighted_here else {"ours": None}
+        for label, used in variants.items():
+            started = time.monotonic()
+            try:
+                path = export_gguf(folder, work / f"{quant}-{label}.gguf", quant, imatrix=used, **quiet).gguf_path
+            except (KeyError, NotImplementedError, ValueError) as error:  # a block format not written here yet
+                row[label] = {"skipped": f"{type(error).__name__}: {error}"}
+                continue
+            row[label] = perplexity(tools["llama-perplexity"], path, text, chunks, threads)
+            row[label]["quantize_s"] = round(time.monotonic() - started, 1)
+            path.unlink()
+        if not weighted_here:
+            row["ours+imatrix"] = {"skipped": "encode_tensor takes no importance matrix in this checkout"}
+        for label, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", str(imatrix_file)])):
+            path = work / f"{quant}-{label}.gguf"
+            started = time.monotonic()
+            run([str(tools["llama-quantize"]), *extra, str(f16), str(path), quant, str(threads)])
+            row[label] = perplexity(tools["llama-perplexity"], path, text, chunks, threads)
+            row[label]["quantize_s"] = round(time.monotonic() - started, 1)
+            path.unlink()
+        for mine, theirs in (("ours", "llama.cpp"), ("ours+imatrix", "llama.cpp+imatrix")):
+            if "ppl" in row.get(mine, {}):
+                row[f"{mine} vs {theirs} %"] = round(100 * (row[mine]["ppl"] / row[theirs]["ppl"] - 1), 2)
+        for side in ("ours", "llama.cpp"):
+            if "ppl" in row.get(f"{side}+imatrix", {}) and "ppl" in row.get(side, {}):
+                row[f"imatrix effect on {side} %"] = round(100 * (row[f"{side}+imatrix"]["ppl"] / row[side]["ppl"] - 1),
+                                                         2)
+        result["types"][quant] = row
+        print(f"{name} {quant}: {json.dumps(row)}", flush=True)
+    return result
+
+
+def table(results: dict) -> str:
+    lines = ["| model | type | ours | ours + imatrix | llama.cpp | llama.cpp + imatrix | ours+im vs llama.cpp+im |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ppl(cell: dict) -> str:
+        return f"{cell['ppl']:.4f}" if "ppl" in cell else "n/a"
+
+    for name, model in results.items():
+        lines.append(f"| {name} | f16 | {ppl(model['f16'])} | | | | |")
+        for quant, row in model["types"].items():
+            if "skipped" in row:
+                lines.append(f"| {name} | {quant} | n/a ({row['skipped']}) | | | | |")
+                continue
+            versus = row.get("ours+imatrix vs llama.cpp+imatrix %")
+            lines.append(f"| {name} | {quant} | {ppl(row['ours'])} | {ppl(row['ours+imatrix'])} | "
+                         f"{ppl(row['llama.cpp'])} | {ppl(row['llama.cpp+imatrix'])} | "
+                         f"{'n/a' if versus is None else f'{versus:+.2f} %'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama-cpp", type=Path,
+                        default=Path(os.environ["LLAMA_QUANTIZE"]).parent if os.environ.get("LLAMA_QUANTIZE") else None,
+                        help="folder with llama-quantize and llama-perplexity (default: $LLAMA_QUANTIZE's folder)")
+    parser.add_argument("--models", default="smollm2,big")
+    parser.add_argument("--types", default="q4_k_m,q3_k_m")
+    parser.add_argument("--rows", type=Path, default=DEFAULT_ROWS, help="the training rows (medical-o1 format)")
+    parser.add_argument("--steps", type=int, default=12, help="smollm2's fine-tuning steps")
+    parser.add_argument("--eval-rows", type=int, default=48, help="rows held out of training: the perplexity text")
+    parser.add_argument("--imatrix-tokens", type=int, default=None, help="default: the export's own default")
+    parser.add_argument("--ppl-chunks", type=int, default=16, help="llama-perplexity --chunks (512 tokens each)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    tools = {name: (args.llama_cpp / name) if args.llama_cpp else None for name in ("llama-quantize",
+                                                                                    "llama-perplexity")}
+    missing = [name for name, path in tools.items() if path is None or not path.is_file()]
+    if missing:
+        sys.exit(f"llama.cpp's {', '.join(missing)} not found: pass --llama-cpp DIR (its build's bin/) or set "
+                 "LLAMA_QUANTIZE")
+    if not args.rows.is_file():
+        sys.exit(f"training rows not found: {args.rows} (pass --rows)")
+    from qlora_kit.gguf.imatrix import DEFAULT_TOKENS
+
+    tokens = args.imatrix_tokens or DEFAULT_TOKENS
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            work = Path(tmp) / name
+            work.mkdir()
+            folder = (smollm2_merged(work, args.rows, args.steps, args.eval_rows) if name == "smollm2"
+                      else big_merged(work, args.rows, args.eval_rows))
+            results[name] = measure_model(name, folder, work, tools, args.types.split(","), tokens,
+                                          args.ppl_chunks, args.threads)
+            shutil.rmtree(work, ignore_errors=True)
+    shown = table(results)
+    print(shown)
+    if args.json:
+        import platform
+
+        import torch
+
+        report = {"command": "python tools/measure_imatrix.py " + " ".join(sys.argv[1:]), "models": results,
+                  "table_markdown": shown, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, shared",
+                  "torch": torch.__version__}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,7 +90,7 @@ def quality(types: list[str]) -> dict:
 # Byte offsets of the f16 scales inside one block (ggml-common.h): d, and dmin / m where the block has one.
 # Multiplying all of them by a factor multiplies every weight of the tensor by it, exactly (a power of 2).
 SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
-                 "Q5_K": (0, 2), "Q6_K": (208,)}
+                 "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,)}  # Q3_K: hmask 32, qs 64, scales 12, then d
 
 
 def scale_tensor(tensor, factor: float) -> None:

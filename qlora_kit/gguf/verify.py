@@ -42,19 +42,24 @@ from qlora_kit.merge.verify import (
 GREEDY_TOKENS = 32
 """Tokens of the folder's own greedy continuation per prompt: 3 prompts give ~90 judged tokens."""
 
-TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0")
+TYPES = ("f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_l", "q3_k_m",
+         "q3_k_s")
 
 # The bounds, per file type. Measured (bench/results/gguf_verify.json) on SmolLM2-135M-Instruct's 16-bit folder,
 # on it fine-tuned 8 steps and merged, and on a tiny random Llama; damaged copies of each file (one tensor's scale
 # x2, x0.5 or x-1, two tensors swapped) measured against the same bounds. See docs/gguf.md for the table.
+# The q3 types' (tools/measure_gguf.py verify): weights 0.152-0.158 off as written on SmolLM2 and the tiny model, 1.0
+# and more with one tensor's scales x2; KL 0.56 (SmolLM2 q3_k_s), 0.18-0.47 (tiny); the tiny random model's greedy
+# share 0.48 (q3_k_s) to 0.57, SmolLM2's 0.77 (q3_k_s).
 WEIGHT_TOLERANCE = {"f16": 0.005, "bf16": 0.01, "q8_0": 0.03, "q6_k": 0.06, "q5_k_m": 0.12, "q5_k_s": 0.12,
-                    "q5_0": 0.12, "q4_k_m": 0.25, "q4_k_s": 0.25, "q4_0": 0.25}
+                    "q5_0": 0.12, "q4_k_m": 0.25, "q4_k_s": 0.25, "q4_0": 0.25, "q3_k_l": 0.35, "q3_k_m": 0.35,
+                    "q3_k_s": 0.35}
 """Largest relative RMS error of any tensor (1-D ones, norms and biases, are stored f32: exact in every type)."""
 KL_TOLERANCE = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.05, "q6_k": 0.1, "q5_k_m": 0.3, "q5_k_s": 0.3, "q5_0": 0.3,
-                "q4_k_m": 0.3, "q4_k_s": 0.3, "q4_0": 1.5}
+                "q4_k_m": 0.3, "q4_k_s": 0.3, "q4_0": 1.5, "q3_k_l": 1.2, "q3_k_m": 1.2, "q3_k_s": 1.5}
 """Mean KL divergence (nats) of the file's next-token distribution from the folder's."""
 GREEDY_FLOOR = {"f16": 0.95, "bf16": 0.9, "q8_0": 0.85, "q6_k": 0.8, "q5_k_m": 0.7, "q5_k_s": 0.7, "q5_0": 0.7,
-                "q4_k_m": 0.6, "q4_k_s": 0.55, "q4_0": 0.5}
+                "q4_k_m": 0.6, "q4_k_s": 0.55, "q4_0": 0.5, "q3_k_l": 0.45, "q3_k_m": 0.45, "q3_k_s": 0.4}
 """Least share of the folder's own greedy tokens the file ranks first (teacher-forced). Measured as written: real
 models 0.74 (the demo's q4_0) to 1.0; the tiny random model of the tests, whose near-uniform distributions flip on
 any rounding, 0.60 (q4_0) and 0.63 (q4_k_s): the 4-bit floors leave room for it; the weights and the KL catch the

@@ -3,9 +3,10 @@ storage type and layout, read, converted and written one at a time (memory holds
 embedding, and its conversion temporaries, never the whole model).
 
   * names: `gguf.TensorNameMap`, the converter's own table; rotary inv_freq buffers are dropped.
-  * storage: the type mixture.py chooses per tensor, as llama-quantize does; 1-D tensors in f32. K-quants
-    from kquants.py, Q4_0/Q5_0/Q5_1/Q8_0 from `gguf.quants` (both llama.cpp's reference quantizers), converted
-    CHUNK_WEIGHTS rows at a time so that no float32 copy of a whole embedding is ever made.
+  * storage: the type mixture.py chooses per tensor, as llama-quantize does; 1-D tensors in f32. Every
+    quantized type through kquants.quantize_k (llama.cpp's quantizers compiled with numba, their bytes
+    llama-quantize's, with the imatrix's importance where one is given), converted CHUNK_WEIGHTS weights at a
+    time so that no float32 copy of a whole embedding is ever made.
   * layout: Llama's q_proj/k_proj rows permuted for llama.cpp's rope (`permute_for_llama`); Qwen2 as is.
   * tied embeddings: one matrix, as token_embd.weight, no output.weight (`embedding_sources`).
   * Llama 3.1's rope scaling: the rope_freqs tensor llama.cpp's converter computes (`llama3_rope_factors`).
@@ -212,10 +213,11 @@ def load_tensor(plan: TensorPlan, hp: HyperParameters) -> torch.Tensor:
 CHUNK_WEIGHTS = 1 << 24  # weights converted to float32 at a time (64 MiB): RAM stays bounded for any tensor
 
 
-def encode_tensor(plan: TensorPlan, data: torch.Tensor, progress: Callable[[int], object] = lambda n: None
-                  ) -> np.ndarray:
-    """The tensor's bytes in its storage type; `progress(n)` after every n weights done."""
-    import gguf
+def encode_tensor(plan: TensorPlan, data: torch.Tensor, progress: Callable[[int], object] = lambda n: None,
+                  importance: np.ndarray | None = None) -> np.ndarray:
+    """The tensor's bytes in its storage type; `progress(n)` after every n weights done. `importance`: the
+    imatrix's per-column mean of x² for this tensor (llama-quantize's `--imatrix`), passed to every quantizer
+    (Q8_0 ignores it, as llama.cpp's does); None quantizes as llama-quantize does without one."""
     import numpy as np
     import torch
 
@@ -229,20 +231,15 @@ def encode_tensor(plan: TensorPlan, data: torch.Tensor, progress: Callable[[int]
         out = data.to(torch.float16).numpy()
     elif plan.qtype == "BF16":  # the bits themselves (torch rounds to nearest even, as gguf's own BF16 does)
         out = data.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    else:
-        from qlora_kit.gguf.kquants import QUANTIZERS, quantize_k
+    else:  # every quantized type: llama.cpp's quantizers, compiled (kquants.py, block_quants.py)
+        from qlora_kit.gguf.kquants import quantize_k
 
         rows = data.reshape(-1, data.shape[-1])
-        qtype = gguf.GGMLQuantizationType[plan.qtype]
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(tuple(rows.shape), qtype)
-        out = np.empty(byte_shape, dtype=np.uint8)
+        out = np.empty(stored_bytes(plan)[0], dtype=np.uint8).reshape(rows.shape[0], -1)
         step = max(1, CHUNK_WEIGHTS // rows.shape[1])
         for start in range(0, rows.shape[0], step):
             chunk = rows[start:start + step].float().numpy()
-            if plan.qtype in QUANTIZERS:
-                out[start:start + step] = quantize_k(chunk, plan.qtype)
-            else:  # Q4_0, Q5_0, Q5_1, Q8_0: gguf's own numpy quantizers (llama.cpp's reference ones)
-                out[start:start + step] = gguf.quants.quantize(chunk, qtype)
+            out[start:start + step] = quantize_k(chunk, plan.qtype, importance)
             progress(chunk.size)
         return out.reshape(stored_bytes(plan)[0])
     progress(data.numel())

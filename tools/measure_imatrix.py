@@ -5,6 +5,12 @@ TRAINING rows, `--imatrix auto`), and how long the matrix took.
     python tools/measure_imatrix.py --llama-cpp DIR [--models smollm2,big] [--types q4_k_m,q3_k_m]
         [--rows FILE.jsonl] [--steps 12] [--eval-rows 48] [--imatrix-tokens N] [--ppl-chunks N]
         [--json bench/results/gguf_imatrix.json]
+    python tools/measure_imatrix.py --time-only [--models smollm2,big] [--big-layers 28] [--imatrix-tokens N]
+        only the importance matrix: its tokens, seconds and tokens/s (no llama.cpp needed; SmolLM2 as is, its
+        folder with a recipe naming --rows beside it, when --steps is 0).
+    python tools/measure_imatrix.py --sweep 2048,8192,32768 --llama-cpp DIR [--models smollm2] [--types ...]
+        how many calibration tokens the matrix needs: per token count, the matrix (auto), each type quantized
+        with it by llama-quantize (and by us, where the quantizers take one), llama-perplexity on the held-out rows.
 
 DIR holds llama.cpp's llama-quantize and llama-perplexity (its build's bin/; default: the folder of
 $LLAMA_QUANTIZE, as tests/test_gguf_mixture.py reads it); without them the tool stops, saying so.
@@ -71,17 +77,36 @@ def smollm2_merged(root: Path, rows: Path, steps: int, eval_rows: int) -> Path:
     return root / "merged"
 
 
-def big_merged(root: Path, rows: Path, eval_rows: int) -> Path:
+def with_recipe(folder: Path, rows: Path, eval_rows: int, max_length: int) -> None:
+    """A recipe beside the weights as the merge leaves one, naming `rows`: `auto` and the held-out split read it."""
+    from qlora_kit.recipe.loading import recipe_to_toml
+    from qlora_kit.recipe.schema import TRAINING_RECIPE_FILE, Recipe
+
+    recipe = Recipe()
+    recipe.model.name = str(folder)
+    recipe.data.source, recipe.data.eval_rows, recipe.data.max_length = str(rows), eval_rows, max_length
+    (folder / TRAINING_RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+
+
+def smollm2_as_is(root: Path, rows: Path, eval_rows: int) -> Path:
+    """SmolLM2's 16-bit folder, copied, with a recipe naming `rows` (no training: for --time-only --steps 0)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from measure_gguf import smollm2_folder
+
+    folder = root / "merged"
+    shutil.copytree(smollm2_folder(), folder)
+    with_recipe(folder, rows, eval_rows, 768)
+    return folder
+
+
+def big_merged(root: Path, rows: Path, eval_rows: int, layers: int = 4) -> Path:
     """Random bf16 weights at the 1.5B's row shapes, the R1 tokenizer, and a recipe as the merge leaves one."""
     import torch
     from safetensors.torch import save_file
 
-    from qlora_kit.recipe.loading import recipe_to_toml
-    from qlora_kit.recipe.schema import TRAINING_RECIPE_FILE, Recipe
-
     folder = root / "merged"
     folder.mkdir(parents=True)
-    m = BIG
+    m = BIG | {"layers": layers}
     h, i, kv = m["hidden"], m["intermediate"], m["kv"] * (m["hidden"] // m["heads"])
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
               "num_hidden_layers": m["layers"], "num_attention_heads": m["heads"], "num_key_value_heads": m["kv"],
@@ -112,10 +137,7 @@ def big_merged(root: Path, rows: Path, eval_rows: int) -> Path:
     for file in tokenizer.iterdir():
         if file.is_file():
             shutil.copyfile(file, folder / file.name)
-    recipe = Recipe()
-    recipe.model.name = str(folder)
-    recipe.data.source, recipe.data.eval_rows, recipe.data.max_length = str(rows), eval_rows, 2048
-    (folder / TRAINING_RECIPE_FILE).write_text(recipe_to_toml(recipe), encoding="utf-8")
+    with_recipe(folder, rows, eval_rows, 2048)
     return folder
 
 
@@ -155,11 +177,8 @@ def perplexity(tool: Path, gguf_path: Path, text: Path, chunks: int, threads: in
 
 def measure_model(name: str, folder: Path, work: Path, tools: dict, types: list[str], tokens: int, chunks: int,
                   threads: int) -> dict:
-    import inspect
-
     from qlora_kit.gguf.export import export_gguf
     from qlora_kit.gguf.imatrix import imatrix_for_export, save_imatrix
-    from qlora_kit.gguf.tensors import encode_tensor
     from qlora_kit.plan.gguf_mixture import FILE_TYPES
 
     quiet = {"modelfile": False, "log": lambda *_: None}
@@ -176,13 +195,12 @@ def measure_model(name: str, folder: Path, work: Path, tools: dict, types: list[
                          "tokens_per_s": round(imatrix.tokens / imatrix.seconds, 1), "entries": len(imatrix),
                          "dataset": imatrix.dataset, "device": "cpu", "threads": threads}
     print(f"{name} imatrix: {result['imatrix']}", flush=True)
-    weighted_here = "importance" in inspect.signature(encode_tensor).parameters
     for quant in types:
         row = {}
         if quant not in FILE_TYPES:
             result["types"][quant] = {"skipped": "not an export type in this checkout (plan/gguf_mixture.py)"}
             continue
-        variants = {"ours": None, "ours+imatrix": imatrix} if weighted_here else {"ours": None}
+        variants = {"ours": None, "ours+imatrix": imatrix}
         for label, used in variants.items():
             started = time.monotonic()
             try:
@@ -193,8 +211,6 @@ def measure_model(name: str, folder: Path, work: Path, tools: dict, types: list[
             row[label] = perplexity(tools["llama-perplexity"], path, text, chunks, threads)
             row[label]["quantize_s"] = round(time.monotonic() - started, 1)
             path.unlink()
-        if not weighted_here:
-            row["ours+imatrix"] = {"skipped": "encode_tensor takes no importance matrix in this checkout"}
         for label, extra in (("llama.cpp", []), ("llama.cpp+imatrix", ["--imatrix", str(imatrix_file)])):
             path = work / f"{quant}-{label}.gguf"
             started = time.monotonic()
@@ -234,6 +250,83 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def model_folder(name: str, work: Path, args) -> Path:
+    """smollm2 fine-tuned and merged (--steps > 0) or as is with a recipe beside it; big: the random 1.5B shape."""
+    if name == "smollm2":
+        return (smollm2_merged(work, args.rows, args.steps, args.eval_rows) if args.steps
+                else smollm2_as_is(work, args.rows, args.eval_rows))
+    if name == "big":
+        return big_merged(work, args.rows, args.eval_rows, args.big_layers)
+    sys.exit(f"unknown model {name!r}: smollm2 or big")
+
+
+def sweep(folder: Path, work: Path, tools: dict, types: list[str], counts: list[int], chunks: int,
+          threads: int) -> dict:
+    from qlora_kit.gguf.export import export_gguf
+    from qlora_kit.gguf.imatrix import imatrix_for_export, save_imatrix
+
+    quiet = {"modelfile": False, "log": lambda *_: None}
+    text = work / "held-out.txt"
+    result = {"held_out": held_out_text(folder, text), "ppl_chunks": chunks, "threads": threads, "tokens": {}}
+    f16 = export_gguf(folder, work / "f16.gguf", "f16", **quiet).gguf_path
+    result["f16"] = perplexity(tools["llama-perplexity"], f16, text, chunks, threads)
+    for quant in types:  # the baseline without a matrix
+        path = work / f"{quant}.gguf"
+        run([str(tools["llama-quantize"]), str(f16), str(path), quant, str(threads)])
+        result.setdefault("without", {})[quant] = perplexity(tools["llama-perplexity"], path, text, chunks, threads)
+    for count in counts:
+        imatrix = imatrix_for_export(folder, "auto", count, log=print)
+        file = save_imatrix(imatrix, work / f"{count}.imatrix")
+        row = {"imatrix_seconds": round(imatrix.seconds, 1)}
+        for quant in types:
+            path = work / f"{quant}.gguf"
+            run([str(tools["llama-quantize"]), "--imatrix", str(file), str(f16), str(path), quant, str(threads)])
+            row[f"{quant} llama.cpp"] = perplexity(tools["llama-perplexity"], path, text, chunks, threads)["ppl"]
+            export_gguf(folder, path, quant, overwrite=True, imatrix=imatrix, **quiet)
+            row[f"{quant} ours"] = perplexity(tools["llama-perplexity"], path, text, chunks, threads)["ppl"]
+        result["tokens"][str(count)] = row
+        print(f"{count} tokens: {row}", flush=True)
+    return result
+
+
+def sweep_table(results: dict) -> str:
+    lines = []
+    for name, model in results.items():
+        columns = sorted({key for row in model["tokens"].values() for key in row if key != "imatrix_seconds"})
+        lines += [f"{name} (f16 {model['f16']['ppl']:.4f})", "| imatrix tokens | seconds | " + " | ".join(columns)
+                  + " |", "| --- | --- |" + " --- |" * len(columns),
+                  "| none | | " + " | ".join(f"{model['without'][c.split()[0]]['ppl']:.4f}"
+                                            if c.endswith("llama.cpp") else "" for c in columns) + " |"]
+        for count, row in model["tokens"].items():
+            lines.append(f"| {count} | {row['imatrix_seconds']} | "
+                         + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def time_only(args) -> int:
+    """The importance matrix alone, through each model, from the rows' training split."""
+    from qlora_kit.gguf.imatrix import DEFAULT_TOKENS, imatrix_for_export
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            work = Path(tmp) / name
+            work.mkdir()
+            folder = model_folder(name, work, args)
+            imatrix = imatrix_for_export(folder, "auto", args.imatrix_tokens or DEFAULT_TOKENS, log=print)
+            results[name] = {"tokens": imatrix.tokens, "seconds": round(imatrix.seconds, 1),
+                             "tokens_per_s": round(imatrix.tokens / imatrix.seconds, 1), "entries": len(imatrix),
+                             "layers": args.big_layers if name == "big" else 30, "threads": os.cpu_count()}
+            print(f"{name}: {results[name]}", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        report = {"command": "python tools/measure_imatrix.py " + " ".join(sys.argv[1:]), "imatrix_time": results,
+                  "machine": f"{os.cpu_count()} CPU cores, shared with other work"}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-cpp", type=Path,
@@ -247,8 +340,13 @@ def main() -> int:
     parser.add_argument("--imatrix-tokens", type=int, default=None, help="default: the export's own default")
     parser.add_argument("--ppl-chunks", type=int, default=16, help="llama-perplexity --chunks (512 tokens each)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--big-layers", type=int, default=4, help="layers of the random 1.5B-shaped model")
+    parser.add_argument("--time-only", action="store_true", help="only time the importance matrix")
+    parser.add_argument("--sweep", help="comma-separated imatrix token counts to compare (see above)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
+    if args.time_only:
+        return time_only(args)
     tools = {name: (args.llama_cpp / name) if args.llama_cpp else None for name in ("llama-quantize",
                                                                                     "llama-perplexity")}
     missing = [name for name, path in tools.items() if path is None or not path.is_file()]
@@ -265,12 +363,15 @@ def main() -> int:
         for name in args.models.split(","):
             work = Path(tmp) / name
             work.mkdir()
-            folder = (smollm2_merged(work, args.rows, args.steps, args.eval_rows) if name == "smollm2"
-                      else big_merged(work, args.rows, args.eval_rows))
-            results[name] = measure_model(name, folder, work, tools, args.types.split(","), tokens,
-                                          args.ppl_chunks, args.threads)
+            folder = model_folder(name, work, args)
+            if args.sweep:
+                results[name] = sweep(folder, work, tools, args.types.split(","),
+                                      [int(n) for n in args.sweep.split(",")], args.ppl_chunks, args.threads)
+            else:
+                results[name] = measure_model(name, folder, work, tools, args.types.split(","), tokens,
+                                              args.ppl_chunks, args.threads)
             shutil.rmtree(work, ignore_errors=True)
-    shown = table(results)
+    shown = sweep_table(results) if args.sweep else table(results)
     print(shown)
     if args.json:
         import platform

@@ -35,7 +35,6 @@ exactly as it reads one converted there:
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import sys
@@ -172,9 +171,6 @@ def export_gguf(folder: Path, out: Path, quant: str = "f16", overwrite: bool = F
     writer.add_file_type(ft.ftype)  # general.file_type: llama.h's LLAMA_FTYPE_MOSTLY_*, as llama-quantize sets it
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_hyper_parameters(writer, hp)
-    if weighted and "importance" not in inspect.signature(encode_tensor).parameters:
-        raise UserError("this version's quantizers take no importance matrix yet",
-                        hint="Export without --imatrix, or update qlora_kit.")
     if weighted:  # what llama-quantize records of the imatrix it quantized with
         # the file's name only: llama-quantize writes the path it was given, which would tell others this
         # machine's folders

@@ -239,7 +239,9 @@ def load_model(folder: Path, device: str | None, dtype):
     if dtype is None:
         config = transformers.AutoConfig.from_pretrained(folder)
         hidden, layers = config.hidden_size, config.num_hidden_layers
-        rough = layers * 12 * hidden * hidden + 2 * config.vocab_size * hidden  # only to choose the dtype
+        # attention (at most 4 h x h) + the MLP's three matrices per layer, the embedding and lm_head: an upper
+        # bound, only to choose the dtype
+        rough = layers * (4 * hidden * hidden + 3 * hidden * config.intermediate_size) + 2 * config.vocab_size * hidden
         dtype = model_dtype(device, rough)
     transformers.logging.disable_progress_bar()
     # use_safetensors: a merged folder holds safetensors; a pickle file there is never unpickled

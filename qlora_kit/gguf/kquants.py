@@ -34,6 +34,8 @@ dequantizes.
 # ruff: noqa: E741  (C's names kept: l, L, Laux are ggml-quants.c's, so the two read side by side)
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -195,58 +197,6 @@ def make_qx_quants(n, nmax, x, L, qw, use_qw):
 
 
 @njit(**JIT)
-def make_q3_quants(n, nmax, x, L):
-    """make_q3_quants with do_rmse (quantize_row_q3_K_ref's call): levels moved one at a time while the
-    weighted fit improves, 5 passes at most."""
-    mx = np.float32(0)
-    amax = np.float32(0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < GROUP_MAX_EPS:  # all zero
-        for i in range(n):
-            L[i] = 0
-        return np.float32(0)
-    iscale = np.float32(-nmax) / mx
-    sumlx = np.float32(0)
-    suml2 = np.float32(0)
-    for i in range(n):
-        v = x[i]
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * v)))
-        L[i] = l
-        w = v * v
-        fl = np.float32(l)
-        sumlx += w * v * fl
-        suml2 += w * fl * fl
-    for _ in range(5):
-        n_changed = 0
-        for i in range(n):
-            v = x[i]
-            w = v * v
-            fl = np.float32(L[i])
-            slx = sumlx - w * v * fl
-            if slx > 0:
-                sl2 = suml2 - w * fl * fl
-                new_l = max(-nmax, min(nmax - 1, nearest_int(v * sl2 / slx)))
-                if new_l != L[i]:
-                    fn = np.float32(new_l)
-                    slx += w * v * fn
-                    sl2 += w * fn * fn
-                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if not n_changed:
-            break
-    for i in range(n):
-        L[i] += nmax
-    return sumlx / suml2 if suml2 > 0 else np.float32(0)
-
-
-@njit(**JIT)
 def make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep):
     """make_qkx2_quants and make_qkx3_quants (use_mad false, weights given: the two are then the same code;
     qkx2's `max == min` and qkx3's `max <= min` agree once min is clamped to <= 0). x ≈ scale·L - the_min,
@@ -380,6 +330,218 @@ def make_qp_quants(n, nmax, x, L, quant_weights):
     return sumlx / suml2 if suml2 > 0 else np.float32(0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The same searches for all sub-blocks of a block at once. The C code runs one sub-block after another, and each
+# of its sums is a chain of dependent float additions (latency-bound: a few cycles per term). Here the
+# sub-blocks are lanes: X[i * lanes + j] is weight i of sub-block j, every per-sub-block variable is an array
+# over lanes, and the innermost loops run over lanes, which LLVM turns into SIMD instructions. Each lane still
+# computes its own sums term by term in C's order with the same float32 operations, and takes its own
+# branches (as selects), so every lane's result is bit for bit the C function's on that sub-block.
+
+
+@njit(**JIT)
+def make_qkx_quants_lanes(n, nmax, X, W, L, Laux, rmin, rdelta, nstep, F, flags, scales, mins):
+    """make_qkx_quants on `lanes` sub-blocks of n weights (X, W: n x lanes). Writes L (n x lanes, 0..nmax), and
+    per lane scales[j] and mins[j] (the_min). F: float32 scratch (13, lanes); flags: bool scratch (2, lanes)."""
+    lanes = scales.shape[0]
+    mn, mx, sum_w, sum_x, iscale, scale, best_error = F[0], F[1], F[2], F[3], F[4], F[5], F[6]
+    sum_l, sum_l2, sum_xl, this_scale, this_min, cur_error = F[7], F[8], F[9], F[10], F[11], F[12]
+    flat, accept = flags[0], flags[1]
+    for j in range(lanes):
+        mn[j] = X[j]
+        mx[j] = X[j]
+        sum_w[j] = W[j]
+        sum_x[j] = W[j] * X[j]
+    for i in range(1, n):
+        for j in range(lanes):
+            v = X[i * lanes + j]
+            w = W[i * lanes + j]
+            mn[j] = v if v < mn[j] else mn[j]
+            mx[j] = v if v > mx[j] else mx[j]
+            sum_w[j] += w
+            sum_x[j] += w * v
+    for j in range(lanes):
+        mn[j] = np.float32(0) if mn[j] > 0 else mn[j]
+        flat[j] = mx[j] <= mn[j]
+        iscale[j] = np.float32(nmax) / (mx[j] - mn[j])
+        scale[j] = np.float32(1) / iscale[j]
+        best_error[j] = np.float32(0)
+    for i in range(n):
+        for j in range(lanes):
+            v = X[i * lanes + j]
+            l = max(0, min(nmax, nearest_int(iscale[j] * (v - mn[j]))))
+            L[i * lanes + j] = l
+            diff = scale[j] * np.float32(l) + mn[j] - v
+            best_error[j] += W[i * lanes + j] * (diff * diff)
+    for step in range(nstep + 1):
+        for j in range(lanes):
+            iscale[j] = (rmin + rdelta * np.float32(step) + np.float32(nmax)) / (mx[j] - mn[j])
+            sum_l[j] = np.float32(0)
+            sum_l2[j] = np.float32(0)
+            sum_xl[j] = np.float32(0)
+        for i in range(n):
+            for j in range(lanes):
+                v = X[i * lanes + j]
+                l = max(0, min(nmax, nearest_int(iscale[j] * (v - mn[j]))))
+                Laux[i * lanes + j] = l
+                w = W[i * lanes + j]
+                fl = np.float32(l)
+                sum_l[j] += w * fl
+                sum_l2[j] += w * fl * fl
+                sum_xl[j] += w * fl * v
+        for j in range(lanes):
+            D = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]
+            ts = (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / D
+            tm = (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / D
+            positive = tm > 0
+            this_min[j] = np.float32(0) if positive else tm
+            this_scale[j] = sum_xl[j] / sum_l2[j] if positive else ts
+            accept[j] = D > 0 and not flat[j]
+            cur_error[j] = np.float32(0)
+        for i in range(n):
+            for j in range(lanes):
+                diff = this_scale[j] * np.float32(Laux[i * lanes + j]) + this_min[j] - X[i * lanes + j]
+                cur_error[j] += W[i * lanes + j] * (diff * diff)
+        better = False
+        for j in range(lanes):
+            take = accept[j] and cur_error[j] < best_error[j]
+            accept[j] = take
+            better |= take
+            if take:
+                best_error[j] = cur_error[j]
+                scale[j] = this_scale[j]
+                mn[j] = this_min[j]
+        if better:
+            for i in range(n):
+                for j in range(lanes):
+                    if accept[j]:
+                        L[i * lanes + j] = Laux[i * lanes + j]
+    for j in range(lanes):
+        scales[j] = np.float32(0) if flat[j] else scale[j]
+        mins[j] = -mn[j]
+    for i in range(n):
+        for j in range(lanes):
+            if flat[j]:
+                L[i * lanes + j] = 0
+
+
+@njit(**JIT)
+def make_qx_quants_lanes(n, nmax, X, W, use_w, L, F, flags, scales):
+    """make_qx_quants (rmse_type 1) on `lanes` sub-blocks (X, W: n x lanes; weights W, or x² when use_w is
+    false). Writes L (n x lanes, nmax + level) and scales[j]. F: float32 scratch (7, lanes); flags: (1, lanes)."""
+    lanes = scales.shape[0]
+    mx, amax, iscale, trial, sumlx, suml2, best = F[0], F[1], F[2], F[3], F[4], F[5], F[6]
+    zero = flags[0]
+    for j in range(lanes):
+        mx[j] = np.float32(0)
+        amax[j] = np.float32(0)
+    for i in range(n):
+        for j in range(lanes):
+            v = X[i * lanes + j]
+            bigger = abs(v) > amax[j]
+            amax[j] = abs(v) if bigger else amax[j]
+            mx[j] = v if bigger else mx[j]
+    for j in range(lanes):
+        zero[j] = amax[j] < GROUP_MAX_EPS
+        iscale[j] = np.float32(-nmax) / mx[j]
+        sumlx[j] = np.float32(0)
+        suml2[j] = np.float32(0)
+    for i in range(n):
+        for j in range(lanes):
+            v = X[i * lanes + j]
+            fl = np.float32(max(-nmax, min(nmax - 1, nearest_int(iscale[j] * v))))
+            w = W[i * lanes + j] if use_w else v * v
+            sumlx[j] += w * v * fl
+            suml2[j] += w * fl * fl
+    for j in range(lanes):
+        scales[j] = sumlx[j] / suml2[j] if suml2[j] != 0 else np.float32(0)
+        best[j] = scales[j] * sumlx[j]
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        for j in range(lanes):
+            trial[j] = -(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / mx[j]
+            sumlx[j] = np.float32(0)
+            suml2[j] = np.float32(0)
+        for i in range(n):
+            for j in range(lanes):
+                v = X[i * lanes + j]
+                fl = np.float32(max(-nmax, min(nmax - 1, nearest_int(trial[j] * v))))
+                w = W[i * lanes + j] if use_w else v * v
+                sumlx[j] += w * v * fl
+                suml2[j] += w * fl * fl
+        for j in range(lanes):
+            if suml2[j] > 0 and sumlx[j] * sumlx[j] > best[j] * suml2[j]:
+                iscale[j] = trial[j]  # the levels are those of the last accepted trial (computed once, below)
+                scales[j] = sumlx[j] / suml2[j]
+                best[j] = scales[j] * sumlx[j]
+    for i in range(n):
+        for j in range(lanes):
+            l = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale[j] * X[i * lanes + j])))
+            L[i * lanes + j] = 0 if zero[j] else l
+    for j in range(lanes):
+        scales[j] = np.float32(0) if zero[j] else scales[j]
+
+
+@njit(**JIT)
+def make_q3_quants_lanes(n, nmax, X, L, F, scales):
+    """make_q3_quants with do_rmse on `lanes` sub-blocks (X: n x lanes). Writes L (n x lanes, nmax + level)
+    and scales[j]. A lane whose pass changes nothing would change nothing in the next pass either (its state
+    is the same), so running the passes until no lane changes, 5 at most, is C's per-sub-block loop.
+    F: float32 scratch (5, lanes)."""
+    lanes = scales.shape[0]
+    mx, amax, iscale, sumlx, suml2 = F[0], F[1], F[2], F[3], F[4]
+    for j in range(lanes):
+        mx[j] = np.float32(0)
+        amax[j] = np.float32(0)
+    for i in range(n):
+        for j in range(lanes):
+            v = X[i * lanes + j]
+            bigger = abs(v) > amax[j]
+            amax[j] = abs(v) if bigger else amax[j]
+            mx[j] = v if bigger else mx[j]
+    for j in range(lanes):
+        iscale[j] = np.float32(-nmax) / mx[j]
+        sumlx[j] = np.float32(0)
+        suml2[j] = np.float32(0)
+    for i in range(n):
+        for j in range(lanes):
+            v = X[i * lanes + j]
+            l = max(-nmax, min(nmax - 1, nearest_int(iscale[j] * v)))
+            L[i * lanes + j] = l
+            w = v * v
+            fl = np.float32(l)
+            sumlx[j] += w * v * fl
+            suml2[j] += w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            for j in range(lanes):
+                v = X[i * lanes + j]
+                w = v * v
+                fl = np.float32(L[i * lanes + j])
+                slx = sumlx[j] - w * v * fl
+                if slx > 0:
+                    sl2 = suml2[j] - w * fl * fl
+                    new_l = max(-nmax, min(nmax - 1, nearest_int(v * sl2 / slx)))
+                    if new_l != L[i * lanes + j]:
+                        fn = np.float32(new_l)
+                        slx += w * v * fn
+                        sl2 += w * fn * fn
+                        if sl2 > 0 and slx * slx * suml2[j] > sumlx[j] * sumlx[j] * sl2:
+                            L[i * lanes + j] = new_l
+                            sumlx[j] = slx
+                            suml2[j] = sl2
+                            n_changed += 1
+        if not n_changed:
+            break
+    for j in range(lanes):
+        zero = amax[j] < GROUP_MAX_EPS
+        scales[j] = np.float32(0) if zero else (sumlx[j] / suml2[j] if suml2[j] > 0 else np.float32(0))
+        for i in range(n):
+            L[i * lanes + j] = 0 if zero else L[i * lanes + j] + nmax
+
+
 @njit(inline="always", **JIT)
 def u8(y, i):
     """A byte of the block as int64: numba types a shifted uint8 as uint64, which unifies with int64 as
@@ -427,13 +589,31 @@ def _q3_k_finish(x, y, L, d_all):
                                   | (L[j + l + 96] << 6)) & 0xFF
 
 
+@njit(inline="always", **JIT)
+def _lanes_of(x, n, lanes, X):
+    """X[i * lanes + j] = x[n * j + i]: sub-block j of the block as lane j."""
+    for j in range(lanes):
+        for i in range(n):
+            X[i * lanes + j] = x[n * j + i]
+
+
+@njit(inline="always", **JIT)
+def _from_lanes(Lt, n, lanes, L):
+    for j in range(lanes):
+        for i in range(n):
+            L[n * j + i] = Lt[i * lanes + j]
+
+
 @njit(**JIT)
-def _q3_k_ref(x, y, L, scales):
+def _q3_k_ref(x, y, L, S):
     """quantize_row_q3_K_ref, one block."""
+    X, Lt, F, scales = S.X, S.Lt, S.F, S.scales
+    _lanes_of(x, 16, 16, X)
+    make_q3_quants_lanes(16, 4, X, Lt, F, scales)
+    _from_lanes(Lt, 16, 16, L)
     max_scale = np.float32(0)
     amax = np.float32(0)
     for j in range(16):
-        scales[j] = make_q3_quants(16, 4, x[16 * j:], L[16 * j:])
         scale = abs(scales[j])
         if scale > amax:
             amax = scale
@@ -461,18 +641,21 @@ def _sigma2(x):
 
 
 @njit(**JIT)
-def _q3_k_impl(x, qw, y, L, scales, weight, sw, Ls):
+def _q3_k_impl(x, qw, y, L, S):
     """quantize_row_q3_K_impl with quant_weights, one block (qw: the block's 256 importances)."""
+    X, W, Lt, F, flags, scales, sw, Ls = S.X, S.W, S.Lt, S.F, S.flags, S.scales, S.sw, S.Ls
     sigma2 = _sigma2(x)
+    _lanes_of(x, 16, 16, X)
     for j in range(16):
-        for l in range(16):
-            v = x[16 * j + l]
-            weight[l] = qw[16 * j + l] * np.sqrt(sigma2 + v * v)
-        sumw = np.float32(0)
-        for l in range(16):
-            sumw += weight[l]
-        sw[j] = sumw
-        scales[j] = make_qx_quants(16, 4, x[16 * j:], L[16 * j:], weight, True)
+        sw[j] = np.float32(0)
+    for i in range(16):
+        for j in range(16):
+            v = X[i * 16 + j]
+            w = qw[16 * j + i] * np.sqrt(sigma2 + v * v)
+            W[i * 16 + j] = w
+            sw[j] += w
+    make_qx_quants_lanes(16, 4, X, W, True, Lt, F, flags, scales)
+    _from_lanes(Lt, 16, 16, L)
     for k in range(12):
         y[96 + k] = 0
     d_block = make_qx_quants(16, 32, scales, Ls, sw, True)
@@ -523,19 +706,26 @@ def _levels_k4(x, y, L, nmax):
 
 
 @njit(**JIT)
-def _qk_ref(x, y, L, Laux, weights, scales, mins, nmax, rmin, nstep):
+def _qk_ref(x, y, L, S, nmax, rmin, nstep):
     """quantize_row_q4_K_ref (nmax 15, rmin -1, 20 steps) / q5_K_ref (31, -0.5, 15) up to the levels."""
+    X, W, Lt, Lauxt, F, flags, scales, mins = S.X, S.W, S.Lt, S.Lauxt, S.F, S.flags, S.scales, S.mins
+    _lanes_of(x, 32, 8, X)
+    av_x = F[0]  # (overwritten by the search below, once W is made)
+    for j in range(8):
+        av_x[j] = np.float32(0)
+    for i in range(32):
+        for j in range(8):
+            av_x[j] += X[i * 8 + j] * X[i * 8 + j]
+    for j in range(8):
+        av_x[j] = np.sqrt(av_x[j] / np.float32(32))
+    for i in range(32):
+        for j in range(8):
+            W[i * 8 + j] = av_x[j] + abs(X[i * 8 + j])
+    make_qkx_quants_lanes(32, nmax, X, W, Lt, Lauxt, rmin, np.float32(0.1), nstep, F, flags, scales[:8], mins)
+    _from_lanes(Lt, 32, 8, L)
     max_scale = np.float32(0)  # as we are deducting the min, scales are always positive
     max_min = np.float32(0)
     for j in range(8):
-        sum_x2 = np.float32(0)
-        for l in range(32):
-            sum_x2 += x[32 * j + l] * x[32 * j + l]
-        av_x = np.sqrt(sum_x2 / np.float32(32))
-        for l in range(32):
-            weights[l] = av_x + abs(x[32 * j + l])
-        scales[j], mins[j] = make_qkx_quants(32, nmax, x[32 * j:], weights, L[32 * j:], Laux, rmin,
-                                             np.float32(0.1), nstep)
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -552,20 +742,23 @@ def _qk_ref(x, y, L, Laux, weights, scales, mins, nmax, rmin, nstep):
 
 
 @njit(**JIT)
-def _qk_impl(x, qw, y, L, Laux, weights, scales, mins, sw, Ls, Lm, nmax, clamp_scales):
+def _qk_impl(x, qw, y, L, S, nmax, clamp_scales):
     """quantize_row_q4_K_impl / q5_K_impl with quant_weights up to the levels (q5_K clamps the 6-bit scales
     to 63 before packing, q4_K does not)."""
+    X, W, Lt, Lauxt, F, flags, scales, mins = S.X, S.W, S.Lt, S.Lauxt, S.F, S.flags, S.scales[:8], S.mins
+    sw, Ls, Lm = S.sw[:8], S.Ls[:8], S.Lm
     sigma2 = _sigma2(x)
+    _lanes_of(x, 32, 8, X)
     for j in range(8):
-        for l in range(32):
-            v = x[32 * j + l]
-            weights[l] = qw[32 * j + l] * np.sqrt(sigma2 + v * v)
-        sumw = np.float32(0)
-        for l in range(32):
-            sumw += weights[l]
-        sw[j] = sumw
-        scales[j], mins[j] = make_qkx_quants(32, nmax, x[32 * j:], weights, L[32 * j:], Laux, np.float32(-0.9),
-                                             np.float32(0.05), 36)
+        sw[j] = np.float32(0)
+    for i in range(32):
+        for j in range(8):
+            v = X[i * 8 + j]
+            w = qw[32 * j + i] * np.sqrt(sigma2 + v * v)
+            W[i * 8 + j] = w
+            sw[j] += w
+    make_qkx_quants_lanes(32, nmax, X, W, Lt, Lauxt, np.float32(-0.9), np.float32(0.05), 36, F, flags, scales, mins)
+    _from_lanes(Lt, 32, 8, L)
     d_block = make_qp_quants(8, 63, scales, Ls, sw)
     m_block = make_qp_quants(8, 63, mins, Lm, sw)
     for j in range(8):
@@ -611,18 +804,22 @@ def _q5_k_pack(y, L):
 
 
 @njit(**JIT)
-def _q6_k(x, qw, use_qw, y, L, scales):
+def _q6_k(x, qw, use_qw, y, L, S):
     """quantize_row_q6_K_ref (use_qw false) / quantize_row_q6_K_impl (quant_weights straight into
     make_qx_quants), one block."""
+    X, W, Lt, F, flags, scales = S.X, S.W, S.Lt, S.F, S.flags, S.scales
+    _lanes_of(x, 16, 16, X)
+    if use_qw:
+        _lanes_of(qw, 16, 16, W)
+    make_qx_quants_lanes(16, 32, X, W, use_qw, Lt, F, flags, scales)
+    _from_lanes(Lt, 16, 16, L)
     max_scale = np.float32(0)
     max_abs_scale = np.float32(0)
     for ib in range(16):
-        scale = make_qx_quants(16, 32, x[16 * ib:], L[16 * ib:], qw[16 * ib:] if use_qw else qw, use_qw)
-        scales[ib] = scale
-        abs_scale = abs(scale)
+        abs_scale = abs(scales[ib])
         if abs_scale > max_abs_scale:
             max_abs_scale = abs_scale
-            max_scale = scale
+            max_scale = scales[ib]
     if max_abs_scale < GROUP_MAX_EPS:
         for k in range(210):
             y[k] = 0
@@ -656,78 +853,82 @@ def _q6_k(x, qw, use_qw, y, L, scales):
 # (quantize_row_*_ref over nrow·n_per_row): the blocks are independent, so row by row gives the same bytes.
 
 
+Scratch = namedtuple("Scratch", "X W Lt Lauxt F flags scales mins sw Ls Lm")
+
+
+@njit(inline="always", **JIT)
+def _scratch():
+    """One task's working memory (a C function's locals): reused for every block of its rows."""
+    return Scratch(np.empty(QK_K, np.float32), np.empty(QK_K, np.float32), np.empty(QK_K, np.int32),
+                   np.empty(QK_K, np.int32), np.empty((13, 16), np.float32), np.empty((2, 16), np.bool_),
+                   np.empty(16, np.float32), np.empty(8, np.float32), np.empty(16, np.float32),
+                   np.empty(16, np.int32), np.empty(8, np.int32))
+
+
+ROWS_PER_TASK = 16  # rows a parallel task takes (one scratch allocation for them)
+
+
 @njit(parallel=True, **JIT)
 def quantize_q3_k_rows(x, out, qw, use_qw):
     rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for r in prange(rows):
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        S = _scratch()
         L = np.empty(QK_K, np.int32)
-        scales = np.empty(16, np.float32)
-        weight = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        Ls = np.empty(16, np.int32)
-        xr, yr = x[r], out[r]
-        for i in range(blocks):
-            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[110 * i:110 * (i + 1)]
-            if use_qw:
-                _q3_k_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, scales, weight, sw, Ls)
-            else:
-                _q3_k_ref(xb, yb, L, scales)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            xr, yr = x[r], out[r]
+            for i in range(blocks):
+                xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[110 * i:110 * (i + 1)]
+                if use_qw:
+                    _q3_k_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S)
+                else:
+                    _q3_k_ref(xb, yb, L, S)
 
 
 @njit(parallel=True, **JIT)
 def quantize_q4_k_rows(x, out, qw, use_qw):
     rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for r in prange(rows):
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        S = _scratch()
         L = np.empty(QK_K, np.int32)
-        Laux = np.empty(32, np.int32)
-        weights = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
-        Ls = np.empty(8, np.int32)
-        Lm = np.empty(8, np.int32)
-        xr, yr = x[r], out[r]
-        for i in range(blocks):
-            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[144 * i:144 * (i + 1)]
-            if use_qw:
-                _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, Laux, weights, scales, mins, sw, Ls, Lm, 15, False)
-            else:
-                _qk_ref(xb, yb, L, Laux, weights, scales, mins, 15, np.float32(-1.0), 20)
-            _q4_k_pack(yb, L)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            xr, yr = x[r], out[r]
+            for i in range(blocks):
+                xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[144 * i:144 * (i + 1)]
+                if use_qw:
+                    _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 15, False)
+                else:
+                    _qk_ref(xb, yb, L, S, 15, np.float32(-1.0), 20)
+                _q4_k_pack(yb, L)
 
 
 @njit(parallel=True, **JIT)
 def quantize_q5_k_rows(x, out, qw, use_qw):
     rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for r in prange(rows):
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        S = _scratch()
         L = np.empty(QK_K, np.int32)
-        Laux = np.empty(32, np.int32)
-        weights = np.empty(32, np.float32)
-        scales = np.empty(8, np.float32)
-        mins = np.empty(8, np.float32)
-        sw = np.empty(8, np.float32)
-        Ls = np.empty(8, np.int32)
-        Lm = np.empty(8, np.int32)
-        xr, yr = x[r], out[r]
-        for i in range(blocks):
-            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[176 * i:176 * (i + 1)]
-            if use_qw:
-                _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, Laux, weights, scales, mins, sw, Ls, Lm, 31, True)
-            else:
-                _qk_ref(xb, yb, L, Laux, weights, scales, mins, 31, np.float32(-0.5), 15)
-            _q5_k_pack(yb, L)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            xr, yr = x[r], out[r]
+            for i in range(blocks):
+                xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[176 * i:176 * (i + 1)]
+                if use_qw:
+                    _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 31, True)
+                else:
+                    _qk_ref(xb, yb, L, S, 31, np.float32(-0.5), 15)
+                _q5_k_pack(yb, L)
 
 
 @njit(parallel=True, **JIT)
 def quantize_q6_k_rows(x, out, qw, use_qw):
     rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for r in prange(rows):
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        S = _scratch()
         L = np.empty(QK_K, np.int32)
-        scales = np.empty(16, np.float32)
-        xr, yr = x[r], out[r]
-        for i in range(blocks):
-            qb = qw[QK_K * i:QK_K * (i + 1)] if use_qw else qw
-            _q6_k(xr[QK_K * i:QK_K * (i + 1)], qb, use_qw, yr[210 * i:210 * (i + 1)], L, scales)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            xr, yr = x[r], out[r]
+            for i in range(blocks):
+                qb = qw[QK_K * i:QK_K * (i + 1)] if use_qw else qw
+                _q6_k(xr[QK_K * i:QK_K * (i + 1)], qb, use_qw, yr[210 * i:210 * (i + 1)], L, S)
 
 
 def kernels() -> dict:

@@ -168,8 +168,7 @@ for qtype in BLOCK:
         quantize_k(x, qtype, importance)
         times.setdefault(qtype, 0.0)
         times[qtype] += time.monotonic() - t
-import numba
-print(json.dumps(times | {"threading_layer": numba.threading_layer()}))
+print(json.dumps(times))
 """
 
 
@@ -184,10 +183,8 @@ def compile_times(threads: int) -> dict:
             if done.returncode:
                 sys.exit(f"compile child failed:\n{done.stderr[-3000:]}")
             times = json.loads(done.stdout.strip().splitlines()[-1])
-            layer = times.pop("threading_layer")
             result[phase] = {k: round(v, 2) for k, v in times.items()} | {
                 "total_s": round(sum(v for k, v in times.items() if k != "import_s"), 1)}
-            result["threading_layer"] = layer
             print(f"numba compile, {phase}: {result[phase]}", flush=True)
     return result
 
@@ -345,7 +342,8 @@ def main() -> int:
 
 def table(result: dict) -> str:
     lines = [f"threads {result['threads']} of {result['machine_cores']} cores; load {result['load_at_start']} at start",
-             "| type | ours (s) | llama-quantize (s) | ratio | tensors byte-identical |", "| --- | --- | --- | --- | --- |"]
+             "| type | ours (s) | llama-quantize (s) | ratio | tensors byte-identical |",
+             "| --- | --- | --- | --- | --- |"]
     for ft, row in result["types"].items():
         same = row["same_bytes"]
         lines.append(f"| {ft} | {row['ours_export_s_median']:.1f} | {row['llama_quantize_s_median']:.1f} | "

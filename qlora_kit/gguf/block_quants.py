@@ -17,7 +17,7 @@ d m qh[4] qs[16]; block_q8_0 d qs[32] (d, m f16; qh a little-endian uint32 of th
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from qlora_kit.gguf.kquants import JIT, c_int, int8, make_qkx_quants, make_qx_quants, put_fp16
 
@@ -25,7 +25,7 @@ QK = 32
 FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _amax_signed(x):
     """The value of largest |x| in the block (the first one on a tie), as q4_0 / q5_0 ref find it."""
     amax = np.float32(0)
@@ -38,7 +38,7 @@ def _amax_signed(x):
     return mx
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _min_max(x):
     mn = FLT_MAX
     mx = -FLT_MAX
@@ -51,7 +51,7 @@ def _min_max(x):
     return mn, mx
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _row_sigma2(x):
     """The `_impl` forms' sigma2: sum of x² over the whole row, in order, over n_per_row."""
     sum_x2 = np.float32(0)
@@ -60,19 +60,19 @@ def _row_sigma2(x):
     return sum_x2 / np.float32(x.shape[0])
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _block_weights(x, qw, sigma2, weight):
     for j in range(QK):
         weight[j] = qw[j] * np.sqrt(sigma2 + x[j] * x[j])
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _pack_nibbles(qs, L):
     for j in range(16):
         qs[j] = (L[j] | (L[j + 16] << 4)) & 0xFF
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _pack_5bit(qh, qs, L):
     """qs: low nibbles (j, j+16 in one byte); qh: the 5th bits, bit j for L[j]."""
     bits = 0
@@ -86,10 +86,10 @@ def _pack_5bit(qh, qs, L):
         qh[k] = (bits >> (8 * k)) & 0xFF
 
 
-@njit(parallel=True, **JIT)
-def quantize_q4_0_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK
-    for r in prange(rows):
+@njit(**JIT)
+def quantize_q4_0_rows(x, out, qw, use_qw, first, last):
+    blocks = x.shape[1] // QK
+    for r in range(first, last):
         xr, yr = x[r], out[r]
         L = np.empty(QK, np.int32)
         weight = np.empty(QK, np.float32)
@@ -108,10 +108,10 @@ def quantize_q4_0_rows(x, out, qw, use_qw):
             _pack_nibbles(y[2:], L)
 
 
-@njit(parallel=True, **JIT)
-def quantize_q4_1_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK
-    for r in prange(rows):
+@njit(**JIT)
+def quantize_q4_1_rows(x, out, qw, use_qw, first, last):
+    blocks = x.shape[1] // QK
+    for r in range(first, last):
         xr, yr = x[r], out[r]
         L = np.empty(QK, np.int32)
         Laux = np.empty(QK, np.int32)
@@ -135,10 +135,10 @@ def quantize_q4_1_rows(x, out, qw, use_qw):
             _pack_nibbles(y[4:], L)
 
 
-@njit(parallel=True, **JIT)
-def quantize_q5_0_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK
-    for r in prange(rows):
+@njit(**JIT)
+def quantize_q5_0_rows(x, out, qw, use_qw, first, last):
+    blocks = x.shape[1] // QK
+    for r in range(first, last):
         xr, yr = x[r], out[r]
         L = np.empty(QK, np.int32)
         weight = np.empty(QK, np.float32)
@@ -157,10 +157,10 @@ def quantize_q5_0_rows(x, out, qw, use_qw):
             _pack_5bit(y[2:], y[6:], L)
 
 
-@njit(parallel=True, **JIT)
-def quantize_q5_1_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK
-    for r in prange(rows):
+@njit(**JIT)
+def quantize_q5_1_rows(x, out, qw, use_qw, first, last):
+    blocks = x.shape[1] // QK
+    for r in range(first, last):
         xr, yr = x[r], out[r]
         L = np.empty(QK, np.int32)
         Laux = np.empty(QK, np.int32)
@@ -184,7 +184,7 @@ def quantize_q5_1_rows(x, out, qw, use_qw):
             _pack_5bit(y[4:], y[8:], L)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _roundf(v):
     """C's roundf (half away from zero) as an integer; x86's conversion for nan / out of range."""
     t = c_int(v)
@@ -198,11 +198,11 @@ def _roundf(v):
     return t
 
 
-@njit(parallel=True, **JIT)
-def quantize_q8_0_rows(x, out, qw, use_qw):
+@njit(**JIT)
+def quantize_q8_0_rows(x, out, qw, use_qw, first, last):
     """quantize_row_q8_0_ref (quantize_q8_0 ignores quant_weights)."""
-    rows, blocks = x.shape[0], x.shape[1] // QK
-    for r in prange(rows):
+    blocks = x.shape[1] // QK
+    for r in range(first, last):
         xr, yr = x[r], out[r]
         for ib in range(blocks):
             xb, y = xr[QK * ib:QK * (ib + 1)], yr[34 * ib:34 * (ib + 1)]

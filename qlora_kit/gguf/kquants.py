@@ -13,9 +13,11 @@ without FMA; an aarch64 build may contract a*b+c into one rounding and differ fr
 
 Why numba: the numpy port this replaces allocated full-size temporaries for each of the ~21 trial scales of
 every sub-block and ran 3x slower than llama-quantize; a compiled loop keeps a 256-weight block in L1 as the C
-code does. numba ships wheels for Linux, macOS and Windows; `cache=True` keeps the compiled kernels on disk
-(the first call of each type compiles it once, a few seconds), `prange` spreads the rows over numba's threads
-(all cores unless NUMBA_NUM_THREADS or `threads` says fewer). The dispatch is llama.cpp's `quantize_q*_K`:
+code does, and runs the searches of a block's sub-blocks side by side (below, "lanes"). numba ships wheels for
+Linux, macOS and Windows; `cache=True` keeps the compiled kernels on disk (the first call of each type
+compiles it once, a few seconds). The kernels release the GIL, so a thread pool spreads pieces of the rows
+over every core (NUMBA_NUM_THREADS or `threads` says fewer); numba's own parallel loops are not used: their
+compile time was twice the kernels' own. The dispatch is llama.cpp's `quantize_q*_K`:
 without an importance vector the `_ref` quantizer, with one the `_impl` quantizer (`quant_weights`: one float
 per column, llama-imatrix's mean of x²), as `llama-quantize --imatrix` runs them.
 
@@ -35,10 +37,11 @@ dequantizes.
 from __future__ import annotations
 
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 
 QK_K = 256
@@ -80,14 +83,14 @@ def bits_f32(typingctx, bits):
     return types.float32(types.uint32), codegen
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def nearest_int(fval):
     """ggml-quants.c nearest_int: round half to even through the float32 sum with 1.5·2^23."""
     i = np.int64(f32_bits(fval + np.float32(12582912.0)))
     return (i & 0x007FFFFF) - 0x00400000
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def c_int(value):
     """A C float -> int conversion as x86 does it (cvttss2si): toward zero; nan or out of range gives INT_MIN."""
     if not (value > np.float32(-2147483648.0) and value < np.float32(2147483648.0)):
@@ -95,13 +98,13 @@ def c_int(value):
     return np.int64(value)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def int8(value):
     """C's store into an int8_t: the low byte, signed."""
     return ((value + 128) & 0xFF) - 128
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def fp32_to_fp16(f):
     """ggml-impl.h ggml_compute_fp32_to_fp16 (GGML_FP32_TO_FP16 without F16C), bit for bit: the f16 bits."""
     base = (abs(f) * SCALE_TO_INF) * SCALE_TO_ZERO
@@ -119,7 +122,7 @@ def fp32_to_fp16(f):
     return (sign >> 16) | (0x7E00 if shl1_w > 0xFF000000 else nonsign)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def fp16_to_fp32(h):
     """GGML_FP16_TO_FP32: the exact float32 of f16 bits."""
     sign = (h & 0x8000) << 16
@@ -133,7 +136,7 @@ def fp16_to_fp32(h):
     return bits_f32(np.uint32(sign | ((exponent + 112) << 23) | (mantissa << 13)))
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def put_fp16(out, offset, value):
     """`y.d = GGML_FP32_TO_FP16(value)`, little-endian; returns the float32 the file now holds."""
     h = fp32_to_fp16(value)
@@ -542,7 +545,7 @@ def make_q3_quants_lanes(n, nmax, X, L, F, scales):
             L[i * lanes + j] = 0 if zero else L[i * lanes + j] + nmax
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def u8(y, i):
     """A byte of the block as int64: numba types a shifted uint8 as uint64, which unifies with int64 as
     float64."""
@@ -553,7 +556,7 @@ def u8(y, i):
 # Q3_K: hmask[32] qs[64] scales[12] d. `y` is one block's bytes, `x` its 256 weights.
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _q3_k_pack_scale(y, j, l):
     """One 6-bit scale into block_q3_K's scales[12] (zeroed before): low 4 bits in bytes 0-7, high 2 in 8-11."""
     if j < 8:
@@ -564,7 +567,7 @@ def _q3_k_pack_scale(y, j, l):
     y[104 + j % 4] |= (l << (2 * (j // 4))) & 0xFF
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _q3_k_finish(x, y, L, d_all):
     """The shared end of quantize_row_q3_K_ref / _impl: levels against the stored scales, then hmask and qs."""
     for j in range(16):
@@ -589,7 +592,7 @@ def _q3_k_finish(x, y, L, d_all):
                                   | (L[j + l + 96] << 6)) & 0xFF
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _lanes_of(x, n, lanes, X):
     """X[i * lanes + j] = x[n * j + i]: sub-block j of the block as lane j."""
     for j in range(lanes):
@@ -597,7 +600,7 @@ def _lanes_of(x, n, lanes, X):
             X[i * lanes + j] = x[n * j + i]
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _from_lanes(Lt, n, lanes, L):
     for j in range(lanes):
         for i in range(n):
@@ -631,7 +634,7 @@ def _q3_k_ref(x, y, L, S):
     _q3_k_finish(x, y, L, d_all)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _sigma2(x):
     """quantize_row_q*_K_impl's `2*sum_x2/QK_K`: twice the block's mean square."""
     sum_x2 = np.float32(0)
@@ -669,7 +672,7 @@ def _q3_k_impl(x, qw, y, L, S):
 # Q4_K: d dmin scales[12] qs[128]; Q5_K: d dmin scales[12] qh[32] qs[128]
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _pack_scale_min_k4(y, j, ls, lm):
     """One (scale, min) pair into the 12 scale bytes (y[4:16]) of Q4_K / Q5_K, uint8_t stores as C's."""
     if j < 4:
@@ -681,7 +684,7 @@ def _pack_scale_min_k4(y, j, ls, lm):
         y[4 + j] |= ((lm >> 4) << 6) & 0xFF
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _get_scale_min_k4(y, j):
     if j < 4:
         return u8(y, 4 + j) & 63, u8(y, 4 + j + 4) & 63
@@ -689,7 +692,7 @@ def _get_scale_min_k4(y, j):
             (u8(y, 4 + j + 4) >> 4) | ((u8(y, 4 + j) >> 6) << 4))
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _levels_k4(x, y, L, nmax):
     """The final levels of Q4_K / Q5_K against the stored scales: `if (!d) continue;` keeps the search's."""
     d_all = fp16_to_fp32(u8(y, 0) | (u8(y, 1) << 8))
@@ -771,14 +774,14 @@ def _qk_impl(x, qw, y, L, S, nmax, clamp_scales):
     _levels_k4(x, y, L, nmax)
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _q4_k_pack(y, L):
     for j in range(0, QK_K, 64):
         for l in range(32):
             y[16 + j // 2 + l] = (L[j + l] | (L[j + l + 32] << 4)) & 0xFF
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _q5_k_pack(y, L):
     for j in range(32):
         y[16 + j] = 0
@@ -856,7 +859,7 @@ def _q6_k(x, qw, use_qw, y, L, S):
 Scratch = namedtuple("Scratch", "X W Lt Lauxt F flags scales mins sw Ls Lm")
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT)
 def _scratch():
     """One task's working memory (a C function's locals): reused for every block of its rows."""
     return Scratch(np.empty(QK_K, np.float32), np.empty(QK_K, np.float32), np.empty(QK_K, np.int32),
@@ -865,91 +868,86 @@ def _scratch():
                    np.empty(16, np.int32), np.empty(8, np.int32))
 
 
-ROWS_PER_TASK = 16  # rows a parallel task takes (one scratch allocation for them)
+@njit(**JIT)
+def _q3_k_task(x, out, qw, use_qw, first, last):
+    S = _scratch()
+    L = np.empty(QK_K, np.int32)
+    for r in range(first, last):
+        xr, yr = x[r], out[r]
+        for i in range(x.shape[1] // QK_K):
+            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[110 * i:110 * (i + 1)]
+            if use_qw:
+                _q3_k_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S)
+            else:
+                _q3_k_ref(xb, yb, L, S)
 
 
-@njit(parallel=True, **JIT)
-def quantize_q3_k_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        S = _scratch()
-        L = np.empty(QK_K, np.int32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            xr, yr = x[r], out[r]
-            for i in range(blocks):
-                xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[110 * i:110 * (i + 1)]
-                if use_qw:
-                    _q3_k_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S)
-                else:
-                    _q3_k_ref(xb, yb, L, S)
+@njit(**JIT)
+def _q4_k_task(x, out, qw, use_qw, first, last):
+    S = _scratch()
+    L = np.empty(QK_K, np.int32)
+    for r in range(first, last):
+        xr, yr = x[r], out[r]
+        for i in range(x.shape[1] // QK_K):
+            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[144 * i:144 * (i + 1)]
+            if use_qw:
+                _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 15, False)
+            else:
+                _qk_ref(xb, yb, L, S, 15, np.float32(-1.0), 20)
+            _q4_k_pack(yb, L)
 
 
-@njit(parallel=True, **JIT)
-def quantize_q4_k_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        S = _scratch()
-        L = np.empty(QK_K, np.int32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            xr, yr = x[r], out[r]
-            for i in range(blocks):
-                xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[144 * i:144 * (i + 1)]
-                if use_qw:
-                    _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 15, False)
-                else:
-                    _qk_ref(xb, yb, L, S, 15, np.float32(-1.0), 20)
-                _q4_k_pack(yb, L)
+@njit(**JIT)
+def _q5_k_task(x, out, qw, use_qw, first, last):
+    S = _scratch()
+    L = np.empty(QK_K, np.int32)
+    for r in range(first, last):
+        xr, yr = x[r], out[r]
+        for i in range(x.shape[1] // QK_K):
+            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[176 * i:176 * (i + 1)]
+            if use_qw:
+                _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 31, True)
+            else:
+                _qk_ref(xb, yb, L, S, 31, np.float32(-0.5), 15)
+            _q5_k_pack(yb, L)
 
 
-@njit(parallel=True, **JIT)
-def quantize_q5_k_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        S = _scratch()
-        L = np.empty(QK_K, np.int32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            xr, yr = x[r], out[r]
-            for i in range(blocks):
-                xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[176 * i:176 * (i + 1)]
-                if use_qw:
-                    _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 31, True)
-                else:
-                    _qk_ref(xb, yb, L, S, 31, np.float32(-0.5), 15)
-                _q5_k_pack(yb, L)
-
-
-@njit(parallel=True, **JIT)
-def quantize_q6_k_rows(x, out, qw, use_qw):
-    rows, blocks = x.shape[0], x.shape[1] // QK_K
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        S = _scratch()
-        L = np.empty(QK_K, np.int32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            xr, yr = x[r], out[r]
-            for i in range(blocks):
-                qb = qw[QK_K * i:QK_K * (i + 1)] if use_qw else qw
-                _q6_k(xr[QK_K * i:QK_K * (i + 1)], qb, use_qw, yr[210 * i:210 * (i + 1)], L, S)
+@njit(**JIT)
+def _q6_k_task(x, out, qw, use_qw, first, last):
+    S = _scratch()
+    L = np.empty(QK_K, np.int32)
+    for r in range(first, last):
+        xr, yr = x[r], out[r]
+        for i in range(x.shape[1] // QK_K):
+            qb = qw[QK_K * i:QK_K * (i + 1)] if use_qw else qw
+            _q6_k(xr[QK_K * i:QK_K * (i + 1)], qb, use_qw, yr[210 * i:210 * (i + 1)], L, S)
 
 
 def kernels() -> dict:
-    """qtype -> its compiled row kernel `(x, out, quant_weights, use_quant_weights)`, all nine types."""
+    """qtype -> its compiled task `(x, out, quant_weights, use_quant_weights, first_row, last_row)`: rows
+    first..last-1 of x quantized into the same rows of out, all nine types."""
     from qlora_kit.gguf import block_quants
 
-    return {"Q3_K": quantize_q3_k_rows, "Q4_K": quantize_q4_k_rows, "Q5_K": quantize_q5_k_rows,
-            "Q6_K": quantize_q6_k_rows, **block_quants.KERNELS}
+    return {"Q3_K": _q3_k_task, "Q4_K": _q4_k_task, "Q5_K": _q5_k_task, "Q6_K": _q6_k_task, **block_quants.KERNELS}
+
+
+def default_threads() -> int:
+    """numba's thread count: NUMBA_NUM_THREADS where set, else every core this process may use."""
+    import numba
+
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
 
 
 IGNORES_IMPORTANCE = {"Q8_0"}  # quantize_q8_0: `(void)quant_weights; // not used`
 
 
 def quantize_k(data: np.ndarray, qtype: str, importance: np.ndarray | None = None,
-               threads: int | None = None) -> np.ndarray:
+               threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """A 2-D float tensor (rows, columns; columns a multiple of the type's block) as `qtype` blocks, shaped as
     gguf's writer wants quantized data: (rows, bytes per row). `importance`: one float per column (the
-    imatrix's mean of x² for this tensor), or None for llama.cpp's reference quantizer. `threads`: numba's
-    thread count for this call (default: all of numba's, NUMBA_NUM_THREADS or every core)."""
-    import numba
-
+    imatrix's mean of x² for this tensor), or None for llama.cpp's reference quantizer. `threads`: how many
+    rows are quantized at once (default_threads(): NUMBA_NUM_THREADS or every core). `out`: a C-contiguous
+    uint8 array of that shape to write into (encode_tensor's slice of the tensor: no copy)."""
     if qtype not in BLOCK:
         raise ValueError(f"no quantizer for {qtype}: {', '.join(BLOCK)}")
     weights_per_block, block_bytes = BLOCK[qtype]
@@ -964,17 +962,22 @@ def quantize_k(data: np.ndarray, qtype: str, importance: np.ndarray | None = Non
             raise ValueError(f"importance has {qw.shape[0]} values for rows of {columns} weights")
     else:
         qw = np.zeros(1, np.float32)
-    out = np.empty((rows, columns // weights_per_block * block_bytes), dtype=np.uint8)
-    kernel = kernels()[qtype]
-    if threads is None:
-        kernel(x, out, qw, use_qw)
+    shape = (rows, columns // weights_per_block * block_bytes)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 of shape {shape}")
+    task = kernels()[qtype]
+    threads = max(1, min(threads or default_threads(), rows))
+    if threads == 1:
+        task(x, out, qw, use_qw, 0, rows)
         return out
-    before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        kernel(x, out, qw, use_qw)
-    finally:
-        numba.set_num_threads(before)
+    # a few pieces per thread (rows cost alike, but the machine may be shared), each at least 16 rows
+    step = max(16, -(-rows // (4 * threads)))
+    with ThreadPoolExecutor(threads) as pool:  # the tasks release the GIL (nogil): one core each
+        for done in [pool.submit(task, x, out, qw, use_qw, first, min(rows, first + step))
+                     for first in range(0, rows, step)]:
+            done.result()
     return out
 
 

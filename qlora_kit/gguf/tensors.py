@@ -239,7 +239,7 @@ def encode_tensor(plan: TensorPlan, data: torch.Tensor, progress: Callable[[int]
         step = max(1, CHUNK_WEIGHTS // rows.shape[1])
         for start in range(0, rows.shape[0], step):
             chunk = rows[start:start + step].float().numpy()
-            out[start:start + step] = quantize_k(chunk, plan.qtype, importance)
+            quantize_k(chunk, plan.qtype, importance, out=out[start:start + step])
             progress(chunk.size)
         return out.reshape(stored_bytes(plan)[0])
     progress(data.numel())

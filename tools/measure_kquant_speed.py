@@ -7,10 +7,12 @@ PATH is llama.cpp's llama-quantize (default $LLAMA_QUANTIZE); without it the too
 
 The model: random f16 weights at R1-Distill-Qwen-1.5B's row shapes (hidden 1536, intermediate 8960, vocabulary
 151936), 4 layers: 654 M parameters, a merged folder as `qlora_kit.merge` writes one. Ours is the export of that
-folder (`export_gguf(folder, out, type)`: read the safetensors, quantize, write the file), timed inside a child
-process with NUMBA_NUM_THREADS (and torch's threads) set to N, the kernels already compiled (numba's on-disk
-cache, as for every export after a user's first). llama-quantize's input is the same folder exported by us as
-f16 GGUF; it runs as `llama-quantize IN OUT TYPE N`, timed as a process. The two alternate, `--repeats` times
+folder (`export_gguf(folder, out, type)`: read the safetensors, the tokenizer, quantize, write the file), timed
+inside a child process with NUMBA_NUM_THREADS (and torch's threads) set to N, the libraries it uses imported
+before the clock starts and the kernels already compiled (numba's on-disk cache, as for every export after a
+user's first); the child's whole wall time, interpreter and imports included, is reported beside it.
+llama-quantize's input is the same folder exported by us as f16 GGUF; it runs as `llama-quantize IN OUT TYPE N`,
+timed as a process. The two alternate, `--repeats` times
 each per type; the medians and their ratio are reported, with the load average before each run (the machine
 may be shared: timings under load are noisy, and the interleaving keeps that noise fair to both). Also:
 whether every tensor of our file equals llama-quantize's byte for byte, and numba's compile time, cold
@@ -99,14 +101,19 @@ if OLD:
     import gguf
     spec = importlib.util.spec_from_file_location("old_kquants", OLD)
     old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
-    def quantize_k(data, qtype, importance=None, threads=None):
+    def quantize_k(data, qtype, importance=None, threads=None, out=None):
         if qtype in old.QUANTIZERS:
-            return old.quantize_k(data, qtype)
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType[qtype])
+            packed = old.quantize_k(data, qtype)
+        else:
+            packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType[qtype])
+        if out is not None:
+            out[...] = packed
+        return packed
     kquants.quantize_k = quantize_k
 from qlora_kit.gguf.export import export_gguf
+import gguf, safetensors, torch, transformers  # what the export imports on its way: library load, not its work
 started = time.monotonic()
-result = export_gguf(FOLDER, OUT, TYPE, modelfile=False, log=lambda *_: None)
+result = export_gguf(FOLDER, OUT, TYPE, modelfile=False, overwrite=True, log=lambda *_: None)
 print(json.dumps({"export_s": time.monotonic() - started, "bytes": result.size_bytes}))
 """
 

@@ -815,7 +815,7 @@ def structured_tensor() -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_dequantize_with_gguf_within_their_bounds(qtype):
-    from qlora_kit.gguf.kquants import quantize_k
+    from qlora_kit.gguf.quantize import quantize_k
 
     kind = gguf.GGMLQuantizationType[qtype]
     rng = np.random.default_rng(0)
@@ -842,7 +842,7 @@ def test_k_quants_dequantize_with_gguf_within_their_bounds(qtype):
 
 def test_k_quant_errors_beat_gguf_q4_1_q5_1_and_lower_types_are_not_better():
     """The scale/min search is what makes a K-quant better than the plain min/max blocks of the same bits."""
-    from qlora_kit.gguf.kquants import quantize_k
+    from qlora_kit.gguf.quantize import quantize_k
 
     x = np.random.default_rng(2).standard_t(5, (32, 1024)).astype(np.float32) * 0.02  # heavier tails than normal
 
@@ -872,7 +872,7 @@ def test_block_types_from_gguf_are_its_own_bytes_in_bounded_chunks(monkeypatch):
         encoded = tensors.encode_tensor(plan, source, done.append)
         kind = gguf.GGMLQuantizationType[qtype]
         if qtype == "Q4_K":
-            from qlora_kit.gguf.kquants import quantize_k
+            from qlora_kit.gguf.quantize import quantize_k
 
             whole = quantize_k(source.float().numpy(), qtype)
         else:
@@ -1016,7 +1016,7 @@ def test_k_quant_exports_read_back_by_transformers(k_exported, ft):
 
     # and that error is the quantizers' rounding alone: the original with each matrix rounded through
     # kquants / gguf.quants in the type the file gives it, dequantized by gguf, computes the file's logits
-    from qlora_kit.gguf.kquants import QUANTIZERS, quantize_k
+    from qlora_kit.gguf.quantize import QUANTIZERS, quantize_k
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     rounded = copy.deepcopy(model)
@@ -1209,7 +1209,7 @@ def scalar_q4_k_block(x):
 
 
 def test_vectorised_q4_k_is_the_scalar_transcription_of_llama_cpps_reference():
-    from qlora_kit.gguf.kquants import quantize_q4_k
+    from qlora_kit.gguf.quantize import quantize_q4_k
 
     x = np.concatenate([np.random.default_rng(4).normal(0, 0.02, (4, 256)), structured_tensor()[:, :256]]).astype(
         np.float32)

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from qlora_kit.gguf import kquants
-from qlora_kit.gguf.kquants import BLOCK, quantize_k
+from qlora_kit.gguf.kquants import BLOCK
+from qlora_kit.gguf.quantize import quantize_k
 
 gguf = pytest.importorskip("gguf")
 

@@ -96,7 +96,7 @@ EXPORT_CHILD = r"""
 import importlib.util, json, os, sys, time
 sys.path.insert(0, REPO)
 import numpy as np
-from qlora_kit.gguf import kquants
+from qlora_kit.gguf import quantize as kquants  # the entry point encode_tensor calls
 if OLD:
     import gguf
     spec = importlib.util.spec_from_file_location("old_kquants", OLD)
@@ -166,7 +166,8 @@ import json, sys, time
 sys.path.insert(0, REPO)
 import numpy as np
 started = time.monotonic()
-from qlora_kit.gguf.kquants import BLOCK, quantize_k
+from qlora_kit.gguf.kquants import BLOCK
+from qlora_kit.gguf.quantize import quantize_k
 times = {"import_s": time.monotonic() - started}
 x = np.random.default_rng(0).normal(0, 0.02, (4, 512)).astype(np.float32)
 for qtype in BLOCK:

@@ -4,7 +4,10 @@
     model_config.py  config.json: which llama.cpp architecture, its hyper-parameters (read by every writer)
     dependency.py    the optional `gguf` package, refused with the install command when missing
     tensors.py       which safetensors tensor becomes which GGUF tensor, in which layout; read and encoded one at a time
-    kquants.py       the Q4_K / Q5_K / Q6_K block quantizers in numpy (llama.cpp's reference algorithms)
+    quantize.py      quantize_k: any quantized type's blocks, llama.cpp's quantizers on every core (imatrix or not)
+    kquants.py       the Q3_K-Q6_K quantizers (ggml-quants.c transcribed, compiled with numba) and shared primitives
+    block_quants.py  the 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), on kquants.py's primitives
+    imatrix.py       --imatrix: llama-imatrix's importance matrix through the merged model, its file formats
     tokenizer.py     vocabulary, merges, special tokens, chat template and llama.cpp's pre-tokenizer name
     modelfile.py     the Ollama Modelfile in the model's own chat format, with its stop tokens
     adapter.py       the LoRA adapter alone, in llama.cpp's adapter GGUF format, with a FROM/ADAPTER Modelfile

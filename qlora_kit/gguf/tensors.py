@@ -232,7 +232,7 @@ def encode_tensor(plan: TensorPlan, data: torch.Tensor, progress: Callable[[int]
     elif plan.qtype == "BF16":  # the bits themselves (torch rounds to nearest even, as gguf's own BF16 does)
         out = data.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
     else:  # every quantized type: llama.cpp's quantizers, compiled (kquants.py, block_quants.py)
-        from qlora_kit.gguf.kquants import quantize_k
+        from qlora_kit.gguf.quantize import quantize_k
 
         rows = data.reshape(-1, data.shape[-1])
         out = np.empty(stored_bytes(plan)[0], dtype=np.uint8).reshape(rows.shape[0], -1)

@@ -237,6 +237,50 @@ def verify(models: list[str], types: list[str]) -> dict:
     return result
 
 
+def random_qwen2(folder: Path, shape: dict, dtype_name: str) -> Path:
+    """Random weights (N(0, 0.02), seeded) of a Qwen2 at `shape` (hidden, intermediate, layers, heads, kv, vocab),
+    in one safetensors file of dtype `dtype_name` ("float16", "bfloat16"), with the R1-Distill-Qwen tokenizer of
+    the shared fixtures: a merged folder as tools/merge.py leaves one."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, dtype_name)
+    h, i, kv = shape["hidden"], shape["intermediate"], shape["kv"] * (shape["hidden"] // shape["heads"])
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
+              "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+              "num_key_value_heads": shape["kv"], "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "vocab_size": shape["vocab"], "tie_word_embeddings": False,
+              "torch_dtype": dtype_name, "bos_token_id": 151646, "eos_token_id": 151643}
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(0)
+
+    def rnd(*size):
+        return (torch.randn(*size, generator=generator) * 0.02).to(dtype)
+
+    ones = torch.ones(h, dtype=dtype)
+    tensors = {"model.embed_tokens.weight": rnd(shape["vocab"], h), "lm_head.weight": rnd(shape["vocab"], h),
+               "model.norm.weight": ones}
+    for b in range(shape["layers"]):
+        p = f"model.layers.{b}."
+        tensors |= {p + "input_layernorm.weight": ones.clone(), p + "post_attention_layernorm.weight": ones.clone(),
+                    p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.q_proj.bias": rnd(h),
+                    p + "self_attn.k_proj.weight": rnd(kv, h), p + "self_attn.k_proj.bias": rnd(kv),
+                    p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.v_proj.bias": rnd(kv),
+                    p + "self_attn.o_proj.weight": rnd(h, h), p + "mlp.gate_proj.weight": rnd(i, h),
+                    p + "mlp.up_proj.weight": rnd(i, h), p + "mlp.down_proj.weight": rnd(h, i)}
+    save_file(tensors, folder / "model.safetensors")
+    tokenizer = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "r1-distill-qwen-tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        sys.exit("the R1-Distill-Qwen tokenizer fixture is needed (shared/fixtures/r1-distill-qwen-tokenizer)")
+    for file in tokenizer.iterdir():
+        if file.is_file():
+            shutil.copyfile(file, folder / file.name)
+    return folder
+
+
 def make_big(folder: Path, layers: int) -> None:
     """Random bf16 weights at R1-Distill-Qwen-7B's shapes, one safetensors shard per layer (as merge writes)."""
     import torch

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -52,42 +51,10 @@ def load() -> list[float]:
 
 def make_model(folder: Path) -> Path:
     """Random f16 weights (N(0, 0.02), seeded) at the 1.5B's row shapes, one safetensors file, the R1 tokenizer."""
-    import torch
-    from safetensors.torch import save_file
+    sys.path.insert(0, str(REPO / "tools"))
+    from measure_gguf import random_qwen2
 
-    m = SHAPE
-    h, i, kv = m["hidden"], m["intermediate"], m["kv"] * (m["hidden"] // m["heads"])
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": h, "intermediate_size": i,
-              "num_hidden_layers": m["layers"], "num_attention_heads": m["heads"], "num_key_value_heads": m["kv"],
-              "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "vocab_size": m["vocab"], "tie_word_embeddings": False, "torch_dtype": "float16",
-              "bos_token_id": 151646, "eos_token_id": 151643}
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    generator = torch.Generator().manual_seed(0)
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.float16)
-
-    ones = torch.ones(h, dtype=torch.float16)
-    tensors = {"model.embed_tokens.weight": rnd(m["vocab"], h), "lm_head.weight": rnd(m["vocab"], h),
-               "model.norm.weight": ones}
-    for b in range(m["layers"]):
-        p = f"model.layers.{b}."
-        tensors |= {p + "input_layernorm.weight": ones.clone(), p + "post_attention_layernorm.weight": ones.clone(),
-                    p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.q_proj.bias": rnd(h),
-                    p + "self_attn.k_proj.weight": rnd(kv, h), p + "self_attn.k_proj.bias": rnd(kv),
-                    p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.v_proj.bias": rnd(kv),
-                    p + "self_attn.o_proj.weight": rnd(h, h), p + "mlp.gate_proj.weight": rnd(i, h),
-                    p + "mlp.up_proj.weight": rnd(i, h), p + "mlp.down_proj.weight": rnd(h, i)}
-    save_file(tensors, folder / "model.safetensors")
-    tokenizer = FIXTURES / "r1-distill-qwen-tokenizer"
-    if not (tokenizer / "tokenizer.json").is_file():
-        sys.exit(f"the R1-Distill-Qwen tokenizer fixture is needed ({tokenizer.relative_to(REPO.parent)})")
-    for file in tokenizer.iterdir():
-        if file.is_file():
-            shutil.copyfile(file, folder / file.name)
-    return folder
+    return random_qwen2(folder, SHAPE, "float16")
 
 
 # The child that runs our export: prints the seconds of the export_gguf call itself (imports excluded). With

@@ -883,33 +883,34 @@ def _q3_k_task(x, out, qw, use_qw, first, last):
 
 
 @njit(**JIT)
-def _q4_k_task(x, out, qw, use_qw, first, last):
+def _q45_k_rows(x, out, qw, use_qw, first, last, five_bits):
+    """Q4_K and Q5_K: the same search (make_qkx2/3_quants), 4 or 5 bits per value, 144 or 176 bytes a block."""
     S = _scratch()
     L = np.empty(QK_K, np.int32)
+    nmax, block_bytes = (31, 176) if five_bits else (15, 144)
+    rmin, nstep = (np.float32(-0.5), 15) if five_bits else (np.float32(-1.0), 20)
     for r in range(first, last):
         xr, yr = x[r], out[r]
         for i in range(x.shape[1] // QK_K):
-            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[144 * i:144 * (i + 1)]
+            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[block_bytes * i:block_bytes * (i + 1)]
             if use_qw:
-                _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 15, False)
+                _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, nmax, five_bits)
             else:
-                _qk_ref(xb, yb, L, S, 15, np.float32(-1.0), 20)
-            _q4_k_pack(yb, L)
+                _qk_ref(xb, yb, L, S, nmax, rmin, nstep)
+            if five_bits:
+                _q5_k_pack(yb, L)
+            else:
+                _q4_k_pack(yb, L)
+
+
+@njit(**JIT)
+def _q4_k_task(x, out, qw, use_qw, first, last):
+    _q45_k_rows(x, out, qw, use_qw, first, last, False)
 
 
 @njit(**JIT)
 def _q5_k_task(x, out, qw, use_qw, first, last):
-    S = _scratch()
-    L = np.empty(QK_K, np.int32)
-    for r in range(first, last):
-        xr, yr = x[r], out[r]
-        for i in range(x.shape[1] // QK_K):
-            xb, yb = xr[QK_K * i:QK_K * (i + 1)], yr[176 * i:176 * (i + 1)]
-            if use_qw:
-                _qk_impl(xb, qw[QK_K * i:QK_K * (i + 1)], yb, L, S, 31, True)
-            else:
-                _qk_ref(xb, yb, L, S, 31, np.float32(-0.5), 15)
-            _q5_k_pack(yb, L)
+    _q45_k_rows(x, out, qw, use_qw, first, last, True)
 
 
 @njit(**JIT)

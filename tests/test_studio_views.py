@@ -158,3 +158,19 @@ def test_the_results_of_a_preference_run_say_before_and_after():
                              "pref_logp_margin_after": 0.9, "tokens_per_s": 100})
     assert "DPO judged on 16 held-out rows" in text
     assert "prefers chosen (log-probability per token): 38% before -> 100% after" in text
+
+
+@pytest.mark.parametrize(("builder", "recipe_file"), [("demo_raw", "demo.toml"), ("demo_dpo_raw", "demo_dpo.toml")])
+def test_the_studio_demos_are_the_recipes_of_the_same_name(builder, recipe_file):
+    """The page builds its demos (a fresh workspace has no recipes/): they must not drift from the recipes."""
+    from pathlib import Path
+
+    from qlora_kit.recipe.loading import load_recipe, recipe_from_dict, recipe_to_dict
+    from qlora_kit.studio import app
+
+    built = recipe_to_dict(recipe_from_dict(getattr(app, builder)(), where="the demo"))
+    written = recipe_to_dict(load_recipe(Path(__file__).parents[1] / "recipes" / recipe_file))
+    for raw in (built, written):  # the same files, named from two places
+        raw["model"]["name"] = Path(raw["model"]["name"]).name
+        raw["data"]["source"] = Path(raw["data"]["source"]).name
+    assert built == written

@@ -313,13 +313,13 @@ def build(ws: Workspace) -> gr.Blocks:
             from qlora_kit.recipe.loading import load_recipe, recipe_from_dict
 
             try:
-                recipe = recipe_from_dict(DEMOS[name](), where="the demo") if presets[name] is None \
+                recipe = recipe_from_dict(DEMOS[name](), where="the demo") if name in DEMOS \
                     else load_recipe(presets[name])
             except UserError as error:
                 return [gr.skip()] * len(components) + [error_box(error)]
             values = form.recipe_values(recipe)
             at = {key.full: i for i, key in enumerate(form.KEYS)}
-            if presets[name] is not None:  # a recipe's output.dir, relative to where the studio runs its commands
+            if name not in DEMOS:  # a recipe's output.dir, relative to where the studio runs its commands
                 values[at["output.dir"]] = recipe.output.dir
             if recipe.model.gguf_file:  # the .gguf file the recipe names, as one path (the loader splits it again)
                 values[at["model.name"]] = str(Path(recipe.model.name) / recipe.model.gguf_file)

@@ -542,6 +542,9 @@ def build(ws: Workspace) -> gr.Blocks:
         results_outputs = [results_md, curve_img, memory_img, reward_img, samples_md]
         results_btn.click(on_results, run_dir, results_outputs)
         results_tab.select(on_results, run_dir, results_outputs)
+        # The screen follows the run chosen, not only the tab's click: a page reopened on the newest run, or a tab
+        # clicked before the page's load event has chosen it, shows that run instead of "No run chosen".
+        run_dir.change(on_results, run_dir, results_outputs, show_progress="hidden")
 
         def on_eval(text, questions):
             try:
@@ -591,6 +594,7 @@ def build(ws: Workspace) -> gr.Blocks:
             return gguf_advice(path)
 
         export_tab.select(on_export_tab, run_dir, advice)
+        run_dir.change(on_export_tab, run_dir, advice, show_progress="hidden")
 
         def on_export(text, kind):
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 
 import pytest
 from studio_fixtures import SCREENSHOTS, Studio, browser, page, studio  # noqa: F401 (fixtures)
@@ -361,7 +362,18 @@ def test_an_open_host_without_auth_serves_nothing(tmp_path):
         Studio(tmp_path, ["--host", "0.0.0.0"])
 
 
-def test_first_page_answers_quickly(studio):
-    """Not a timing assertion (the cores are shared): the figure goes to docs/studio.md by hand; this only records
-    it in the test output."""
-    print(f"studio port open {studio.ready_after:.2f} s after the command")
+def test_the_page_publishes_no_api_and_gradio_clients_cannot_call_its_events(studio):
+    """The page calls its events itself; Gradio's description of them as a public API (290 KB of a 516 KB page,
+    before keep_events_private) is gone, and Gradio's own client refuses them by name and by index."""
+    from gradio_client import Client
+
+    html = urllib.request.urlopen(studio.url, timeout=30).read().decode("utf-8")
+    described = re.search(r"window\.gradio_api_info = (\{.*?\});</script>", html, re.S)
+    assert described and json.loads(described.group(1)) == {"named_endpoints": {}, "unnamed_endpoints": {}}
+    with urllib.request.urlopen(f"{studio.url}gradio_api/info", timeout=30) as answer:
+        assert json.loads(answer.read()) == {"named_endpoints": {}, "unnamed_endpoints": {}}
+    client = Client(studio.url, verbose=False)
+    with pytest.raises(ValueError, match="Cannot find a function"):
+        client.predict(api_name="/on_start")
+    with pytest.raises(ValueError, match="Invalid function index"):
+        client.predict(fn_index=0)

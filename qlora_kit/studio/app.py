@@ -635,4 +635,15 @@ def build(ws: Workspace) -> gr.Blocks:
             return gr.update(choices=found, value=(training or found or [None])[0])
 
         page.load(on_open, None, run_dir)
+    keep_events_private(page)
     return page
+
+
+def keep_events_private(page: gr.Blocks) -> None:
+    """Every event of the page "private": the page itself calls them as before, but Gradio no longer describes each
+    one as a public API. That description (parameters, types, examples of all 37 events) was 290 KB of the page's
+    516 KB of HTML, sent and parsed before the form was drawn, for an API nobody uses; and Gradio's client
+    libraries refuse private endpoints, so a script cannot call on_start or on_export by name. (Gradio has this as
+    a per-listener argument, `api_visibility`; set here once for all instead of on 37 listeners.)"""
+    for function in page.fns.values():
+        function.api_visibility = "private"

@@ -193,18 +193,28 @@ page.launch(server_port=int(sys.argv[1]), quiet=True, ssr_mode=False, pwa=False,
 """
 
 
-def first_page(browser, command: list[str], port: int) -> tuple[float, float]:
-    """Seconds from starting `command` to its HTTP answer on `port`, and to #preset drawn in a tab."""
+def first_page(browser, command: list[str], port: int) -> tuple[float, float, dict]:
+    """Seconds from starting `command` to its HTTP answer on `port`, and to #preset drawn in a tab; and what the
+    page loaded before it was drawn: requests, bytes, the HTML document (which carries the page's config inline),
+    the component types whose scripts came, and when the last script arrived (seconds after the page was asked)."""
     proc, url, start = serve(command, port)
     answered = time.monotonic() - start
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
     page.wait_for_selector("#preset")
     shown = time.monotonic() - start
+    entries = page.evaluate("performance.getEntriesByType('resource').map(e => [e.name, e.initiatorType, "
+                            "e.responseEnd, e.encodedBodySize]).concat(performance.getEntriesByType('navigation')"
+                            ".map(e => [e.name, 'document', e.responseEnd, e.encodedBodySize]))")
     page.close()
     proc.terminate()
     proc.wait()
-    return round(answered, 2), round(shown, 2)
+    scripts = [e for e in entries if e[0].endswith(".js")]
+    loaded = {"requests": len(entries), "bytes": sum(e[3] for e in entries),
+              "document_bytes": sum(e[3] for e in entries if e[1] == "document"),
+              "scripts": len(scripts), "script_bytes": sum(e[3] for e in scripts),
+              "last_script_s": round(max((e[2] for e in scripts), default=0) / 1000, 2)}
+    return round(answered, 2), round(shown, 2), loaded
 
 
 def browser_cores(browser, url: str, root: Path, window_s: float = 12.0) -> dict:
@@ -256,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             studio_times.append(first_page(browser, studio_command(root, port), port))
             port = free_port()
             floor_times.append(first_page(browser, [sys.executable, str(floor_app), str(port)], port))
-        results["first_answer_s"] = median([a for a, _ in studio_times])
-        results["form_shown_s"] = median([s for _, s in studio_times])
-        results["gradio_floor"] = {"first_answer_s": median([a for a, _ in floor_times]),
-                                   "shown_s": median([s for _, s in floor_times])}
+        results["first_answer_s"] = median([a for a, _, _ in studio_times])
+        results["form_shown_s"] = median([s for _, s, _ in studio_times])
+        results["first_page_loaded"] = studio_times[-1][2]
+        results["gradio_floor"] = {"first_answer_s": median([a for a, _, _ in floor_times]),
+                                   "shown_s": median([s for _, s, _ in floor_times]), "loaded": floor_times[-1][2]}
+        results["first_page_rounds"] = {"studio": [t[:2] for t in studio_times],
+                                        "floor": [t[:2] for t in floor_times]}
 
         # 2 and 3: the demo from the CLI, from the page kept open, and from the page closed after Start, in turns.
         proc, url, _ = start_studio(root)

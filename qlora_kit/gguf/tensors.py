@@ -4,7 +4,7 @@ embedding, and its conversion temporaries, never the whole model).
 
   * names: `gguf.TensorNameMap`, the converter's own table; rotary inv_freq buffers are dropped.
   * storage: the type mixture.py chooses per tensor, as llama-quantize does; 1-D tensors in f32. Every
-    quantized type through kquants.quantize_k (llama.cpp's quantizers compiled with numba, their bytes
+    quantized type through quantize.quantize_k (llama.cpp's quantizers compiled with numba, their bytes
     llama-quantize's, with the imatrix's importance where one is given), converted CHUNK_WEIGHTS weights at a
     time so that no float32 copy of a whole embedding is ever made.
   * layout: Llama's q_proj/k_proj rows permuted for llama.cpp's rope (`permute_for_llama`); Qwen2 as is.

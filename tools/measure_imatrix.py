@@ -346,7 +346,9 @@ def main() -> int:
 
         import torch
 
-        report = {"command": "python tools/measure_imatrix.py " + " ".join(sys.argv[1:]), "models": results,
+        shown_argv = [("DIR" if before == "--llama-cpp" else arg)  # the command, not this machine's folders
+                      for before, arg in zip(["", *sys.argv[1:-1]], sys.argv[1:], strict=True)]
+        report = {"command": "python tools/measure_imatrix.py " + " ".join(shown_argv), "models": results,
                   "table_markdown": shown, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, shared",
                   "torch": torch.__version__}
         args.json.parent.mkdir(parents=True, exist_ok=True)

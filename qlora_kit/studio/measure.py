@@ -195,8 +195,8 @@ page.launch(server_port=int(sys.argv[1]), quiet=True, ssr_mode=False, pwa=False,
 
 def first_page(browser, command: list[str], port: int) -> tuple[float, float, dict]:
     """Seconds from starting `command` to its HTTP answer on `port`, and to #preset drawn in a tab; and what the
-    page loaded before it was drawn: requests, bytes, the HTML document (which carries the page's config inline),
-    the component types whose scripts came, and when the last script arrived (seconds after the page was asked)."""
+    page loaded before it was drawn: requests, bytes, the HTML document's bytes (it carries the page's config
+    inline), the scripts and their bytes, and when the last script arrived (seconds after the page was asked)."""
     proc, url, start = serve(command, port)
     answered = time.monotonic() - start
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
